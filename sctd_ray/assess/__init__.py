@@ -1,0 +1,1 @@
+"""Teacher assessment: the engine (no Ray), shard planning, the shard-worker actor, the scan."""

@@ -1,0 +1,155 @@
+"""``sctd``: the command-line entry point (demo, zoo, assess, distill, scan, report, bench).
+
+Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import SctdError
+
+
+def default_home() -> Path:
+    """Where the embedded default keeps its demo zoo and runs: $SCTD_HOME or ~/.cache/sctd-ray."""
+    return Path(os.environ.get("SCTD_HOME", Path.home() / ".cache" / "sctd-ray"))
+
+
+def _store(uri, args):
+    from .zoo.store import open_store
+
+    return open_store(uri, s3_endpoint=getattr(args, "s3_endpoint", None))
+
+
+# ---------------------------------------------------------------- zoo
+def cmd_zoo_index(args) -> int:
+    from .zoo.manifest import build_manifest, write_manifest
+
+    store = _store(args.zoo, args)
+    df = build_manifest(store)
+    write_manifest(store, df)
+    bad = df[df.status != "ok"]
+    print(f"indexed {len(df)} teachers -> {store.join('manifest.parquet')}"
+          + (f" ({len(bad)} with errors)" if len(bad) else ""))
+    for _, r in bad.iterrows():
+        print(f"  error  {r['id']}: {r['error']}")
+    return 0
+
+
+def cmd_zoo_list(args) -> int:
+    from .zoo.manifest import read_manifest
+
+    df = read_manifest(_store(args.zoo, args))
+    if args.format == "json":
+        print(df.drop(columns=["source_task"]).to_json(orient="records", indent=1))
+        return 0
+    cols = ["id", "architecture", "num_classes", "num_features", "input_size", "params", "bytes", "status"]
+    view = df[cols].copy()
+    view["input_size"] = view["input_size"].map(lambda v: "x".join(str(int(i)) for i in v) if v is not None else "")
+    print(view.to_string(index=False))
+    print(f"{len(df)} teachers")
+    return 0
+
+
+def cmd_zoo_verify(args) -> int:
+    from .zoo.verify import verify_zoo
+
+    rows = verify_zoo(_store(args.zoo, args))
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in rows:
+        print(f"{'ok   ' if r['status'] == 'ok' else 'ERROR'}  {r['id']}" + (f": {r['error']}" if r["error"] else ""))
+    print(f"{len(rows) - len(bad)} ok, {len(bad)} bad")
+    return 1 if bad else 0
+
+
+def cmd_zoo_copy(args) -> int:
+    from .zoo.sync import sync
+
+    res = sync(args.src, args.dst, s3_endpoint=args.s3_endpoint, progress=not args.quiet)
+    print(f"copied {res.copied} files ({res.bytes / 1e6:.1f} MB), skipped {res.skipped} unchanged")
+    return 0
+
+
+def cmd_zoo_build_demo(args) -> int:
+    from .zoo.demo import build_demo
+
+    info = build_demo(args.out, preset=args.preset, seed=args.seed, s3_endpoint=args.s3_endpoint)
+    print(f"demo zoo ({args.preset}): {len(info['teachers'])} teachers at {info['zoo']} "
+          f"({len(info['built'])} trained now, {info['seconds']:.0f}s)")
+    for t in info["targets"]:
+        print(f"  target {t}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .zoo.demo import build_demo
+
+    home = Path(args.home) if args.home else default_home()
+    info = build_demo(str(home / "demo-zoo"), preset="small", seed=0)
+    print(f"demo zoo: {info['zoo']} ({len(info['teachers'])} teachers, {len(info['built'])} trained now)")
+    for t in info["targets"]:
+        print(f"  target {t}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sctd", description="Selective cross-task distillation on Ray: "
+                                "scan a model zoo for the teachers most related to a target task.")
+    p.add_argument("--version", action="version", version=f"sctd-ray {__import__('sctd_ray').__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def s3(sp):
+        sp.add_argument("--s3-endpoint", default=None,
+                        help="S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3 or AWS's)")
+        return sp
+
+    d = sub.add_parser("demo", help="run the whole pipeline on the demo zoo (local Ray, local folder)")
+    d.add_argument("--home", default=None, help="working folder (default: $SCTD_HOME or ~/.cache/sctd-ray)")
+    d.set_defaults(func=cmd_demo)
+
+    z = sub.add_parser("zoo", help="manage a model zoo (local folder or s3://bucket/prefix)")
+    zs = z.add_subparsers(dest="zoo_command", required=True)
+    zi = s3(zs.add_parser("index", help="write manifest.parquet (reads configs and safetensors headers only)"))
+    zi.add_argument("zoo")
+    zi.set_defaults(func=cmd_zoo_index)
+    zl = s3(zs.add_parser("list", help="list the zoo's teachers"))
+    zl.add_argument("zoo")
+    zl.add_argument("--format", choices=["table", "json"], default="table")
+    zl.set_defaults(func=cmd_zoo_list)
+    zv = s3(zs.add_parser("verify", help="check every teacher's hash and loadability (exit 1 if any is bad)"))
+    zv.add_argument("zoo")
+    zv.set_defaults(func=cmd_zoo_verify)
+    for name, helptext in (("push", "copy a local zoo to S3"), ("pull", "copy a zoo from S3 to a local folder")):
+        zc = s3(zs.add_parser(name, help=helptext + " (skips unchanged files)"))
+        zc.add_argument("src")
+        zc.add_argument("dst")
+        zc.add_argument("--quiet", action="store_true")
+        zc.set_defaults(func=cmd_zoo_copy)
+    zb = s3(zs.add_parser("build-demo", help="train the demo teachers and write the demo targets"))
+    zb.add_argument("out")
+    zb.add_argument("--preset", choices=["small", "bench"], default="small")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.set_defaults(func=cmd_zoo_build_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SctdError as e:
+        print(f"sctd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sctd: interrupted; results written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

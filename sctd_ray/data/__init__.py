@@ -1,0 +1,1 @@
+"""Target datasets: real image sources, the target task format, readers, preprocessing."""

@@ -1,0 +1,52 @@
+"""A teacher's preprocessing, applied on the device to decoded uint8 batches (SPEC 0).
+
+Target images travel as uint8 (B, H, W, C); each teacher resizes them to its own input size,
+adapts the channel count, and normalises with its own mean and std, on the device that runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a teacher expects: ``input_size = (C, H, W)``, per-channel mean and std."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_pretrained_cfg(cls, cfg: dict) -> "Preprocessing":
+        c, h, w = (int(v) for v in cfg["input_size"])
+        mean = tuple(float(v) for v in cfg.get("mean", (0.5,) * c))
+        std = tuple(float(v) for v in cfg.get("std", (0.5,) * c))
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {c} channels")
+        interp = cfg.get("interpolation", "bilinear")
+        return cls((c, h, w), mean, std, interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, C) or float (B, C, H, W) in [0, 1] -> normalised float (B, C', H', W')."""
+        x = images
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        c, h, w = self.input_size
+        if x.shape[1] != c:
+            if x.shape[1] == 1:
+                x = x.expand(-1, c, -1, -1)
+            elif c == 1:  # RGB -> luminance (ITU-R 601), as PIL's convert("L")
+                x = (x[:, 0:1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114)
+            else:
+                raise ValueError(f"cannot map {x.shape[1]} image channels to {c}")
+        if tuple(x.shape[-2:]) != (h, w):
+            kw = {"antialias": True, "align_corners": False} if self.interpolation != "nearest" else {}
+            x = F.interpolate(x, size=(h, w), mode=self.interpolation, **kw)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        return (x - mean) / std

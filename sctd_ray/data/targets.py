@@ -1,0 +1,146 @@
+"""Target tasks: few-shot labelled images with class names, split into train/val/test.
+
+Two layouts, local or on S3 (any store):
+- Parquet: ``<target>/{train,val,test}.parquet`` with columns ``image`` (PNG/JPEG bytes) and
+  ``label`` (class name).
+- ImageFolder: ``<target>/<split>/<class name>/<image file>``.
+
+Class ids are the sorted class names of the ``train`` split; val/test may only use those.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import NotFound, TargetError
+from .images import decode_image, encode_png
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class TargetSplit:
+    """Decoded images (N, H, W, C) uint8 and integer labels into the task's class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TargetTask:
+    name: str
+    uri: str
+    class_names: list[str]
+    splits: dict[str, TargetSplit] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def target_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _open(uri: str, s3_endpoint: str | None):
+    from ..zoo.store import open_store
+
+    return open_store(uri, s3_endpoint=s3_endpoint)
+
+
+def detect_layout(store) -> str:
+    keys = store.list()
+    if any(k in keys for k in (f"{s}.parquet" for s in SPLITS)):
+        return "parquet"
+    if any(k.startswith("train/") for k in keys):
+        return "imagefolder"
+    raise TargetError(f"{store.uri}: not a target task (expected train.parquet/val.parquet/"
+                      "test.parquet, or train/<class>/<image> folders)")
+
+
+def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], list[str]]:
+    """Raw (image bytes, class name) records of one split, undecoded."""
+    if layout == "parquet":
+        key = f"{split}.parquet"
+        try:
+            data = store.read_bytes(key)
+        except NotFound:
+            raise TargetError(f"{store.join(key)}: missing split {split!r}") from None
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise TargetError(f"{store.join(key)}: not a Parquet file ({e})") from None
+        missing = {"image", "label"} - set(table.column_names)
+        if missing:
+            raise TargetError(f"{store.join(key)}: missing column(s) {sorted(missing)}; "
+                              f"found {table.column_names}")
+        images = table.column("image").to_pylist()
+        labels = [str(x) for x in table.column("label").to_pylist()]
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            if not isinstance(img, (bytes, bytearray)):
+                raise TargetError(f"{store.join(key)} row {i}: 'image' must be image bytes")
+        return images, labels
+    keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
+    if not keys:
+        raise TargetError(f"{store.join(split)}: missing or empty split {split!r}")
+    images, labels = [], []
+    for k in keys:
+        parts = k.split("/")
+        if len(parts) != 3:
+            raise TargetError(f"{store.join(k)}: expected {split}/<class>/<image>")
+        images.append(store.read_bytes(k))
+        labels.append(parts[1])
+    return images, labels
+
+
+def decode_split(uri: str, split: str, images: list[bytes], labels: list[str],
+                 class_names: list[str], size: tuple[int, int] | None) -> TargetSplit:
+    if not labels:
+        raise TargetError(f"{uri}: split {split!r} is empty")
+    index = {c: i for i, c in enumerate(class_names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise TargetError(f"{uri}: split {split!r} has labels the train split lacks: {unknown[:5]}")
+    arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}") for i, b in enumerate(images)]
+    channels = {a.shape[2] for a in arrays}
+    if len(channels) > 1:  # mixed grey/RGB: promote to RGB
+        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    return TargetSplit(np.stack(arrays), np.array([index[c] for c in labels], dtype=np.int64))
+
+
+def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None) -> TargetTask:
+    """Read and validate a target task. Raises TargetError with the file or row at fault."""
+    store = _open(uri, s3_endpoint)
+    layout = detect_layout(store)
+    raw = {s: read_split_records(store, s, layout) for s in dict.fromkeys(("train", *splits))}
+    train_labels = raw["train"][1]
+    class_names = sorted(set(train_labels))
+    if len(class_names) < 2:
+        raise TargetError(f"{uri}: the train split has {len(class_names)} class(es); need at least 2")
+    first = decode_image(raw["train"][0][0], where=f"{uri} split 'train' row 0")
+    size = first.shape[:2]
+    task = TargetTask(target_name(uri), uri, class_names)
+    for s in splits:
+        task.splits[s] = decode_split(uri, s, *raw[s], class_names, size)
+    return task
+
+
+def write_target(store, images_by_split: dict[str, np.ndarray], labels_by_split: dict[str, list[str]]) -> None:
+    """Write a target in the Parquet layout (PNG bytes + class names), one file per split."""
+    for split, images in images_by_split.items():
+        table = pa.table({
+            "image": pa.array([encode_png(im) for im in images], type=pa.binary()),
+            "label": pa.array(list(labels_by_split[split]), type=pa.string()),
+        })
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        store.write_bytes(f"{split}.parquet", buf.getvalue())

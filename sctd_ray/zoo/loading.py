@@ -1,0 +1,139 @@
+"""Safe loading of a teacher into timm: config.json -> ``timm.create_model`` -> strict
+``load_state_dict`` from model.safetensors. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.preprocess import Preprocessing
+from ..errors import NotFound, StoreAuthError, StoreError, StoreUnreachable, TeacherError
+from .teacher import TeacherConfig, config_key, weights_key
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class LoadedTeacher:
+    """A ready-to-run teacher: its config, the timm model (eval mode), its preprocessing."""
+
+    config: TeacherConfig
+    model: torch.nn.Module
+    preprocessing: Preprocessing
+
+    @property
+    def teacher_id(self) -> str:
+        return self.config.teacher_id
+
+
+def parse_safetensors_header(teacher_id: str, read_range) -> dict:
+    """Read only the JSON header of a safetensors file via ``read_range(start, length)``.
+
+    Returns ``{"tensors": {name: {"dtype", "shape"}}, "params": int, "header_bytes": int}``.
+    """
+    head = read_range(0, 8)
+    if len(head) < 8:
+        raise TeacherError(teacher_id, "model.safetensors is truncated (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n <= 1 or n > MAX_HEADER_BYTES:
+        raise TeacherError(teacher_id, f"model.safetensors is corrupt (header length {n})")
+    raw = read_range(8, n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TeacherError(teacher_id, "model.safetensors is corrupt (header is not JSON)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    params = 0
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or "shape" not in t:
+            raise TeacherError(teacher_id, f"model.safetensors is corrupt (entry {name!r})")
+        size = 1
+        for d in t["shape"]:
+            size *= int(d)
+        params += size
+    return {"tensors": tensors, "params": params, "header_bytes": 8 + n}
+
+
+def build_model(config: TeacherConfig) -> torch.nn.Module:
+    """Instantiate the timm architecture named in config.json, without weights."""
+    import timm
+
+    if not timm.is_model(config.architecture):
+        raise TeacherError(config.teacher_id, f"unknown timm architecture {config.architecture!r}")
+    try:
+        return timm.create_model(config.architecture, pretrained=False,
+                                 num_classes=config.num_classes, **config.model_args)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise TeacherError(config.teacher_id, f"cannot build {config.architecture!r} with "
+                           f"model_args {config.model_args}: {e}") from None
+
+
+def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes | str | Path) -> None:
+    """Load safetensors weights strictly (every key present, every shape equal)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    tid = config.teacher_id
+    try:
+        state = load(weights) if isinstance(weights, (bytes, bytearray)) else load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TeacherError(tid, f"model.safetensors is corrupt or unreadable: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]!r})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]!r})")
+        raise TeacherError(tid, "weights do not match the architecture: " + ", ".join(parts))
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise TeacherError(tid, f"shape mismatch for {name!r}: weights {tuple(tensor.shape)}, "
+                               f"model {tuple(own[name].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def teacher_from_files(config: TeacherConfig, weights: bytes | str | Path) -> LoadedTeacher:
+    """Build and load a teacher from its parsed config and its safetensors bytes or path."""
+    model = build_model(config)
+    load_weights(config, model, weights)
+    model.eval()
+    try:
+        pre = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise TeacherError(config.teacher_id, f"bad preprocessing in config.json: {e}") from None
+    return LoadedTeacher(config, model, pre)
+
+
+def read_config(store, teacher_id: str) -> TeacherConfig:
+    """Read and parse ``teachers/<id>/config.json`` from a store."""
+    try:
+        data = store.read_bytes(config_key(teacher_id))
+    except NotFound:
+        raise TeacherError(teacher_id, "config.json is missing") from None
+    return TeacherConfig.from_json(teacher_id, data)
+
+
+def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None) -> LoadedTeacher:
+    """Fetch config + weights from a store (through the content cache when a sha256 is known)
+    and return the loaded teacher. Every problem raises TeacherError naming the teacher,
+    except an unreachable store or refused credentials, which concern the whole scan."""
+    config = read_config(store, teacher_id)
+    key = weights_key(teacher_id)
+    try:
+        if cache is not None and sha256:
+            weights = cache.fetch(store, key, sha256)
+        else:
+            weights = store.read_bytes(key)
+    except (StoreUnreachable, StoreAuthError):
+        raise
+    except StoreError as e:
+        raise TeacherError(teacher_id, f"cannot read model.safetensors: {e}") from None
+    return teacher_from_files(config, weights)

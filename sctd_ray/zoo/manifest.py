@@ -1,0 +1,98 @@
+"""The zoo manifest: one row per teacher, built from each config.json and only the header of
+each model.safetensors (no weight download), stored as ``<zoo>/manifest.parquet``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import NotFound, SctdError, StoreAuthError, StoreUnreachable, TeacherError, ZooError
+from .loading import parse_safetensors_header, read_config
+from .teacher import TEACHERS_PREFIX, check_teacher_id, weights_key
+
+MANIFEST_FILE = "manifest.parquet"
+COLUMNS = ["id", "architecture", "num_classes", "num_features", "label_names", "input_size",
+           "params", "bytes", "sha256", "uri", "source_task", "status", "error"]
+
+
+def list_teacher_ids(store) -> list[str]:
+    """Ids of every ``teachers/<id>/`` folder in the zoo, sorted."""
+    ids = set()
+    for key in store.list(f"{TEACHERS_PREFIX}/"):
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[1]:
+            ids.add(parts[1])
+    return sorted(ids)
+
+
+def _weights_sha256(store, key: str) -> str | None:
+    info = store.info(key)
+    if info.get("sha256"):
+        return info["sha256"]
+    if getattr(store, "is_local", False):
+        from .store import sha256_file
+        return sha256_file(store.local_path(key))
+    return None
+
+
+def describe_teacher(store, teacher_id: str) -> dict:
+    """One manifest row. A broken teacher gives a row with status='error' and the reason."""
+    row = {c: None for c in COLUMNS}
+    row.update(id=teacher_id, uri=store.join(f"{TEACHERS_PREFIX}/{teacher_id}"), status="ok", error="")
+    try:
+        check_teacher_id(teacher_id)
+        cfg = read_config(store, teacher_id)
+        key = weights_key(teacher_id)
+        try:
+            size = store.size(key)
+        except NotFound:
+            raise TeacherError(teacher_id, "model.safetensors is missing") from None
+        header = parse_safetensors_header(teacher_id, lambda s, n: store.read_range(key, s, n))
+        if header["header_bytes"] > size:
+            raise TeacherError(teacher_id, "model.safetensors is truncated")
+        row.update(architecture=cfg.architecture, num_classes=cfg.num_classes,
+                   num_features=cfg.num_features, label_names=list(cfg.label_names),
+                   input_size=[int(v) for v in cfg.pretrained_cfg["input_size"]],
+                   params=header["params"], bytes=size, sha256=_weights_sha256(store, key),
+                   source_task=json.dumps(cfg.source_task, sort_keys=True))
+    except (StoreUnreachable, StoreAuthError):
+        raise
+    except SctdError as e:
+        row.update(status="error", error=str(e))
+    return row
+
+
+def build_manifest(store, workers: int = 8) -> pd.DataFrame:
+    """Describe every teacher of the zoo (in parallel: S3 latency dominates)."""
+    ids = list_teacher_ids(store)
+    if not ids:
+        raise ZooError(f"{store.uri}: no teachers found (expected teachers/<id>/config.json)")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(lambda t: describe_teacher(store, t), ids))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_manifest(store, df: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    store.write_bytes(MANIFEST_FILE, buf.getvalue())
+
+
+def read_manifest(store, build_if_missing: bool = True) -> pd.DataFrame:
+    """The zoo's manifest; built on the fly (not written) when the zoo has none."""
+    try:
+        data = store.read_bytes(MANIFEST_FILE)
+    except NotFound:
+        if not build_if_missing:
+            raise ZooError(f"{store.uri}: no {MANIFEST_FILE}; run `sctd zoo index {store.uri}`") from None
+        return build_manifest(store)
+    try:
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ZooError(f"{store.join(MANIFEST_FILE)} is not a valid Parquet file: {e}") from None

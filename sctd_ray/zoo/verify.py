@@ -1,0 +1,57 @@
+"""``sctd zoo verify``: every teacher's hash and loadability, with the reason for each bad one."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..errors import SctdError, StoreAuthError, StoreUnreachable, TeacherError
+from .loading import read_config, teacher_from_files
+from .manifest import describe_teacher, list_teacher_ids, read_manifest
+from .store import sha256_bytes
+from .teacher import weights_key
+
+
+def check_runs(teacher) -> None:
+    """One forward pass on a blank input: pre-logits and a linear classifier must work."""
+    c, h, w = teacher.preprocessing.input_size
+    head = teacher.model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise TeacherError(teacher.teacher_id, f"classifier is {type(head).__name__}, not a linear layer")
+    with torch.inference_mode():
+        feats = teacher.model.forward_head(teacher.model.forward_features(torch.zeros(2, c, h, w)),
+                                           pre_logits=True)
+    if feats.ndim != 2 or feats.shape[1] != head.in_features:
+        raise TeacherError(teacher.teacher_id, f"pre-logits have shape {tuple(feats.shape)}, "
+                           f"classifier expects {head.in_features} features")
+
+
+def verify_teacher(store, teacher_id: str, expected_sha256: str | None) -> dict:
+    """Return {'id', 'status': ok|error, 'error'} after hashing, loading and running it."""
+    try:
+        row = describe_teacher(store, teacher_id)
+        if row["status"] != "ok":
+            return {"id": teacher_id, "status": "error", "error": row["error"]}
+        cfg = read_config(store, teacher_id)
+        data = store.read_bytes(weights_key(teacher_id))
+        if expected_sha256 and sha256_bytes(data) != expected_sha256:
+            raise TeacherError(teacher_id, "model.safetensors does not match the manifest's sha256 "
+                               "(changed or corrupted since `sctd zoo index`)")
+        check_runs(teacher_from_files(cfg, data))
+        return {"id": teacher_id, "status": "ok", "error": ""}
+    except (StoreUnreachable, StoreAuthError):
+        raise
+    except SctdError as e:
+        return {"id": teacher_id, "status": "error", "error": str(e)}
+
+
+def verify_zoo(store, workers: int = 2) -> list[dict]:
+    try:
+        manifest = read_manifest(store, build_if_missing=False)
+        expected = dict(zip(manifest["id"], manifest["sha256"]))
+    except SctdError:
+        expected = {}
+    ids = sorted(set(list_teacher_ids(store)) | set(expected))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda t: verify_teacher(store, t, expected.get(t)), ids))
