@@ -6,7 +6,6 @@ Errors a user can cause end in one line on stderr and a non-zero exit, never a t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -85,6 +84,28 @@ def cmd_zoo_build_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- assess
+def _scan_settings(args):
+    from .assess.scan import ScanSettings
+    from .metrics import NAMES
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else NAMES
+    return ScanSettings(zoo=args.zoo, targets=list(args.target), out=args.out, workers=args.workers,
+                        batch_size=args.batch_size, metrics=metrics, rank_by=args.rank_by,
+                        resume=args.resume, address=args.address, s3_endpoint=args.s3_endpoint,
+                        split=args.split, progress=not args.quiet,
+                        teachers=[t for t in (args.teachers or "").split(",") if t] or None)
+
+
+def cmd_assess(args) -> int:
+    from .assess.scan import print_ranking, run_scan
+
+    result = run_scan(_scan_settings(args))
+    print_ranking(result)
+    print(f"results: {args.out.rstrip('/')}/ranking.parquet")
+    return 1 if result.errors else 0
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .zoo.demo import build_demo
@@ -98,6 +119,24 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+def add_assess_args(a) -> None:
+    a.add_argument("--zoo", required=True, help="zoo: local folder or s3://bucket/prefix")
+    a.add_argument("--target", required=True, action="append",
+                   help="target task folder (local or s3://); repeat for several targets")
+    a.add_argument("--out", required=True, help="run folder (local or s3://) for results")
+    a.add_argument("--workers", type=int, default=None,
+                   help="shard workers (default: one per GPU, else one per CPU)")
+    a.add_argument("--batch-size", type=int, default=256)
+    a.add_argument("--metrics", default=None,
+                   help="comma-separated scores to compute (default: sctd,sctd_cost,leep,nce,logme,hscore,transrate)")
+    a.add_argument("--rank-by", default="sctd", help="score that ranks the teachers (default sctd)")
+    a.add_argument("--split", default="train", help="target split to score on (default train)")
+    a.add_argument("--teachers", default=None, help="only these teacher ids (comma-separated)")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
+    a.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sctd", description="Selective cross-task distillation on Ray: "
                                 "scan a model zoo for the teachers most related to a target task.")
@@ -112,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline on the demo zoo (local Ray, local folder)")
     d.add_argument("--home", default=None, help="working folder (default: $SCTD_HOME or ~/.cache/sctd-ray)")
     d.set_defaults(func=cmd_demo)
+
+    a = s3(sub.add_parser("assess", help="score every teacher of a zoo against target task(s) on Ray"))
+    add_assess_args(a)
+    a.set_defaults(func=cmd_assess)
 
     z = sub.add_parser("zoo", help="manage a model zoo (local folder or s3://bucket/prefix)")
     zs = z.add_subparsers(dest="zoo_command", required=True)

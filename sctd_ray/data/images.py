@@ -20,8 +20,10 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = "") -> np.ndarray:
-    """Decode PNG/JPEG bytes to uint8 (H, W, C), grey kept as C=1, anything else as RGB.
+def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = "",
+                 channels: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 (H, W, C), grey kept as C=1, anything else as RGB
+    (or forced to ``channels`` 1 or 3, so one target's images share a channel count).
 
     With ``size=(H, W)`` the image is resized (bilinear) when it differs, so one target's
     images stack into one array. Undecodable bytes raise TargetError naming ``where``.
@@ -31,7 +33,10 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = 
         img.load()
     except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
         raise TargetError(f"undecodable image {where}: {e}") from None
-    img = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F", "LA") else img.convert("RGB")
+    grey = img.mode in ("L", "1", "I;16", "I", "F", "LA")
+    if channels is not None:
+        grey = channels == 1
+    img = img.convert("L") if grey else img.convert("RGB")
     if size is not None and (img.height, img.width) != tuple(size):
         img = img.resize((size[1], size[0]), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)

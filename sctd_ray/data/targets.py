@@ -103,17 +103,15 @@ def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], lis
 
 
 def decode_split(uri: str, split: str, images: list[bytes], labels: list[str],
-                 class_names: list[str], size: tuple[int, int] | None) -> TargetSplit:
+                 class_names: list[str], size: tuple[int, int] | None, channels: int | None) -> TargetSplit:
     if not labels:
         raise TargetError(f"{uri}: split {split!r} is empty")
     index = {c: i for i, c in enumerate(class_names)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise TargetError(f"{uri}: split {split!r} has labels the train split lacks: {unknown[:5]}")
-    arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}") for i, b in enumerate(images)]
-    channels = {a.shape[2] for a in arrays}
-    if len(channels) > 1:  # mixed grey/RGB: promote to RGB
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}", channels=channels)
+              for i, b in enumerate(images)]
     return TargetSplit(np.stack(arrays), np.array([index[c] for c in labels], dtype=np.int64))
 
 
@@ -127,10 +125,9 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None) -> Targ
     if len(class_names) < 2:
         raise TargetError(f"{uri}: the train split has {len(class_names)} class(es); need at least 2")
     first = decode_image(raw["train"][0][0], where=f"{uri} split 'train' row 0")
-    size = first.shape[:2]
     task = TargetTask(target_name(uri), uri, class_names)
     for s in splits:
-        task.splits[s] = decode_split(uri, s, *raw[s], class_names, size)
+        task.splits[s] = decode_split(uri, s, *raw[s], class_names, first.shape[:2], first.shape[2])
     return task
 
 

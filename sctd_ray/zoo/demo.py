@@ -236,7 +236,9 @@ def build_target(store, name: str, task: TaskSpec, seed: int) -> None:
         idx = np.array(sorted(idx))
         imgs[split] = images[idx]
         labs[split] = [task.classes[v] for v in labels[idx]]
-    write_target(store.sub(f"targets/{name}"), imgs, labs)
+    from .store import open_store
+
+    write_target(open_store(store.join(f"targets/{name}")), imgs, labs)
 
 
 def build_demo(out: str, preset: str = "small", seed: int = 0, log=print, s3_endpoint=None) -> dict:

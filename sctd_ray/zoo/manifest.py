@@ -35,9 +35,10 @@ def _weights_sha256(store, key: str) -> str | None:
     info = store.info(key)
     if info.get("sha256"):
         return info["sha256"]
-    if getattr(store, "is_local", False):
-        from .store import sha256_file
-        return sha256_file(store.local_path(key))
+    from .store import LocalStore, sha256_file
+
+    if isinstance(store, LocalStore):  # a local read is not a download
+        return sha256_file(store.path(key))
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -9,7 +10,6 @@ import torch
 from ..errors import SctdError, StoreAuthError, StoreUnreachable, TeacherError
 from .loading import read_config, teacher_from_files
 from .manifest import describe_teacher, list_teacher_ids, read_manifest
-from .store import sha256_bytes
 from .teacher import weights_key
 
 
@@ -35,7 +35,7 @@ def verify_teacher(store, teacher_id: str, expected_sha256: str | None) -> dict:
             return {"id": teacher_id, "status": "error", "error": row["error"]}
         cfg = read_config(store, teacher_id)
         data = store.read_bytes(weights_key(teacher_id))
-        if expected_sha256 and sha256_bytes(data) != expected_sha256:
+        if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
             raise TeacherError(teacher_id, "model.safetensors does not match the manifest's sha256 "
                                "(changed or corrupted since `sctd zoo index`)")
         check_runs(teacher_from_files(cfg, data))

@@ -1,0 +1,98 @@
+"""Scan results: one JSON file per (teacher, target) written as soon as it is done, so an
+interrupted scan resumes; ``ranking.parquet`` and ``run.json`` assembled from them."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import NotFound
+from ..metrics import NAMES
+
+RESULTS_PREFIX = "results"
+RANKING_FILE = "ranking.parquet"
+RUN_FILE = "run.json"
+BASE_COLUMNS = ["target", "teacher_id", "architecture", "status", "error"]
+TAIL_COLUMNS = ["rank", "samples", "seconds", "worker"]
+
+
+def result_key(target: str, teacher_id: str) -> str:
+    return f"{RESULTS_PREFIX}/{target}/{teacher_id}.json"
+
+
+def write_result(store, row: dict) -> None:
+    """Atomically write one (teacher, target) result."""
+    store.write_bytes(result_key(row["target"], row["teacher_id"]),
+                      json.dumps(row, sort_keys=True, default=_jsonable).encode())
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def read_results(store) -> list[dict]:
+    """Every result file of a run (unreadable ones are skipped: they will be rescored)."""
+    rows = []
+    for key in store.list(f"{RESULTS_PREFIX}/"):
+        if not key.endswith(".json"):
+            continue
+        try:
+            rows.append(json.loads(store.read_bytes(key)))
+        except (NotFound, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return rows
+
+
+def done_pairs(rows: list[dict]) -> set[tuple[str, str]]:
+    """Pairs already finished (ok or with a teacher error): never scored again on --resume."""
+    return {(r["target"], r["teacher_id"]) for r in rows}
+
+
+def ranking_table(rows: list[dict], rank_by: str = "sctd", metrics=NAMES) -> pd.DataFrame:
+    """One row per (target, teacher); rank 1 = highest ``rank_by`` within the target;
+    error rows come last without a rank."""
+    extra = sorted({k for r in rows for k in r} - set(BASE_COLUMNS) - set(TAIL_COLUMNS) - set(metrics))
+    cols = BASE_COLUMNS + list(metrics) + [c for c in extra if c not in ("finished_at",)] + TAIL_COLUMNS
+    df = pd.DataFrame(rows).reindex(columns=cols)
+    for m in metrics:
+        df[m] = pd.to_numeric(df[m], errors="coerce")
+    if rank_by not in df.columns:
+        raise ValueError(f"cannot rank by {rank_by!r}: not among the computed metrics")
+    ok = df["status"] == "ok"
+    df["rank"] = pd.NA
+    df.loc[ok, "rank"] = (df[ok].groupby("target")[rank_by]
+                          .rank(ascending=False, method="first").astype("int64"))
+    df["rank"] = df["rank"].astype("Int64")
+    df = df.sort_values(["target", "rank", "teacher_id"], na_position="last").reset_index(drop=True)
+    return df
+
+
+def write_table(store, key: str, df: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    store.write_bytes(key, buf.getvalue())
+
+
+def read_table(store, key: str) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
+
+
+def format_ranking(df: pd.DataFrame, top: int = 10, metrics=("sctd", "sctd_cost", "leep", "nce", "logme")) -> str:
+    """Per target: the top teachers, then every error row."""
+    out = []
+    for target, g in df.groupby("target", sort=True):
+        ok, bad = g[g.status == "ok"], g[g.status != "ok"]
+        cols = ["rank", "teacher_id", "architecture"] + [m for m in metrics if m in g.columns]
+        out.append(f"== {target}: {len(ok)} teachers scored, {len(bad)} errors")
+        if len(ok):
+            out.append(ok[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        for _, r in bad.iterrows():
+            out.append(f"   error  {r['teacher_id']}: {r['error']}")
+    return "\n".join(out)

@@ -1,0 +1,263 @@
+"""``sctd assess``: the distributed zoo scan on Ray (ARCHITECTURE: data flow of a scan).
+
+manifest -> shard plan -> one ShardWorker actor per GPU (or CPU slot) -> every target read and
+decoded once by Ray Data, materialised, shared by all actors -> per (teacher, target) result
+files -> ranking.parquet + run.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..errors import SctdError, StoreAuthError, StoreUnreachable, ZooError
+from ..metrics import NAMES
+from .plan import estimate_seconds, plan_shards
+from .results import (RANKING_FILE, RUN_FILE, done_pairs, format_ranking, ranking_table,
+                      read_results, write_result, write_table)
+from .worker import FatalScanError
+
+IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass
+class ScanSettings:
+    zoo: str
+    targets: list[str]
+    out: str
+    workers: int | None = None
+    batch_size: int = 256
+    metrics: tuple[str, ...] = NAMES
+    rank_by: str = "sctd"
+    resume: bool = False
+    address: str | None = None
+    s3_endpoint: str | None = None
+    split: str = "train"
+    prefetch: int = 1
+    device_cache_mb: float = 1024
+    progress: bool = True
+    teachers: list[str] | None = None  # restrict to these ids
+
+
+@dataclass
+class ScanResult:
+    ranking: pd.DataFrame
+    run: dict = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return int((self.ranking["status"] != "ok").sum())
+
+
+def ensure_ray(address: str | None = None):
+    """Join ``address``/$RAY_ADDRESS, or start the embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    kwargs = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(**kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def _default_workers(ray) -> tuple[int, dict]:
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if gpus:
+        return gpus, {"num_gpus": 1, "num_cpus": 1}
+    return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
+
+
+def _check_metrics(metrics, rank_by):
+    unknown = sorted(set(metrics) - set(NAMES))
+    if unknown:
+        raise SctdError(f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}")
+    if rank_by not in metrics:
+        raise SctdError(f"--rank-by {rank_by!r} is not among --metrics {','.join(metrics)}")
+
+
+def run_scan(s: ScanSettings, log=print) -> ScanResult:
+    """Run (or resume) a scan; see the module docstring. Returns the ranking."""
+    from ..zoo.manifest import read_manifest
+    from ..zoo.store import ContentCache, open_store
+
+    _check_metrics(s.metrics, s.rank_by)
+    t_start = time.time()
+    out = open_store(s.out, s3_endpoint=s.s3_endpoint)
+    previous = read_results(out)
+    if previous and not s.resume:
+        raise SctdError(f"{s.out} already holds {len(previous)} results: pass --resume to continue "
+                        "that scan, or choose another --out")
+    zoo = open_store(s.zoo, s3_endpoint=s.s3_endpoint)
+    manifest = read_manifest(zoo)
+    if s.teachers:
+        missing = sorted(set(s.teachers) - set(manifest["id"]))
+        if missing:
+            raise ZooError(f"teacher(s) not in the zoo: {missing}")
+        manifest = manifest[manifest["id"].isin(s.teachers)]
+    ray = ensure_ray(s.address)
+
+    from ..data.ray_data import materialize_target
+
+    t_data = time.time()
+    targets = [materialize_target(u, s.split, s3_endpoint=s.s3_endpoint) for u in s.targets]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise SctdError(f"two targets share a name: {names}")
+    data_seconds = time.time() - t_data
+
+    done = done_pairs(previous)
+    todo: dict[str, list[str]] = {}
+    for _, r in manifest.iterrows():
+        missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done]
+        if not missing_targets:
+            continue
+        if r["status"] != "ok":  # the manifest already knows it is broken
+            for tn in missing_targets:
+                write_result(out, {"target": tn, "teacher_id": r["id"], "architecture": r["architecture"],
+                                   "status": "error", "error": r["error"], "samples": 0, "seconds": 0.0,
+                                   "worker": "driver", "finished_at": time.time()})
+            continue
+        todo[r["id"]] = missing_targets
+    rows_by_id = {r["id"]: r for _, r in manifest.iterrows()}
+    samples = sum(t.num_rows for t in targets)
+    costs = {tid: estimate_seconds(rows_by_id[tid]["params"], rows_by_id[tid]["input_size"],
+                                   rows_by_id[tid]["bytes"], samples) for tid in todo}
+    n_default, resources = _default_workers(ray)
+    n_workers = max(1, min(s.workers or n_default, len(todo) or 1))
+    shards = plan_shards(costs, n_workers)
+    log(f"scan: {len(manifest)} teachers x {len(targets)} target(s) ({samples} samples); "
+        f"{len(todo)} teachers to score on {n_workers} worker(s)"
+        + (f"; {len(done)} pairs already done" if done else ""))
+
+    t_scan = time.time()
+    fatal = None
+    if todo:
+        fatal = _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples)
+    scan_seconds = time.time() - t_scan
+
+    rows = read_results(out)
+    ranking = ranking_table(rows, s.rank_by, s.metrics)
+    write_table(out, RANKING_FILE, ranking)
+    run = {
+        "zoo": zoo.uri, "targets": {t.name: {"uri": t.uri, "classes": t.class_names, "samples": t.num_rows}
+                                    for t in targets},
+        "settings": {"workers": n_workers, "batch_size": s.batch_size, "metrics": list(s.metrics),
+                     "rank_by": s.rank_by, "split": s.split, "prefetch": s.prefetch, "resources": resources},
+        "versions": _versions(),
+        "timings": {"data_seconds": round(data_seconds, 3), "scan_seconds": round(scan_seconds, 3),
+                    "total_seconds": round(time.time() - t_start, 3),
+                    "teachers_scored": len(todo), "pairs": int(len(ranking)),
+                    "samples_per_second": round(len(todo) * samples / scan_seconds, 1) if todo and scan_seconds else None},
+        "errors": int((ranking["status"] != "ok").sum()),
+        "complete": fatal is None,
+    }
+    out.write_bytes(RUN_FILE, json.dumps(run, indent=2, default=str).encode())
+    if fatal is not None:
+        raise fatal
+    return ScanResult(ranking, run)
+
+
+def _versions() -> dict:
+    import ray
+    import timm
+    import torch
+
+    from .. import __version__
+
+    return {"sctd_ray": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "timm": timm.__version__, "python": sys.version.split()[0]}
+
+
+def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples):
+    """Feed each actor its shard (two calls in flight, so it can prefetch), steal work for idle
+    actors from the longest remaining shard, and survive actor restarts."""
+    from tqdm import tqdm
+
+    from .worker import ShardWorker
+
+    Actor = ray.remote(**resources, max_restarts=3, max_task_retries=3)(ShardWorker)
+    actors = [Actor.remote(zoo, out, targets, s.metrics, s.batch_size, None, s.prefetch,
+                           s.device_cache_mb) for _ in shards]
+    queues = [list(sh) for sh in shards]
+    inflight: dict = {}  # ref -> (actor index, teacher id)
+    busy = [0] * len(actors)
+
+    def sha(tid):
+        return rows_by_id[tid]["sha256"] or None
+
+    def submit(i):
+        if not queues[i]:  # steal from the tail of the longest queue
+            j = max(range(len(queues)), key=lambda k: len(queues[k]))
+            if len(queues[j]) <= 1:
+                return False
+            queues[i].append(queues[j].pop())
+        tid = queues[i].pop(0)
+        upcoming = [(u, sha(u)) for u in queues[i][:s.prefetch]]
+        ref = actors[i].score.remote(tid, sha(tid), todo[tid], upcoming)
+        inflight[ref] = (i, tid)
+        busy[i] += 1
+        return True
+
+    for i in range(len(actors)):
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            submit(i)
+    bar = tqdm(total=len(todo), unit="teacher", desc="scan", disable=not s.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    t0, n_done, fatal = time.time(), 0, None
+    try:
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            i, tid = inflight.pop(ref)
+            busy[i] -= 1
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+                if isinstance(cause, (FatalScanError, StoreUnreachable, StoreAuthError)):
+                    fatal = SctdError(str(getattr(e, "cause", cause) or cause).splitlines()[0])
+                    break
+                _error_rows(out, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}")
+            except ray.exceptions.RayActorError as e:  # restarts and retries exhausted
+                _error_rows(out, tid, todo[tid], f"worker died while scoring it: {str(e).splitlines()[0][:200]}")
+            n_done += 1
+            bar.update(1)
+            elapsed = time.time() - t0
+            bar.set_postfix_str(f"{n_done * samples / max(elapsed, 1e-9):.0f} samples/s")
+            while busy[i] < IN_FLIGHT_PER_WORKER and submit(i):
+                pass
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    return fatal
+
+
+def _error_rows(out, tid, target_names, msg):
+    for tn in target_names:
+        write_result(out, {"target": tn, "teacher_id": tid, "architecture": None, "status": "error",
+                           "error": msg, "samples": 0, "seconds": 0.0, "worker": "driver",
+                           "finished_at": time.time()})
+
+
+def print_ranking(result: ScanResult, log=print) -> None:
+    log(format_ranking(result.ranking))
+    t = result.run.get("timings", {})
+    log(f"scored {t.get('teachers_scored')} teachers in {t.get('scan_seconds')}s "
+        f"({t.get('samples_per_second')} samples/s); {result.errors} error rows")

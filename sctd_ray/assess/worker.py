@@ -1,0 +1,158 @@
+"""The shard worker: owns a shard of the zoo on one device and scores each of its teachers on
+every target. Plain Python (the scan wraps it in a Ray actor; a GPU benchmark runs it bare).
+
+Per teacher: take its prefetched weights (the next teachers are fetched and built in a
+background thread while the current one runs), forward every target batch once, update the
+statistics, finalise the scores, and write one result file per (teacher, target).
+At most ``1 + prefetch`` teachers are resident at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import SctdError, StoreAuthError, StoreUnreachable, TeacherError
+from ..metrics import NAMES
+from .engine import TargetBatches, TeacherRunner, collect_stats, finalise
+from .results import write_result
+
+
+@dataclass
+class TargetData:
+    """A decoded target split on the worker: uint8 images (N, H, W, C), int64 labels."""
+
+    name: str
+    class_names: list[str]
+    images: np.ndarray
+    labels: np.ndarray
+
+
+class FatalScanError(SctdError):
+    """The whole scan must stop (the store is unreachable or refuses the credentials)."""
+
+
+class ShardWorker:
+    """Scores teachers on targets; see the module docstring."""
+
+    def __init__(self, zoo_store, out_store, targets, metrics=NAMES, batch_size: int = 256,
+                 device: str | None = None, prefetch: int = 1, device_cache_mb: float = 1024,
+                 cache=None, loader=None):
+        from ..zoo.loading import load_teacher
+
+        self.zoo, self.out = zoo_store, out_store
+        self.metrics = tuple(metrics)
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.prefetch = max(0, int(prefetch))
+        self.cache = cache
+        self.loader = loader or (lambda tid, sha: load_teacher(self.zoo, tid, cache=self.cache, sha256=sha))
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.targets = [self._resolve(t) for t in targets]
+        self._device_data = self._place(device_cache_mb)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._pending: dict[str, Future] = {}
+
+    # ---------------------------------------------------------------- targets
+    @staticmethod
+    def _resolve(t) -> TargetData:
+        if isinstance(t, TargetData):
+            return t
+        from ..data.ray_data import gather  # a MaterializedTarget held in Ray's object store
+
+        images, labels = gather(t)
+        return TargetData(t.name, list(t.class_names), images, labels)
+
+    def _place(self, device_cache_mb: float):
+        """Keep targets on the device between teachers when they fit the memory limit."""
+        total = sum(t.images.nbytes + t.labels.nbytes for t in self.targets)
+        if self.device.type == "cpu" or total > device_cache_mb * 2**20:
+            pin = self.device.type == "cuda"
+            return {t.name: (torch.from_numpy(t.images).pin_memory() if pin else torch.from_numpy(t.images),
+                             torch.from_numpy(t.labels)) for t in self.targets}
+        return {t.name: (torch.from_numpy(t.images).to(self.device), torch.from_numpy(t.labels).to(self.device))
+                for t in self.targets}
+
+    def _batches(self, t: TargetData) -> TargetBatches:
+        x, y = self._device_data[t.name]
+        bs = self.batch_size
+
+        def it():
+            for i in range(0, len(y), bs):
+                yield x[i:i + bs], y[i:i + bs]
+        return TargetBatches(t.name, len(t.class_names), it)
+
+    # ---------------------------------------------------------------- teachers
+    def _fetch(self, tid: str, sha: str | None):
+        try:
+            return self.loader(tid, sha)
+        except (StoreUnreachable, StoreAuthError) as e:
+            return FatalScanError(str(e))
+        except SctdError as e:
+            return e if isinstance(e, TeacherError) else TeacherError(tid, str(e))
+        except Exception as e:  # an unloadable teacher must never crash the shard
+            return TeacherError(tid, f"cannot load: {type(e).__name__}: {e}")
+
+    def _take(self, tid: str, sha: str | None):
+        fut = self._pending.pop(tid, None) or self._pool.submit(self._fetch, tid, sha)
+        return fut.result()
+
+    def _prefetch(self, upcoming: list[tuple[str, str | None]]) -> None:
+        for tid, sha in upcoming[: self.prefetch]:
+            if tid not in self._pending:
+                self._pending[tid] = self._pool.submit(self._fetch, tid, sha)
+
+    def score(self, teacher_id: str, sha256: str | None = None, targets: list[str] | None = None,
+              upcoming: list[tuple[str, str | None]] = ()) -> list[dict]:
+        """Score one teacher on the named targets (default all); write and return the rows."""
+        t0 = time.perf_counter()
+        self._prefetch([u for u in upcoming if u[0] != teacher_id])
+        loaded = self._take(teacher_id, sha256)
+        if isinstance(loaded, FatalScanError):
+            raise loaded
+        wanted = [t for t in self.targets if targets is None or t.name in targets]
+        rows = []
+        if isinstance(loaded, TeacherError):
+            rows = [self._row(t, teacher_id, None, "error", loaded.reason, {}, t0) for t in wanted]
+        else:
+            try:
+                runner = TeacherRunner(loaded, self.device)
+                dtype = torch.float32 if runner.cuda else torch.float64
+                for t in wanted:
+                    ts = time.perf_counter()
+                    stats = collect_stats(runner, self._batches(t), self.metrics, dtype)
+                    scores = finalise(teacher_id, stats)
+                    rows.append(self._row(t, teacher_id, loaded, "ok", "", scores, ts))
+            except TeacherError as e:
+                rows = [self._row(t, teacher_id, loaded, "error", e.reason, {}, t0) for t in wanted]
+            except (RuntimeError, ValueError) as e:  # e.g. a forward that fails on this input
+                msg = f"forward failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                rows = [self._row(t, teacher_id, loaded, "error", msg, {}, t0) for t in wanted]
+            finally:
+                del loaded
+                gc.collect()
+        for r in rows:
+            write_result(self.out, r)
+        return rows
+
+    def _row(self, t: TargetData, tid: str, loaded, status: str, error: str, scores: dict, t0: float) -> dict:
+        row = {"target": t.name, "teacher_id": tid,
+               "architecture": loaded.config.architecture if loaded is not None else None,
+               "status": status, "error": error, "samples": int(len(t.labels)),
+               "seconds": round(time.perf_counter() - t0, 4), "worker": self.name,
+               "finished_at": time.time()}
+        row.update({m: (float(scores[m]) if m in scores else None) for m in self.metrics})
+        return row
+
+    def ping(self) -> str:
+        return self.name
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,101 @@
+"""`sctd zoo ...` on the small demo zoo, locally and on a real SeaweedFS (issue 2, done-when)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from sctd_ray.cli import main
+from sctd_ray.zoo.demo import SMALL_TARGETS, SMALL_TEACHERS
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_zoo_layout_and_manifest(demo_zoo):
+    root = Path(demo_zoo)
+    ids = [s.teacher_id for s in SMALL_TEACHERS]
+    assert len(ids) >= 8 and len(SMALL_TARGETS) >= 2
+    for tid in ids:
+        cfg = json.loads((root / "teachers" / tid / "config.json").read_text())
+        assert cfg["pretrained_cfg"]["input_size"] and cfg["label_names"]
+        assert cfg["source_task"]["heldout_accuracy"] > 0.5  # real, trained teachers
+        assert (root / "teachers" / tid / "model.safetensors").stat().st_size > 10_000
+    df = pq.read_table(root / "manifest.parquet").to_pandas()
+    assert sorted(df["id"]) == sorted(ids)
+    assert (df["status"] == "ok").all()
+    assert len(set(df["architecture"])) >= 4
+    assert {tuple(v) for v in df["input_size"]} >= {(1, 28, 28), (3, 32, 32)}
+    for name in SMALL_TARGETS:
+        for split in ("train", "val", "test"):
+            t = pq.read_table(root / "targets" / name / f"{split}.parquet")
+            assert t.column_names == ["image", "label"]
+
+
+def test_index_list_verify(demo_zoo, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    (zoo / "manifest.parquet").unlink()
+    assert main(["zoo", "index", str(zoo)]) == 0
+    assert (zoo / "manifest.parquet").exists()
+    assert main(["zoo", "list", str(zoo), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(SMALL_TEACHERS) and all(r["sha256"] for r in rows)
+    assert main(["zoo", "verify", str(zoo)]) == 0
+    assert f"{len(SMALL_TEACHERS)} ok, 0 bad" in capsys.readouterr().out
+
+
+def test_verify_names_corrupt_and_mismatched_teachers(demo_zoo, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    a, b = SMALL_TEACHERS[0].teacher_id, SMALL_TEACHERS[1].teacher_id
+    w = zoo / "teachers" / a / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-200:] = b"\0" * 200  # flipped bytes: the sha256 in the manifest no longer matches
+    w.write_bytes(bytes(data))
+    cfg_path = zoo / "teachers" / b / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_classes"] += 1
+    cfg["label_names"].append("extra")
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR  {a}: teacher '{a}': model.safetensors does not match the manifest's sha256" in out
+    assert f"ERROR  {b}" in out and "shape mismatch" in out
+    assert "2 bad" in out
+
+
+def test_push_pull_round_trip_is_byte_identical(demo_zoo, s3_bucket, tmp_path, capsys):
+    src = Path(demo_zoo)
+    assert main(["zoo", "push", str(src), f"{s3_bucket}/zoo", "--quiet"]) == 0
+    assert "skipped 0" in capsys.readouterr().out
+    assert main(["zoo", "push", str(src), f"{s3_bucket}/zoo", "--quiet"]) == 0
+    assert "copied 0 files" in capsys.readouterr().out  # unchanged files are skipped
+    assert main(["zoo", "list", f"{s3_bucket}/zoo"]) == 0
+    assert SMALL_TEACHERS[0].teacher_id in capsys.readouterr().out
+    assert main(["zoo", "verify", f"{s3_bucket}/zoo"]) == 0
+    dst = tmp_path / "back"
+    assert main(["zoo", "pull", f"{s3_bucket}/zoo", str(dst), "--quiet"]) == 0
+    assert _files(dst) == _files(src)
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, s3):
+    env = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret-123"}
+    cases = [
+        (["zoo", "list", str(tmp_path / "nowhere")], None),
+        (["zoo", "list", "s3://nobucket/zoo", "--s3-endpoint", "http://127.0.0.1:1"], None),
+        (["zoo", "list", "s3://zoo/x"], env),
+    ]
+    import os
+    for argv, extra in cases:
+        p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", *argv], capture_output=True, text=True,
+                           env={**os.environ, **(extra or {})}, timeout=120)
+        assert p.returncode != 0, argv
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("sctd: error:"), p.stderr
+        assert "Traceback" not in p.stderr and "wrong-secret-123" not in p.stderr

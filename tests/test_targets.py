@@ -1,0 +1,106 @@
+"""Target readers (issue 2, item 7): Parquet and ImageFolder layouts, and every bad input."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sctd_ray.data.images import encode_png
+from sctd_ray.data.targets import load_target, write_target
+from sctd_ray.errors import TargetError
+from sctd_ray.zoo.store import open_store
+
+
+def _imgs(n, seed=0, shape=(12, 12)):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape, 1), dtype=np.uint8)
+
+
+def _write_parquet_target(root, labels=None):
+    store = open_store(str(root))
+    labels = labels or {"train": ["cat", "dog"] * 3, "val": ["dog", "cat"], "test": ["cat", "dog", "cat"]}
+    write_target(store, {s: _imgs(len(v), i) for i, (s, v) in enumerate(labels.items())}, labels)
+    return store
+
+
+def test_parquet_round_trip(tmp_path):
+    _write_parquet_target(tmp_path / "t")
+    task = load_target(str(tmp_path / "t"))
+    assert task.class_names == ["cat", "dog"]
+    assert task.splits["train"].images.shape == (6, 12, 12, 1)
+    assert task.splits["train"].images.dtype == np.uint8
+    assert list(task.splits["train"].labels) == [0, 1] * 3
+    assert np.array_equal(task.splits["train"].images, _imgs(6, 0))
+    assert list(task.splits["test"].labels) == [0, 1, 0]
+
+
+def test_imagefolder_layout(tmp_path):
+    root = tmp_path / "folder"
+    for split, names in {"train": ["a", "b", "a", "b"], "val": ["a", "b"], "test": ["b"]}.items():
+        for i, c in enumerate(names):
+            p = root / split / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(p)
+    task = load_target(str(root))
+    assert task.class_names == ["a", "b"]
+    assert task.splits["train"].images.shape == (4, 8, 8, 3)
+    assert list(task.splits["test"].labels) == [1]
+
+
+def test_missing_split(tmp_path):
+    store = _write_parquet_target(tmp_path / "t")
+    store.delete("val.parquet")
+    with pytest.raises(TargetError, match="missing split 'val'"):
+        load_target(str(tmp_path / "t"))
+
+
+def test_not_a_target(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TargetError, match="not a target task"):
+        load_target(str(tmp_path / "empty"))
+
+
+def test_single_class(tmp_path):
+    _write_parquet_target(tmp_path / "t", {"train": ["a"] * 3, "val": ["a"], "test": ["a"]})
+    with pytest.raises(TargetError, match="need at least 2"):
+        load_target(str(tmp_path / "t"))
+
+
+def test_unknown_label_in_test(tmp_path):
+    _write_parquet_target(tmp_path / "t", {"train": ["a", "b"], "val": ["a"], "test": ["a", "zebra"]})
+    with pytest.raises(TargetError, match=r"split 'test' has labels the train split lacks: \['zebra'\]"):
+        load_target(str(tmp_path / "t"))
+
+
+def test_empty_split(tmp_path):
+    store = _write_parquet_target(tmp_path / "t")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.string())}), buf)
+    store.write_bytes("val.parquet", buf.getvalue())
+    with pytest.raises(TargetError, match="split 'val' is empty"):
+        load_target(str(tmp_path / "t"))
+
+
+def test_undecodable_image_names_row(tmp_path):
+    store = open_store(str(tmp_path / "t"))
+    _write_parquet_target(tmp_path / "t")
+    imgs = [encode_png(im) for im in _imgs(3)] + [b"not an image"]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()), "label": ["a", "b", "a", "b"]}), buf)
+    store.write_bytes("train.parquet", buf.getvalue())
+    with pytest.raises(TargetError, match="undecodable image .*split 'train' row 3"):
+        load_target(str(tmp_path / "t"))
+
+
+def test_wrong_columns_and_not_parquet(tmp_path):
+    store = _write_parquet_target(tmp_path / "t")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"img": pa.array([b"x"], pa.binary())}), buf)
+    store.write_bytes("train.parquet", buf.getvalue())
+    with pytest.raises(TargetError, match="missing column"):
+        load_target(str(tmp_path / "t"))
+    store.write_bytes("train.parquet", b"garbage")
+    with pytest.raises(TargetError, match="not a Parquet file"):
+        load_target(str(tmp_path / "t"))

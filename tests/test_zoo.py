@@ -1,0 +1,149 @@
+"""Teacher format, id validation and safe loading (issue 2, items 2 and 4)."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save
+
+from sctd_ray.errors import TeacherError, ZooError
+from sctd_ray.zoo.loading import load_teacher, parse_safetensors_header, teacher_from_files
+from sctd_ray.zoo.store import open_store
+from sctd_ray.zoo.teacher import TeacherConfig, check_teacher_id, config_key, weights_key
+
+
+def _config(tid="t1", arch="test_resnet", num_classes=3, **kw):
+    return TeacherConfig(tid, arch, num_classes, [f"c{i}" for i in range(num_classes)],
+                         {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.25]},
+                         model_args={"in_chans": 1}, **kw)
+
+
+def _write(store, cfg, state):
+    store.write_bytes(config_key(cfg.teacher_id), cfg.to_json().encode())
+    store.write_bytes(weights_key(cfg.teacher_id), save(state))
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    return open_store(str(tmp_path / "zoo"))
+
+
+def _state(num_classes=3):
+    torch.manual_seed(0)
+    m = timm.create_model("test_resnet", num_classes=num_classes, in_chans=1)
+    return m, {k: v.contiguous().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "a/b", "/abs", "", "a b", ".hidden", "x" * 129, "a\\b", "é"])
+def test_traversal_and_odd_ids_are_refused(bad):
+    with pytest.raises(ZooError, match="invalid teacher id"):
+        check_teacher_id(bad)
+
+
+def test_good_ids_pass():
+    for ok in ["fm-all-resnet", "a.b_c-1", "X9"]:
+        assert check_teacher_id(ok) == ok
+    with pytest.raises(ZooError):
+        config_key("../../etc")
+
+
+def test_load_round_trip_gives_identical_outputs(zoo):
+    model, state = _state()
+    cfg = _config()
+    _write(zoo, cfg, state)
+    loaded = load_teacher(zoo, "t1")
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    assert loaded.config.label_names == ["c0", "c1", "c2"]
+    assert loaded.preprocessing.input_size == (1, 28, 28)
+
+
+def test_config_round_trips_through_json():
+    cfg = _config(source_task={"dataset": "digits"})
+    back = TeacherConfig.from_json("t1", cfg.to_json())
+    assert back.to_json() == cfg.to_json()
+    assert (back.architecture, back.num_classes, back.label_names, back.model_args, back.source_task) == (
+        cfg.architecture, cfg.num_classes, cfg.label_names, cfg.model_args, cfg.source_task)
+
+
+def test_shape_mismatch_names_teacher_and_tensor(zoo):
+    _, state = _state(num_classes=5)
+    _write(zoo, _config(num_classes=3), state)
+    with pytest.raises(TeacherError, match=r"teacher 't1'.*shape mismatch for 'fc\.weight'"):
+        load_teacher(zoo, "t1")
+
+
+def test_missing_tensors_are_reported(zoo):
+    _, state = _state()
+    state.pop("fc.bias")
+    _write(zoo, _config(), state)
+    with pytest.raises(TeacherError, match="missing 1 tensors"):
+        load_teacher(zoo, "t1")
+
+
+def test_corrupt_safetensors(zoo):
+    _, state = _state()
+    cfg = _config()
+    _write(zoo, cfg, state)
+    data = bytearray(zoo.read_bytes(weights_key("t1")))
+    zoo.write_bytes(weights_key("t1"), bytes(data[:100]))
+    with pytest.raises(TeacherError, match="corrupt"):
+        load_teacher(zoo, "t1")
+
+
+def test_pickle_weights_are_never_loaded(zoo, tmp_path):
+    _, state = _state()
+    cfg = _config()
+    zoo.write_bytes(config_key("t1"), cfg.to_json().encode())
+    torch.save(state, tmp_path / "w.pt")  # a pickle where safetensors should be
+    zoo.write_bytes(weights_key("t1"), (tmp_path / "w.pt").read_bytes())
+    with pytest.raises(TeacherError, match="corrupt"):
+        load_teacher(zoo, "t1")
+
+
+def test_unknown_architecture(zoo):
+    _, state = _state()
+    _write(zoo, _config(arch="no_such_net"), state)
+    with pytest.raises(TeacherError, match="unknown timm architecture 'no_such_net'"):
+        load_teacher(zoo, "t1")
+
+
+def test_missing_and_invalid_config(zoo):
+    _, state = _state()
+    zoo.write_bytes(weights_key("t1"), save(state))
+    with pytest.raises(TeacherError, match="config.json is missing"):
+        load_teacher(zoo, "t1")
+    zoo.write_bytes(config_key("t1"), b"{not json")
+    with pytest.raises(TeacherError, match="not valid JSON"):
+        load_teacher(zoo, "t1")
+    zoo.write_bytes(config_key("t1"), json.dumps({"architecture": "test_resnet"}).encode())
+    with pytest.raises(TeacherError, match="input_size"):
+        load_teacher(zoo, "t1")
+
+
+def test_missing_weights(zoo):
+    zoo.write_bytes(config_key("t1"), _config().to_json().encode())
+    with pytest.raises(TeacherError, match="model.safetensors"):
+        load_teacher(zoo, "t1")
+
+
+def test_header_only_read_counts_params():
+    model, state = _state()
+    data = save(state)
+    reads = []
+
+    def read_range(start, n):
+        reads.append((start, n))
+        return data[start:start + n]
+    header = parse_safetensors_header("t1", read_range)
+    assert header["params"] == sum(v.numel() for v in state.values())
+    assert sum(n for _, n in reads) == header["header_bytes"] < len(data)
+
+
+def test_teacher_from_bytes_is_eval_mode():
+    _, state = _state()
+    t = teacher_from_files(_config(), save(state))
+    assert not t.model.training
