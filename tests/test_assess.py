@@ -1,0 +1,203 @@
+"""`sctd assess`: the distributed scan on real Ray and a real SeaweedFS (issue 4)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sctd_ray.assess.engine import assess_teacher, batches_from_arrays
+from sctd_ray.assess.scan import ScanSettings, run_scan
+from sctd_ray.cli import main
+from sctd_ray.data.targets import load_target
+from sctd_ray.errors import SctdError
+from sctd_ray.metrics import NAMES
+from sctd_ray.zoo.loading import load_teacher
+from sctd_ray.zoo.store import open_store
+
+pytestmark = pytest.mark.integration
+
+
+def _scores(df, target=None):
+    df = df if target is None else df[df.target == target]
+    return {(r.target, r.teacher_id): tuple(getattr(r, m) for m in NAMES)
+            for r in df.itertuples() if r.status == "ok"}
+
+
+def _close(a, b, rel=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rel, atol=1e-9, err_msg=str(k))
+
+
+def _targets(zoo):
+    return [str(Path(zoo) / "targets" / n) for n in ("fm-mix5", "dg-high5")]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_zoo, ray_local):
+    """In-process engine scores for every (teacher, target): the scan must reproduce them."""
+    store = open_store(demo_zoo)
+    out = {}
+    for turi in _targets(demo_zoo):
+        task = load_target(turi, splits=("train",))
+        tb = batches_from_arrays(task.name, task.splits["train"].images, task.splits["train"].labels,
+                                 task.num_classes)
+        for tid in sorted(p.name for p in (Path(demo_zoo) / "teachers").iterdir()):
+            s = assess_teacher(load_teacher(store, tid), tb, device="cpu")[task.name]
+            out[(task.name, tid)] = tuple(s[m] for m in NAMES)
+    return out
+
+
+def test_scan_from_s3_equals_engine(demo_zoo, s3_bucket, reference, ray_local, tmp_path):
+    assert main(["zoo", "push", demo_zoo, f"{s3_bucket}/zoo", "--quiet"]) == 0
+    targets = [f"{s3_bucket}/zoo/targets/{n}" for n in ("fm-mix5", "dg-high5")]
+    res = run_scan(ScanSettings(zoo=f"{s3_bucket}/zoo", targets=targets, out=f"{s3_bucket}/run",
+                                workers=2, progress=False))
+    _close(_scores(res.ranking), reference)
+    assert res.errors == 0
+    out = open_store(f"{s3_bucket}/run")
+    assert out.exists("ranking.parquet") and out.exists("run.json")
+    assert len(out.list("results/")) == len(reference)
+    run = json.loads(out.read_bytes("run.json"))
+    assert run["complete"] and run["timings"]["teachers_scored"] == 8
+    for _, g in res.ranking.groupby("target"):  # rank 1 = highest sctd
+        g = g.sort_values("rank")
+        assert list(g["rank"]) == list(range(1, len(g) + 1))
+        assert g["sctd"].is_monotonic_decreasing
+
+
+def test_two_targets_equal_two_scans(demo_zoo, reference, ray_local, tmp_path):
+    t1, t2 = _targets(demo_zoo)
+    both = run_scan(ScanSettings(zoo=demo_zoo, targets=[t1, t2], out=str(tmp_path / "both"), progress=False))
+    one = run_scan(ScanSettings(zoo=demo_zoo, targets=[t1], out=str(tmp_path / "one"), progress=False))
+    two = run_scan(ScanSettings(zoo=demo_zoo, targets=[t2], out=str(tmp_path / "two"), progress=False))
+    _close(_scores(both.ranking), {**_scores(one.ranking), **_scores(two.ranking)})
+    _close(_scores(both.ranking), reference)
+
+
+def _bigger_zoo(demo_zoo, dst, copies=4):
+    """The demo teachers under several ids: a zoo long enough to disturb mid-scan."""
+    shutil.copytree(demo_zoo, dst, ignore=shutil.ignore_patterns("manifest.parquet"))
+    teachers = Path(dst) / "teachers"
+    for p in sorted(teachers.iterdir()):
+        for k in range(1, copies):
+            shutil.copytree(p, teachers / f"{p.name}-copy{k}")
+    return str(dst)
+
+
+def test_killed_worker_is_restarted_and_results_equal(demo_zoo, ray_local, tmp_path):
+    import ray
+
+    zoo = _bigger_zoo(demo_zoo, tmp_path / "zoo")
+    target = _targets(demo_zoo)[0]
+    clean = run_scan(ScanSettings(zoo=zoo, targets=[target], out=str(tmp_path / "clean"), progress=False))
+    out = tmp_path / "disturbed"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if len(list((out / "results").rglob("*.json"))) >= 3:
+                for a in ray.util.state.list_actors(filters=[("class_name", "=", "ShardWorker"),
+                                                             ("state", "=", "ALIVE")]):
+                    os.kill(a.pid, signal.SIGKILL)  # the worker process dies mid-shard
+                    killed.append(a.pid)
+                    break
+            time.sleep(0.05)
+    th = threading.Thread(target=killer)
+    th.start()
+    res = run_scan(ScanSettings(zoo=zoo, targets=[target], out=str(out), workers=2, progress=False))
+    th.join()
+    assert killed, "no worker was killed: the scan ended too soon"
+    assert res.errors == 0
+    _close(_scores(res.ranking), _scores(clean.ranking))
+
+
+def test_interrupted_driver_resumes_without_rescoring(demo_zoo, tmp_path):
+    zoo = _bigger_zoo(demo_zoo, tmp_path / "zoo")
+    target = _targets(demo_zoo)[0]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo, "--target", target,
+           "--out", str(out), "--workers", "1", "--quiet"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((out / "results").rglob("*.json"))) < 4:
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and its local Ray die at once
+    p.wait()
+    before = {f: f.read_bytes() for f in (out / "results").rglob("*.json")}
+    assert 4 <= len(before) < 32
+    p2 = subprocess.run(cmd[:-1] + ["--resume", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert p2.returncode == 0, p2.stderr
+    after = {f: f.read_bytes() for f in (out / "results").rglob("*.json")}
+    assert len(after) == 32
+    assert all(after[f] == data for f, data in before.items())  # finished pairs never rescored
+    resumed = pd.read_parquet(out / "ranking.parquet")
+    fresh = run_scan(ScanSettings(zoo=zoo, targets=[target], out=str(tmp_path / "fresh"), progress=False))
+    _close(_scores(resumed), _scores(fresh.ranking))
+    assert list(resumed.sort_values(["rank"])["teacher_id"]) == list(fresh.ranking.sort_values(["rank"])["teacher_id"])
+
+
+def test_bad_teachers_become_error_rows(demo_zoo, ray_local, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
+    teachers = zoo / "teachers"
+    good = sorted(p.name for p in teachers.iterdir())
+    shutil.copytree(teachers / good[0], teachers / "corrupt")
+    w = teachers / "corrupt" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:4000])
+    shutil.copytree(teachers / good[0], teachers / "mismatch")
+    cfg = json.loads((teachers / "mismatch" / "config.json").read_text())
+    cfg["num_classes"] += 2
+    cfg["label_names"] += ["x", "y"]
+    (teachers / "mismatch" / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(teachers / good[1], teachers / "noconfig")
+    (teachers / "noconfig" / "config.json").unlink()
+    # a manifest that still lists the corrupt teacher as fine: the worker must catch it
+    assert main(["zoo", "index", str(zoo)]) == 0
+    w.write_bytes(b"\0" * 64)
+    code = main(["assess", "--zoo", str(zoo), "--target", _targets(demo_zoo)[0],
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 1  # finished, with error rows
+    df = pd.read_parquet(tmp_path / "run" / "ranking.parquet")
+    err = df[df.status == "error"].set_index("teacher_id")["error"]
+    assert set(err.index) == {"corrupt", "mismatch", "noconfig"}
+    assert "corrupt" in err["corrupt"] and "shape mismatch" in err["mismatch"] and "config.json is missing" in err["noconfig"]
+    assert (df[df.status == "ok"]["teacher_id"].nunique()) == len(good)
+    assert df[df.status == "ok"][list(NAMES)].notna().all().all()
+    printed = capsys.readouterr().out
+    assert "error  corrupt" in printed
+
+
+def test_unreachable_s3_and_bad_credentials_fail_fast(demo_zoo, s3, s3_bucket, tmp_path):
+    target = _targets(demo_zoo)[0]
+    env = {**os.environ, **s3.env()}
+    cases = [
+        (["--zoo", "s3://zoo/x", "--s3-endpoint", "http://127.0.0.1:1"], env, "cannot reach"),
+        (["--zoo", f"{s3_bucket}/zoo"], {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "credentials"),
+    ]
+    for extra, e, needle in cases:
+        p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", *extra, "--target", target,
+                            "--out", str(tmp_path / "run"), "--quiet"],
+                           capture_output=True, text=True, env=e, timeout=120)
+        assert p.returncode == 2, p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0].lower(), p.stderr
+        assert "not-the-secret" not in p.stderr
+
+
+def test_existing_run_needs_resume(demo_zoo, ray_local, tmp_path):
+    t = _targets(demo_zoo)[0]
+    run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=str(tmp_path / "r"), progress=False,
+                          teachers=["fm-all-resnet"]))
+    with pytest.raises(SctdError, match="--resume"):
+        run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=str(tmp_path / "r"), progress=False))
