@@ -59,15 +59,19 @@ def parse_safetensors_header(teacher_id: str, read_range) -> dict:
     return {"tensors": tensors, "params": params, "header_bytes": 8 + n}
 
 
-def build_model(config: TeacherConfig) -> torch.nn.Module:
-    """Instantiate the timm architecture named in config.json, without weights."""
+def build_model(config: TeacherConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Instantiate the timm architecture named in config.json, without weights.
+
+    With ``device="meta"`` no memory is allocated and no random init runs: the weights are
+    then assigned by ``load_weights`` (several times faster for large teachers)."""
     import timm
 
     if not timm.is_model(config.architecture):
         raise TeacherError(config.teacher_id, f"unknown timm architecture {config.architecture!r}")
     try:
-        return timm.create_model(config.architecture, pretrained=False,
-                                 num_classes=config.num_classes, **config.model_args)
+        with torch.device(device):
+            return timm.create_model(config.architecture, pretrained=False,
+                                     num_classes=config.num_classes, **config.model_args)
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise TeacherError(config.teacher_id, f"cannot build {config.architecture!r} with "
                            f"model_args {config.model_args}: {e}") from None
@@ -97,13 +101,24 @@ def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes |
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise TeacherError(tid, f"shape mismatch for {name!r}: weights {tuple(tensor.shape)}, "
                                f"model {tuple(own[name].shape)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _has_meta_tensors(model: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def teacher_from_files(config: TeacherConfig, weights: bytes | str | Path) -> LoadedTeacher:
     """Build and load a teacher from its parsed config and its safetensors bytes or path."""
-    model = build_model(config)
-    load_weights(config, model, weights)
+    try:
+        model = build_model(config, "meta")
+    except TeacherError:  # e.g. an architecture that computes at construction: build for real
+        model = None
+    if model is not None:
+        load_weights(config, model, weights)
+    if model is None or _has_meta_tensors(model):  # non-persistent buffers (Swin) need a real init
+        model = build_model(config)
+        load_weights(config, model, weights)
     model.eval()
     try:
         pre = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
