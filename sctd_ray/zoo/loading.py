@@ -97,7 +97,8 @@ def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes |
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]!r})")
         raise TeacherError(tid, "weights do not match the architecture: " + ", ".join(parts))
-    for name, tensor in state.items():
+    for name in own:  # in the model's order, so the first mismatch reported is stable
+        tensor = state[name]
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise TeacherError(tid, f"shape mismatch for {name!r}: weights {tuple(tensor.shape)}, "
                                f"model {tuple(own[name].shape)}")
