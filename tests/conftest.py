@@ -1,0 +1,46 @@
+"""Shared pytest fixtures. Keep each group narrow and named after what it provides."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers, whatever the import mode
+from s3server import SeaweedS3  # noqa: E402
+
+# -- S3 (SeaweedFS) ------------------------------------------------------------------
+# `s3`: one real SeaweedFS S3 server per test session, requiring credentials.
+# `s3_env`: points boto3 at it for one test (os.environ via monkeypatch); returns the
+#           variables, to pass to subprocesses as env={**os.environ, **s3_env}.
+# `s3_bucket`: a fresh, empty bucket for one test, as "s3://<name>" (env applied).
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A running SeaweedS3 (see tests/s3server.py) that refuses wrong credentials."""
+    server = SeaweedS3(require_auth=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch) -> dict[str, str]:
+    """Environment for boto3 to use the `s3` server, applied to os.environ for this test."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
+                 "AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    env = s3.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_bucket(s3, s3_env) -> str:
+    """A new empty bucket on the `s3` server, as an uri "s3://<name>"."""
+    return "s3://" + s3.make_bucket("t-" + uuid.uuid4().hex[:24])
