@@ -1,0 +1,109 @@
+"""The label-space bridge of one (teacher, target) pair, recomputed for the report (SPEC 1-2).
+
+- Cost ``M`` (K x C): ``ot.ground_cost`` on the teacher's features over the target split
+  (default ``proto-cos``: ``1 - cos(w_k, mu_c)``).
+- Mean transport plan: the plan from a teacher prediction ``p_i`` to the one-hot target label
+  ``e_{y_i}`` is unique, ``p_i`` placed in column ``y_i`` (SPEC 1), so the mean plan is LEEP's
+  soft joint ``J[k, c] = (1/N) sum_i p_ik [y_i = c]`` (SPEC 3). Its cost ``<J, M>`` equals the
+  mean transport cost ``mean_i A[i, y_i]``, i.e. ``-sctd_cost`` (SPEC 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BATCH_SIZE = 256
+
+
+@dataclass
+class Bridge:
+    """Cost matrix and mean transport plan between a teacher's and a target's label spaces."""
+
+    teacher_id: str
+    target: str
+    split: str
+    teacher_classes: list[str]
+    target_classes: list[str]
+    cost: np.ndarray   # (K, C) ground cost M
+    plan: np.ndarray   # (K, C) mean transport plan J, sums to 1
+    samples: int
+
+    @property
+    def transport_cost(self) -> float:
+        """``<J, M>`` = mean cost of transporting ``p_i`` to ``e_{y_i}`` = ``-sctd_cost``."""
+        return float((self.plan * self.cost).sum())
+
+    def shown_rows(self, limit: int) -> np.ndarray:
+        """Teacher classes to display: all if K <= limit, else the ``limit`` with the most
+        plan mass (the teacher classes the target's images are actually sent to), heaviest first."""
+        k = self.plan.shape[0]
+        if k <= limit:
+            return np.arange(k)
+        return np.argsort(-self.plan.sum(axis=1), kind="stable")[:limit]
+
+    def shown_cols(self, limit: int) -> np.ndarray:
+        """Target classes to display: all if C <= limit, else the ``limit`` with the most samples."""
+        c = self.plan.shape[1]
+        if c <= limit:
+            return np.arange(c)
+        return np.sort(np.argsort(-self.plan.sum(axis=0), kind="stable")[:limit])
+
+
+def mean_plan(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``J[k, c] = (1/N) sum_i probs[i, k] [labels[i] = c]`` (K, C)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    joint = np.zeros((probs.shape[1], num_classes), dtype=np.float64)
+    np.add.at(joint.T, labels, probs)
+    return joint / len(labels)
+
+
+def compute_bridge(teacher, images: np.ndarray, labels: np.ndarray, target: str,
+                   target_classes: list[str], split: str = "train",
+                   device: str | torch.device | None = None,
+                   batch_size: int = BATCH_SIZE) -> Bridge:
+    """Forward the teacher over uint8 images (N, H, W, C) with the scan's engine, then build
+    ``M`` and ``J`` (module docstring). Teacher problems raise TeacherError naming it."""
+    from .. import ot
+    from ..assess.engine import TeacherRunner
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runner = TeacherRunner(teacher, device)
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    feats, probs = [], []
+    for i in range(0, len(x), batch_size):
+        f, logits = runner.forward(x[i:i + batch_size])
+        feats.append(f.double().cpu())
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())
+    features = torch.cat(feats).numpy()
+    p = torch.cat(probs).numpy()
+    y = np.asarray(labels, dtype=np.int64)
+    weight = runner.weight.double().cpu().numpy()
+    cost = np.asarray(ot.ground_cost(features, y, weight, num_classes=len(target_classes)),
+                      dtype=np.float64)
+    return Bridge(teacher.teacher_id, target, split, list(teacher.config.label_names),
+                  list(target_classes), cost, mean_plan(p, y, len(target_classes)), len(y))
+
+
+def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: str = "train",
+                s3_endpoint: str | None = None, device: str | None = None,
+                teacher_cache: dict | None = None) -> Bridge:
+    """Load a teacher from the ``zoo`` store and one split of the target at ``target_uri``,
+    then ``compute_bridge``. Raises SctdError subclasses (TeacherError, TargetError,
+    StoreError) on anything the user can fix."""
+    from ..data.targets import load_target
+    from ..zoo.loading import load_teacher
+
+    if teacher_cache is not None and teacher_id in teacher_cache:
+        teacher = teacher_cache[teacher_id]
+    else:
+        teacher = load_teacher(zoo, teacher_id)
+        if teacher_cache is not None:
+            teacher_cache[teacher_id] = teacher
+    task = load_target(target_uri, splits=(split,), s3_endpoint=s3_endpoint)
+    data = task.splits[split]
+    return compute_bridge(teacher, data.images, data.labels, target_name, task.class_names,
+                          split=split, device=device)
