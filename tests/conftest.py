@@ -44,3 +44,32 @@ def s3_env(s3, monkeypatch) -> dict[str, str]:
 def s3_bucket(s3, s3_env) -> str:
     """A new empty bucket on the `s3` server, as an uri "s3://<name>"."""
     return "s3://" + s3.make_bucket("t-" + uuid.uuid4().hex[:24])
+
+
+# -- demo zoo and Ray ----------------------------------------------------------------
+# `demo_zoo`: the small demo zoo (8 real teachers, 2 targets), built once per session; tests
+#             copy it before changing anything. $SCTD_TEST_DEMO_ZOO reuses a zoo built earlier.
+# `ray_local`: one local Ray for the in-process tests (2 CPUs), shut down at session end.
+
+
+@pytest.fixture(scope="session")
+def demo_zoo(tmp_path_factory) -> str:
+    import os
+
+    from sctd_ray.zoo.demo import build_demo
+
+    path = os.environ.get("SCTD_TEST_DEMO_ZOO") or str(tmp_path_factory.mktemp("demo") / "zoo")
+    build_demo(path, preset="small", seed=0, log=lambda *_: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import os
+
+    from sctd_ray.assess.scan import ensure_ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray = ensure_ray(None)
+    yield ray
+    ray.shutdown()

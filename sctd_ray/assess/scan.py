@@ -67,11 +67,15 @@ def ensure_ray(address: str | None = None):
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
         ray.init(**kwargs)
+    import logging
+
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return ray
 
 
@@ -146,9 +150,9 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         + (f"; {len(done)} pairs already done" if done else ""))
 
     t_scan = time.time()
-    fatal = None
+    fatal, usage = None, []
     if todo:
-        fatal = _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples)
+        fatal, usage = _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples)
     scan_seconds = time.time() - t_scan
 
     rows = read_results(out)
@@ -164,6 +168,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
                     "total_seconds": round(time.time() - t_start, 3),
                     "teachers_scored": len(todo), "pairs": int(len(ranking)),
                     "samples_per_second": round(len(todo) * samples / scan_seconds, 1) if todo and scan_seconds else None},
+        "workers": usage,
         "errors": int((ranking["status"] != "ok").sum()),
         "complete": fatal is None,
     }
@@ -244,9 +249,14 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
                 pass
     finally:
         bar.close()
+        usage = []
         for a in actors:
+            try:
+                usage.append(ray.get(a.usage.remote(), timeout=10))
+            except Exception:  # a dead or stuck worker has no usage to report
+                pass
             ray.kill(a, no_restart=True)
-    return fatal
+    return fatal, usage
 
 
 def _error_rows(out, tid, target_names, msg):

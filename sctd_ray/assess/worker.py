@@ -59,6 +59,7 @@ class ShardWorker:
         self._device_data = self._place(device_cache_mb)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._pending: dict[str, Future] = {}
+        self.scored = 0
 
     # ---------------------------------------------------------------- targets
     @staticmethod
@@ -140,6 +141,7 @@ class ShardWorker:
                 gc.collect()
         for r in rows:
             write_result(self.out, r)
+        self.scored += 1
         return rows
 
     def _row(self, t: TargetData, tid: str, loaded, status: str, error: str, scores: dict, t0: float) -> dict:
@@ -153,6 +155,14 @@ class ShardWorker:
 
     def ping(self) -> str:
         return self.name
+
+    def usage(self) -> dict:
+        """Peak resident memory of this worker process and teachers scored by it."""
+        import resource
+
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return {"worker": self.name, "peak_rss_mb": round(peak_kb / 1024, 1), "teachers": self.scored,
+                "device": str(self.device)}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -30,23 +30,18 @@ def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
 
 
 class DecodeBatch:
-    """map_batches fn: PNG/JPEG bytes + class names -> uint8 images + integer labels."""
+    """map_batches fn: PNG/JPEG bytes -> uint8 images of one size and channel count; labels
+    stay class names (ids are assigned once the split's classes are known)."""
 
-    def __init__(self, where: str, class_names: list[str], size: tuple[int, int], channels: int):
+    def __init__(self, where: str, size: tuple[int, int], channels: int):
         self.where, self.size, self.channels = where, tuple(size), channels
-        self.index = {c: i for i, c in enumerate(class_names)}
 
     def __call__(self, batch: dict) -> dict:
-        images, labels = [], []
-        for i, (data, label) in enumerate(zip(batch["image"], batch["label"])):
-            label = label.decode() if isinstance(label, bytes) else str(label)
-            if label not in self.index:
-                raise TargetError(f"{self.where}: label {label!r} is not a class of the train split")
-            img = decode_image(data, self.size, where=f"{self.where} ({label!r}, batch row {i})",
+        labels = [v.decode() if isinstance(v, bytes) else str(v) for v in batch["label"]]
+        images = [decode_image(data, self.size, where=f"{self.where} ({label!r}, batch row {i})",
                                channels=self.channels)
-            images.append(img)
-            labels.append(self.index[label])
-        return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
+                  for i, (data, label) in enumerate(zip(batch["image"], labels))]
+        return {"image": np.stack(images), "label": np.asarray(labels, dtype=object)}
 
 
 @dataclass
@@ -57,59 +52,79 @@ class MaterializedTarget:
     uri: str
     class_names: list[str]
     num_rows: int
-    block_refs: list  # ObjectRefs of {"image": uint8 (n,H,W,C), "label": int64 (n,)}
+    block_refs: list  # ObjectRefs of {"image": uint8 (n,H,W,C), "label": class names (n,)}
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def _records_dataset(uri: str, split: str, s3_endpoint: str | None):
-    """Undecoded Ray Dataset with columns image (bytes) and label (str)."""
-    import ray.data
+def _first_image(store, split: str, layout: str) -> bytes:
+    """The first image of a split, read directly (to fix the split's size and channels)."""
+    import io
 
-    from ..zoo.store import open_store
+    import pyarrow.parquet as pq
 
-    store = open_store(uri, s3_endpoint=s3_endpoint)
-    layout = detect_layout(store)
-    fs, root = arrow_filesystem(uri, s3_endpoint)
     if layout == "parquet":
-        if not store.exists(f"{split}.parquet"):
-            raise TargetError(f"{store.join(split + '.parquet')}: missing split {split!r}")
-        return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs, columns=["image", "label"])
+        pf = pq.ParquetFile(io.BytesIO(store.read_range(f"{split}.parquet", 0, store.size(f"{split}.parquet"))))
+        if pf.metadata.num_rows == 0:
+            raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
+        return pf.read_row_group(0, columns=["image"]).column("image")[0].as_py()
     keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     if not keys:
         raise TargetError(f"{store.join(split)}: missing or empty split {split!r}")
+    return store.read_bytes(keys[0])
+
+
+def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str | None):
+    """Undecoded Ray Dataset with columns image (bytes) and label (class name)."""
+    import ray.data
+
+    fs, root = arrow_filesystem(uri, s3_endpoint)
+    if layout == "parquet":
+        return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs, columns=["image", "label"])
+    keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     ds = ray.data.read_binary_files([f"{root}/{k}" for k in keys], filesystem=fs, include_paths=True)
     return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2]})
 
 
 def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
                        class_names: list[str] | None = None) -> MaterializedTarget:
-    """Read + decode one split with Ray Data, validate it, and keep its blocks in the object store.
+    """Read + decode one split with Ray Data (one pass), validate it, and keep its blocks in
+    the object store. Class names default to the sorted labels of this split (the train split
+    defines a task's classes); with ``class_names`` given, other labels are an error."""
+    import ray
 
-    Class names default to the sorted labels of this split (the train split defines them).
-    """
+    from ..zoo.store import open_store
+
     where = f"{uri.rstrip('/')} split {split!r}"
-    ds = _records_dataset(uri, split, s3_endpoint)
-    first = ds.take(1)
-    if not first:
-        raise TargetError(f"{where}: the split is empty")
-    probe = decode_image(first[0]["image"], where=f"{where} row 0")
-    if class_names is None:
-        class_names = sorted(str(v.decode() if isinstance(v, bytes) else v) for v in ds.unique("label"))
-        if len(class_names) < 2:
-            raise TargetError(f"{where}: {len(class_names)} class(es); a target needs at least 2")
-    decoded = ds.map_batches(DecodeBatch(where, class_names, probe.shape[:2], probe.shape[2]),
+    store = open_store(uri, s3_endpoint=s3_endpoint)
+    layout = detect_layout(store)
+    if layout == "parquet" and not store.exists(f"{split}.parquet"):
+        raise TargetError(f"{store.join(split + '.parquet')}: missing split {split!r}")
+    probe = decode_image(_first_image(store, split, layout), where=f"{where} row 0")
+    ds = _records_dataset(store, uri, split, layout, s3_endpoint)
+    decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()
     refs = decoded.to_numpy_refs()
-    num_rows = decoded.count()
-    return MaterializedTarget(target_name(uri), uri, list(class_names), num_rows, refs)
+    labels = np.concatenate([b["label"] for b in ray.get(decoded.select_columns(["label"]).to_numpy_refs())])
+    found = sorted(set(labels.tolist()))
+    if class_names is None:
+        class_names = found
+        if len(class_names) < 2:
+            raise TargetError(f"{where}: {len(class_names)} class(es); a target needs at least 2")
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise TargetError(f"{where}: labels the train split lacks: {unknown[:5]}")
+    return MaterializedTarget(target_name(uri), uri, list(class_names), int(len(labels)), refs)
 
 
 def gather(target: MaterializedTarget) -> tuple[np.ndarray, np.ndarray]:
-    """All rows of a materialised target as (images, labels) numpy arrays (zero-copy blocks)."""
+    """All rows of a materialised target: uint8 images (N,H,W,C) and int64 class ids."""
     import ray
 
     blocks = [b for b in ray.get(list(target.block_refs)) if len(b["label"])]
-    return (np.concatenate([b["image"] for b in blocks]), np.concatenate([b["label"] for b in blocks]))
+    index = {c: i for i, c in enumerate(target.class_names)}
+    images = np.concatenate([b["image"] for b in blocks])
+    labels = np.fromiter((index[v] for b in blocks for v in b["label"]), dtype=np.int64)
+    return images, labels

@@ -1,0 +1,123 @@
+"""Scoring overhead of the engine: (forward + all statistics + scores) / (forward alone).
+
+CPU (default): every teacher of a demo zoo on Fashion-MNIST test images.
+CUDA: a larger timm teacher (default resnet50 at 224, bf16 autocast, channels_last).
+
+    python bench/engine_bench.py --zoo ~/.cache/sctd-ray/demo-zoo          # CPU, demo teachers
+    python bench/engine_bench.py --device cuda --arch resnet50 --samples 16384
+
+Prints per-teacher times and the overall ratio, measured in one run (best of --repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from sctd_ray.assess.engine import TeacherRunner, batches_from_arrays, collect_stats, finalise
+from sctd_ray.metrics import NAMES
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_teacher(teacher, images, labels, num_classes, device, batch_size, repeats):
+    runner = TeacherRunner(teacher, device)
+    dtype = torch.float32 if runner.cuda else torch.float64
+    x = torch.from_numpy(images)
+    y = torch.from_numpy(labels)
+    if runner.cuda:  # the scan keeps the target on the device when it fits
+        x, y = x.to(device), y.to(device)
+    tb = batches_from_arrays("bench", images, labels, num_classes, batch_size)
+    tb.batches = lambda: ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size))
+
+    def forward_only():
+        for xb, _ in tb.batches():
+            runner.forward(xb)
+        _sync(device)
+
+    def engine():
+        s = collect_stats(runner, tb, NAMES, dtype)
+        out = finalise(teacher.teacher_id, s)
+        _sync(device)
+        return out
+
+    forward_only(), engine()  # warm-up (cudnn autotune, allocator)
+    t_fwd, t_eng = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); forward_only(); t_fwd.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); engine(); t_eng.append(time.perf_counter() - t0)
+    return min(t_fwd), min(t_eng)
+
+
+def demo_teachers(zoo):
+    from sctd_ray.zoo.loading import load_teacher
+    from sctd_ray.zoo.manifest import list_teacher_ids
+    from sctd_ray.zoo.store import open_store
+
+    store = open_store(zoo)
+    return [load_teacher(store, t) for t in list_teacher_ids(store)]
+
+
+def synthetic_teacher(arch, num_classes, size):
+    import timm
+
+    from sctd_ray.data.preprocess import Preprocessing
+    from sctd_ray.zoo.loading import LoadedTeacher
+    from sctd_ray.zoo.teacher import TeacherConfig
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=num_classes)
+    cfg = TeacherConfig(arch, arch, num_classes, [f"c{i}" for i in range(num_classes)],
+                        {"input_size": [3, size, size], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    return LoadedTeacher(cfg, model.eval(), Preprocessing.from_pretrained_cfg(cfg.pretrained_cfg))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", default=None, help="zoo whose teachers to time (CPU default: the demo zoo)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default="resnet50", help="synthetic teacher when no --zoo (CUDA default)")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--teacher-classes", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--classes", type=int, default=10, help="target classes")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    if args.zoo or args.device == "cpu":
+        from pathlib import Path
+
+        from sctd_ray.cli import default_home
+        from sctd_ray.data.sources import fashion_mnist
+
+        zoo = args.zoo or str(Path(default_home()) / "demo-zoo")
+        teachers = demo_teachers(zoo)
+        src = fashion_mnist("test")
+        images, labels = src.images[:args.samples], src.labels[:args.samples] % args.classes
+    else:
+        teachers = [synthetic_teacher(args.arch, args.teacher_classes, args.size)]
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (args.samples, 64, 64, 3), dtype=np.uint8)
+        labels = np.arange(args.samples) % args.classes
+    torch.set_grad_enabled(False)
+    print(f"device={args.device} samples={len(labels)} batch={args.batch_size} metrics={','.join(NAMES)}"
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else f" threads={torch.get_num_threads()}"))
+    print(f"{'teacher':28s} {'forward s':>10s} {'engine s':>10s} {'ratio':>7s} {'engine img/s':>13s}")
+    tf = te = 0.0
+    for t in teachers:
+        f, e = time_teacher(t, images, labels, args.classes, args.device, args.batch_size, args.repeats)
+        tf, te = tf + f, te + e
+        print(f"{t.teacher_id:28s} {f:10.4f} {e:10.4f} {e / f:7.3f} {len(labels) / e:13.0f}")
+    print(f"{'TOTAL':28s} {tf:10.4f} {te:10.4f} {te / tf:7.3f}   "
+          f"(engine throughput = {100 * tf / te:.1f}% of pure forward)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""GPU checks, without Ray (the engine and the shard worker run bare), in one run:
+
+1. engine throughput vs pure forward for a resnet50 teacher at 224 in bf16  (goal >= 90%)
+2. shared-kernel Sinkhorn, B=16384, K=1000, C=200, 100 iterations, float32  (goal < 100 ms)
+3. the shard worker's loop (prefetch + forward + stats) over >= 20 resnet50-sized teachers held
+   in host memory as safetensors bytes: GPU busy fraction of the wall time    (goal >= 85%)
+4. (if the distillation module is present) an OT-distillation step vs a ce step on the GPU
+
+    PYTHONPATH=. python bench/gpu_check.py [--quick] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from engine_bench import synthetic_teacher, time_teacher  # noqa: E402
+
+from sctd_ray import ot  # noqa: E402
+
+
+def check_engine(samples: int, repeats: int) -> dict:
+    teacher = synthetic_teacher("resnet50", 1000, 224)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (samples, 64, 64, 3), dtype=np.uint8)
+    labels = np.arange(samples) % 100
+    f, e = time_teacher(teacher, images, labels, 100, "cuda", 512, repeats)
+    return {"samples": samples, "forward_s": f, "engine_s": e, "forward_img_s": samples / f,
+            "engine_img_s": samples / e, "engine_vs_forward": f / e}
+
+
+def check_sinkhorn(repeats: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, K, C = 16384, 1000, 200
+    p = torch.softmax(torch.randn(B, K, device="cuda", generator=g) * 3, 1)
+    q = torch.softmax(torch.randn(B, C, device="cuda", generator=g) * 3, 1)
+    M = torch.rand(K, C, device="cuda", generator=g) * 2
+    ot.sinkhorn(p, q, M, eps=0.1, max_iter=100, tol=0.0)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = ot.sinkhorn(p, q, M, eps=0.1, max_iter=100, tol=0.0)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    r64 = ot.sinkhorn(p[:256].double(), q[:256].double(), M.double(), eps=0.1, max_iter=100, tol=0.0)
+    rel = ((r.cost[:256].double() - r64.cost).abs() / r64.cost.abs()).max().item()
+    return {"B": B, "K": K, "C": C, "iterations": 100, "best_ms": 1000 * min(times),
+            "median_ms": 1000 * float(np.median(times)), "max_rel_diff_vs_float64": rel}
+
+
+class UtilSampler(threading.Thread):
+    """Samples nvidia-smi's GPU utilisation (pynvml) every 20 ms, when available."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples, self.stop = [], threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.nvml = pynvml
+        except Exception:
+            self.nvml = None
+
+    def run(self):
+        while self.nvml and not self.stop.is_set():
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.h).gpu)
+            time.sleep(0.02)
+
+
+def check_shard_loop(n_teachers: int, samples: int) -> dict:
+    import timm
+    from safetensors.torch import save
+
+    from sctd_ray.assess.engine import TeacherRunner, collect_stats, finalise
+    from sctd_ray.assess.worker import ShardWorker, TargetData
+    from sctd_ray.metrics import NAMES
+    from sctd_ray.zoo.loading import teacher_from_files
+    from sctd_ray.zoo.store import open_store
+    from sctd_ray.zoo.teacher import TeacherConfig
+
+    rng = np.random.default_rng(0)
+    target = TargetData("synthetic", [f"c{i}" for i in range(50)],
+                        rng.integers(0, 256, (samples, 64, 64, 3), dtype=np.uint8),
+                        (np.arange(samples) % 50).astype(np.int64))
+    blobs, cfgs = {}, {}
+    for i in range(n_teachers):  # host-memory zoo: safetensors bytes, as fetched from a store
+        k = int(rng.integers(100, 1001))
+        tid = f"r50-{i:02d}"
+        m = timm.create_model("resnet50", num_classes=k)
+        blobs[tid] = save({n: t.contiguous() for n, t in m.state_dict().items()})
+        cfgs[tid] = TeacherConfig(tid, "resnet50", k, [f"k{j}" for j in range(k)],
+                                  {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+                                   "std": [0.229, 0.224, 0.225]})
+    ids = sorted(blobs)
+    out = open_store(tempfile.mkdtemp())
+    worker = ShardWorker(None, out, [target], NAMES, batch_size=512, device="cuda", prefetch=1,
+                         loader=lambda tid, sha: teacher_from_files(cfgs[tid], blobs[tid]))
+    worker.score(ids[0], None, upcoming=[(ids[1], None)])  # warm-up: cudnn autotune, allocator
+    torch.cuda.synchronize()
+    sampler = UtilSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    for i, tid in enumerate(ids):
+        rows = worker.score(tid, None, upcoming=[(u, None) for u in ids[i + 1:i + 2]])
+        assert rows[0]["status"] == "ok", rows[0]
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    # pure device work for the same teachers: already on the GPU, data resident, synced
+    busy = 0.0
+    for tid in ids:
+        runner = TeacherRunner(teacher_from_files(cfgs[tid], blobs[tid]), "cuda")
+        x, y = worker._device_data["synthetic"]
+        tb = worker._batches(target)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        finalise(tid, collect_stats(runner, tb, NAMES, torch.float32))
+        torch.cuda.synchronize()
+        busy += time.perf_counter() - t1
+        del runner
+    util = sampler.samples
+    return {"teachers": n_teachers, "samples": samples, "wall_s": wall, "pure_device_s": busy,
+            "busy_fraction": busy / wall, "teachers_per_s": n_teachers / wall,
+            "nvml_util_mean": float(np.mean(util)) if util else None}
+
+
+def check_distill_step() -> dict | None:
+    try:
+        from distill_bench import step_cost  # provided by bench/distill_bench.py
+    except ImportError:
+        return None
+    return step_cost(device="cuda")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "no CUDA device"
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    print(json.dumps(res), flush=True)
+    steps = [("sinkhorn", lambda: check_sinkhorn(10)),
+             ("engine", lambda: check_engine(4096 if args.quick else 16384, 3)),
+             ("shard_loop", lambda: check_shard_loop(20, 2048 if args.quick else 8192)),
+             ("distill_step", check_distill_step)]
+    for name, fn in steps:
+        t0 = time.time()
+        try:
+            res[name] = fn()
+        except Exception as e:  # keep the other checks' numbers
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"== {name} ({time.time() - t0:.1f}s): {json.dumps(res[name])}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
