@@ -45,13 +45,23 @@ ERROR_REASON = "model.safetensors is corrupt (header is <not> JSON & truncated)"
 
 # --------------------------------------------------------------------------- fixtures
 
-def _make_zoo(root: Path) -> str:
+def _make_zoo(root: Path, images: np.ndarray, labels: np.ndarray) -> str:
+    """One teacher: a random test_resnet whose head rows point at (scaled, centred) target-class
+    prototypes, so its cost matrix and predictions have structure a bug would disturb."""
     zoo = open_store(str(root))
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=len(TEACHER_CLASSES), in_chans=1)
+    model = timm.create_model("test_resnet", num_classes=len(TEACHER_CLASSES), in_chans=1).eval()
     cfg = TeacherConfig("fm-real", "test_resnet", len(TEACHER_CLASSES), TEACHER_CLASSES,
                         {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.25]},
                         model_args={"in_chans": 1})
+    with torch.no_grad():
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        mu = torch.stack([f[torch.from_numpy(labels == c)].mean(0) for c in range(len(TARGET_CLASSES))])
+        mu = mu - f.mean(0)
+        w = torch.cat([mu, -mu[:1], mu[1:2] - mu[2:3]])  # 3 + 2 = 5 teacher classes
+        model.get_classifier().weight.copy_(w / w.norm(dim=1, keepdim=True).clamp_min(1e-6) * 20)
+        model.get_classifier().bias.zero_()
     zoo.write_bytes(config_key(cfg.teacher_id), cfg.to_json().encode())
     zoo.write_bytes(weights_key(cfg.teacher_id),
                     save({k: v.contiguous().clone() for k, v in model.state_dict().items()}))
@@ -59,14 +69,15 @@ def _make_zoo(root: Path) -> str:
     return zoo.uri
 
 
-def _make_target(root: Path) -> str:
+def _make_target(root: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """12 images of 3 classes (each class a noisy copy of its own random pattern)."""
     rng = np.random.default_rng(0)
     labels = [c for c in TARGET_CLASSES for _ in range(4)]
     base = {c: rng.integers(0, 256, (28, 28, 1)) for c in TARGET_CLASSES}
     images = np.stack([np.clip(base[c] + rng.integers(-30, 30, (28, 28, 1)), 0, 255)
                        for c in labels]).astype(np.uint8)
     write_target(open_store(str(root)), {"train": images}, {"train": labels})
-    return str(root)
+    return str(root), images, np.array([TARGET_CLASSES.index(c) for c in labels])
 
 
 def _write_run(run: Path, zoo_uri: str, target_uri: str, real_scores: dict, distill: bool = True):
@@ -121,8 +132,8 @@ def _write_run(run: Path, zoo_uri: str, target_uri: str, real_scores: dict, dist
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    zoo_uri = _make_zoo(root / "zoo")
-    target_uri = _make_target(root / "tiny")
+    target_uri, images, labels = _make_target(root / "tiny")
+    zoo_uri = _make_zoo(root / "zoo", images, labels)
     task = load_target(target_uri, splits=("train",))
     tb = batches_from_arrays("tiny", task.splits["train"].images, task.splits["train"].labels,
                              task.num_classes)
@@ -304,16 +315,21 @@ def test_bridge_caption_reports_the_transport_cost(world, page):
     assert "the scan&#x27;s \u2212sctd_cost" in page or "the scan's \u2212sctd_cost" in page
 
 
-def test_unreachable_zoo_still_writes_a_report(world, tmp_path):
-    run = _write_run(tmp_path / "run", str(tmp_path / "gone-zoo"), world["target"],
-                     world["scores"], distill=False)
-    where = write_report(run, device="cpu")
+@pytest.fixture(scope="module")
+def offline_run(world):
+    """A run whose zoo has gone away since the scan, and without a distillation search."""
+    return _write_run(world["root"] / "offline-run", str(world["root"] / "gone-zoo"),
+                      world["target"], world["scores"], distill=False)
+
+
+def test_unreachable_zoo_still_writes_a_report(world, offline_run):
+    where = write_report(offline_run, device="cpu")
     text = Path(where).read_text(encoding="utf-8")
     p = parse(text)
     assert not p.problems
     assert len(p.images) == 1  # the score chart; no heatmaps
     assert "was unreachable when this report was written" in text
-    assert str(tmp_path / "gone-zoo") in text
+    assert str(world["root"] / "gone-zoo") in text
     assert 'id="distill"' not in text and "#distill" not in text
     assert rows_where(p, "data-teacher", "fm-real")  # the ranking is still there
 
@@ -334,7 +350,8 @@ def test_unreachable_s3_zoo_still_writes_a_report(world, tmp_path, monkeypatch):
     assert "s3://no-bucket/zoo was unreachable" in text and "cannot reach S3 endpoint" in text
 
 
-def test_cmd_report_through_argparse(run, tmp_path, capsys):
+def test_cmd_report_through_argparse(offline_run, tmp_path, capsys):
+    run = offline_run
     parser = argparse.ArgumentParser(prog="sctd")
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report")
@@ -374,3 +391,21 @@ def test_large_label_spaces_show_the_heaviest_teacher_classes():
     assert list(b.shown_rows(2)) == [7, 42]
     assert list(b.shown_rows(200)) == list(range(100))
     assert list(b.shown_cols(40)) == [0, 1, 2]
+
+
+@pytest.mark.integration
+def test_run_zoo_and_target_on_s3(world, s3_bucket):
+    """RUN, zoo and target all on S3 (SeaweedFS): read, recomputed and written through the stores."""
+    from sctd_ray.zoo.sync import sync
+
+    sync(world["zoo"], f"{s3_bucket}/zoo", progress=False)
+    sync(world["target"], f"{s3_bucket}/tiny", progress=False)
+    local = _write_run(world["root"] / "s3-run-src", f"{s3_bucket}/zoo", f"{s3_bucket}/tiny",
+                       world["scores"])
+    sync(local, f"{s3_bucket}/run", progress=False)
+    where = write_report(f"{s3_bucket}/run", device="cpu")
+    assert where == f"{s3_bucket}/run/report.html"
+    text = open_store(f"{s3_bucket}/run").read_bytes("report.html").decode("utf-8")
+    p = parse(text)
+    assert not p.problems and len(p.images) == 4
+    assert f"= {fmt_score(-world['scores']['sctd_cost'])}" in text  # bridge recomputed from S3

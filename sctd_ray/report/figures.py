@@ -52,10 +52,12 @@ def score_bars(table: pd.DataFrame, metric: str, top: int = TOP_BARS) -> Figure 
         return None
     labels = [_short(t, 32) for t in ok["teacher_id"]][::-1]
     vals = values.to_numpy(dtype=float)[::-1]
-    fig = Figure(figsize=(7.5, 0.6 + 0.32 * len(vals)))
+    fig = Figure(figsize=(7.5, 0.9 + 0.32 * len(vals)), layout="constrained")
     ax = fig.add_subplot()
     colors = ["#1f77b4"] * (len(vals) - 1) + ["#d62728"]  # rank 1 in red
-    ax.barh(np.arange(len(vals)), vals, color=colors)
+    bars = ax.barh(np.arange(len(vals)), vals, color=colors)
+    ax.bar_label(bars, [f"{v:.4f}" for v in vals], padding=3, fontsize=7)
+    ax.margins(x=0.15)
     ax.set_yticks(np.arange(len(vals)), labels, fontsize=8)
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel(f"{metric} (higher = more related)")
@@ -76,7 +78,7 @@ def _heat(ax, fig, matrix: np.ndarray, rows: list[str], cols: list[str], title: 
         for (i, j), v in np.ndenumerate(matrix):
             ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=6,
                     color="white" if (v - vmin) / span > 0.6 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.colorbar(im, ax=ax, shrink=0.9)
 
 
 def bridge_heatmaps(bridge: Bridge, max_rows: int = HEATMAP_ROWS,
@@ -90,7 +92,7 @@ def bridge_heatmaps(bridge: Bridge, max_rows: int = HEATMAP_ROWS,
     cost, plan = bridge.cost[np.ix_(r, c)], bridge.plan[np.ix_(r, c)]
     width = min(22.0, 2.0 + 2 * max(3.0, 0.32 * len(cols) + 1.2))
     height = min(16.0, 1.6 + 0.24 * len(rows) + 0.07 * max(len(s) for s in cols + ["x"]))
-    fig = Figure(figsize=(width, max(3.0, height)))
+    fig = Figure(figsize=(width, max(3.0, height)), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     _heat(ax1, fig, cost, rows, cols, "ground cost M[k, c] = 1 - cos(w_k, mu_c)", "viridis_r",
           ".2f", vmin=0.0, vmax=max(1.0, float(np.nanmax(cost)) if cost.size else 1.0))
@@ -116,7 +118,7 @@ def learning_curves(trials: pd.DataFrame, best_trial=None) -> Figure | None:
     curves = [(r, c) for r, c in curves if c]
     if not curves:
         return None
-    fig = Figure(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     seen = set()
     for row, curve in curves:
@@ -143,18 +145,17 @@ def student_vs_baseline(best: dict | None, ce: dict | None) -> Figure | None:
     groups = [(name, row) for name, row in (("best student", best), ("ce baseline", ce)) if row]
     if not groups:
         return None
-    fig = Figure(figsize=(5.0, 3.2))
+    fig = Figure(figsize=(5.0, 3.4), layout="constrained")
     ax = fig.add_subplot()
     width = 0.38
     for k, (col, color) in enumerate((("val_acc", "#1f77b4"), ("test_acc", "#2ca02c"))):
         vals = [pd.to_numeric(row.get(col), errors="coerce") for _, row in groups]
         x = np.arange(len(groups)) + (k - 0.5) * width
-        ax.bar(x, [0 if pd.isna(v) else v for v in vals], width, color=color, label=col)
-        for xi, v in zip(x, vals):
-            ax.text(xi, 0 if pd.isna(v) else v, "n/a" if pd.isna(v) else f"{v:.4f}",
-                    ha="center", va="bottom", fontsize=7)
+        bars = ax.bar(x, [0 if pd.isna(v) else v for v in vals], width, color=color, label=col)
+        ax.bar_label(bars, ["n/a" if pd.isna(v) else f"{v:.4f}" for v in vals], fontsize=7)
     ax.set_xticks(np.arange(len(groups)), [g[0] for g in groups])
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig

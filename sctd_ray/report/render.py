@@ -91,13 +91,15 @@ def fmt_value(v) -> str:
 
 def _format_cell(col: str, v, metrics) -> tuple[str, bool]:
     """(text, numeric) for one table cell of column ``col``."""
+    if col == "error":
+        return ("" if _missing(v) else str(v)), False
     if col in metrics or col in ACC_COLUMNS:
         return fmt_score(v), True
     if col == "seconds":
         return fmt_seconds(v), True
     if col in ("rank", "samples", "epochs"):
         return fmt_int(v), True
-    if isinstance(v, numbers.Number) and not isinstance(v, bool):
+    if isinstance(v, numbers.Number) and not isinstance(v, bool) and not _missing(v):
         return fmt_value(v), True
     return fmt_value(v), False
 
@@ -118,6 +120,10 @@ def img(b64: str, alt: str) -> str:
 
 def figure_html(fig, alt: str) -> str:
     return "" if fig is None else img(figures.png_base64(fig), alt)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def note(text: str) -> str:
@@ -219,7 +225,7 @@ def _scan_cost(s: TargetSection) -> str:
 def target_section(data: ReportData, s: TargetSection) -> str:
     metrics = data.metrics
     out = [f'<section id="{anchor("target", s.name)}"><h2>Target: {e(s.name)}</h2>',
-           f'<p class="sub">{len(s.ok)} teachers scored, {len(s.errors)} errors; ranked by '
+           f'<p class="sub">{plural(len(s.ok), "teacher")} scored, {plural(len(s.errors), "error")}; ranked by '
            f"<b>{e(data.rank_by)}</b> (rank 1 = most related).</p>"]
     out.append(figure_html(figures.score_bars(s.table, data.rank_by),
                            f"top teachers by {data.rank_by} on {s.name}"))
