@@ -64,12 +64,18 @@ def demo_zoo(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3):
+    """Ray workers get their S3 credentials the way a cluster's do: from their own
+    environment, inherited here from the driver's at start (the `s3` server's)."""
     import os
 
     from sctd_ray.assess.scan import ensure_ray
 
+    saved = dict(os.environ)
+    os.environ.update(s3.env())
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray = ensure_ray(None)
+    os.environ.clear()
+    os.environ.update(saved)
     yield ray
     ray.shutdown()

@@ -107,11 +107,12 @@ def test_killed_worker_is_restarted_and_results_equal(demo_zoo, ray_local, tmp_p
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             if len(list((out / "results").rglob("*.json"))) >= 3:
-                for a in ray.util.state.list_actors(filters=[("class_name", "=", "ShardWorker"),
-                                                             ("state", "=", "ALIVE")]):
-                    os.kill(a.pid, signal.SIGKILL)  # the worker process dies mid-shard
-                    killed.append(a.pid)
-                    break
+                names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                         if a["name"].startswith("sctd-shard-")]
+                if names:
+                    pid = int(ray.get(ray.get_actor(names[0]).ping.remote()).rsplit(":", 1)[1])
+                    os.kill(pid, signal.SIGKILL)  # the worker process dies mid-shard
+                    killed.append(pid)
             time.sleep(0.05)
     th = threading.Thread(target=killer)
     th.start()

@@ -43,6 +43,7 @@ def test_index_list_verify(demo_zoo, tmp_path, capsys):
     (zoo / "manifest.parquet").unlink()
     assert main(["zoo", "index", str(zoo)]) == 0
     assert (zoo / "manifest.parquet").exists()
+    assert "indexed 8 teachers" in capsys.readouterr().out
     assert main(["zoo", "list", str(zoo), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == len(SMALL_TEACHERS) and all(r["sha256"] for r in rows)

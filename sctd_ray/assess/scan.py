@@ -196,9 +196,13 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
 
     from .worker import ShardWorker
 
+    import uuid
+
+    scan_id = uuid.uuid4().hex[:8]
     Actor = ray.remote(**resources, max_restarts=3, max_task_retries=3)(ShardWorker)
-    actors = [Actor.remote(zoo, out, targets, s.metrics, s.batch_size, None, s.prefetch,
-                           s.device_cache_mb) for _ in shards]
+    actors = [Actor.options(name=f"sctd-shard-{scan_id}-{i}")
+              .remote(zoo, out, targets, s.metrics, s.batch_size, None, s.prefetch, s.device_cache_mb)
+              for i in range(len(shards))]
     queues = [list(sh) for sh in shards]
     inflight: dict = {}  # ref -> (actor index, teacher id)
     busy = [0] * len(actors)

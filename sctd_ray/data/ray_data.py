@@ -82,7 +82,7 @@ def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str 
 
     fs, root = arrow_filesystem(uri, s3_endpoint)
     if layout == "parquet":
-        return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs, columns=["image", "label"])
+        return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs).select_columns(["image", "label"])
     keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     ds = ray.data.read_binary_files([f"{root}/{k}" for k in keys], filesystem=fs, include_paths=True)
     return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2]})

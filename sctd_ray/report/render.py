@@ -81,7 +81,8 @@ def fmt_value(v) -> str:
     if isinstance(v, int) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
         return str(int(v))
     if isinstance(v, float) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f"):
-        return f"{float(v):.4g}"
+        v = float(v)
+        return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}"
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt_value(x) for x in v)
     if isinstance(v, dict):
@@ -110,8 +111,18 @@ def e(s) -> str:
     return escape(str(s), quote=True)
 
 
-def anchor(prefix: str, name: str) -> str:
-    return f"{prefix}-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", str(name)).strip("-") or "x")
+def anchors(prefix: str, names: list[str]) -> dict[str, str]:
+    """A distinct, URL-safe element id for each name (``target-<name>``, ``-2``... on clashes)."""
+    out, used = {}, set()
+    for name in names:
+        base = f"{prefix}-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", str(name)).strip("-") or "x")
+        aid, n = base, 1
+        while aid in used:
+            n += 1
+            aid = f"{base}-{n}"
+        used.add(aid)
+        out[name] = aid
+    return out
 
 
 def img(b64: str, alt: str) -> str:
@@ -187,6 +198,11 @@ def run_facts(data: ReportData) -> str:
                               "teachers ok": len(s.ok), "errors": len(s.errors)}
                              for s in data.targets])
         out.append(table(rows, list(rows.columns)))
+    workers = [w for w in run.get("workers") or [] if isinstance(w, dict)]
+    if workers:
+        out.append("<h3>Workers</h3>")
+        df = pd.DataFrame(workers)
+        out.append(table(df, list(df.columns)))
     out.append("</section>")
     return "".join(out)
 
@@ -222,9 +238,9 @@ def _scan_cost(s: TargetSection) -> str:
     return "" if _missing(v) else f" (the scan's \u2212sctd_cost: {fmt_score(-float(v))})"
 
 
-def target_section(data: ReportData, s: TargetSection) -> str:
+def target_section(data: ReportData, s: TargetSection, aid: str) -> str:
     metrics = data.metrics
-    out = [f'<section id="{anchor("target", s.name)}"><h2>Target: {e(s.name)}</h2>',
+    out = [f'<section id="{aid}"><h2>Target: {e(s.name)}</h2>',
            f'<p class="sub">{plural(len(s.ok), "teacher")} scored, {plural(len(s.errors), "error")}; ranked by '
            f"<b>{e(data.rank_by)}</b> (rank 1 = most related).</p>"]
     out.append(figure_html(figures.score_bars(s.table, data.rank_by),
@@ -316,8 +332,9 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def render_html(data: ReportData) -> str:
     """The whole page."""
+    ids = anchors("target", [s.name for s in data.targets])
     nav = ['<a href="#facts">Run</a>'] + [
-        f'<a href="#{anchor("target", s.name)}">{e(s.name)}</a>' for s in data.targets]
+        f'<a href="#{ids[s.name]}">{e(s.name)}</a>' for s in data.targets]
     if data.distill is not None:
         nav.append('<a href="#distill">Distillation</a>')
     parts = [
@@ -331,7 +348,7 @@ def render_html(data: ReportData) -> str:
         parts.append('<div class="notes"><b>Notes</b><ul>'
                      + "".join(f"<li>{e(n)}</li>" for n in data.notes) + "</ul></div>")
     parts.append(run_facts(data))
-    parts.extend(target_section(data, s) for s in data.targets)
+    parts.extend(target_section(data, s, ids[s.name]) for s in data.targets)
     if data.distill is not None:
         parts.append(distill_section(data.distill))
     parts.append("</body></html>\n")

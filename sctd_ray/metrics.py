@@ -1,0 +1,358 @@
+"""Teacher assessment scores on in-memory arrays (SPEC 2-3); higher means more related.
+
+Every public score takes numpy arrays or torch tensors and returns a Python float. Each one
+first reduces its inputs to the sufficient statistics of SPEC 3 (soft joint, argmax-label
+counts, class sums, feature Gram/scatter, per-sample teacher outputs) and then applies a
+``*_from_*`` formula. ``stats.TeacherStats`` accumulates the same statistics batch by batch and
+calls the same formulas, so streaming and in-memory scores agree to rounding.
+
+Inputs: ``probs`` (N, K) teacher probabilities (rows on the simplex), ``labels`` (N,) integers
+in [0, C), ``features`` (N, D) teacher pre-logits, ``weight`` (K, D) teacher head. C is
+``num_classes`` or ``labels.max() + 1`` and every class needs a sample. Anything else raises
+``ScoreInputError`` saying what was expected and what came; no score returns NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+from .errors import ScoreInputError
+from .ot import cost_from_prototypes
+
+NAMES = ("sctd", "sctd_cost", "leep", "nce", "logme", "hscore", "transrate")
+PROB_SCORES = frozenset({"sctd", "sctd_cost", "leep", "nce"})       # need probs
+FEATURE_SCORES = frozenset({"sctd", "sctd_cost", "logme", "hscore", "transrate"})  # need features
+WEIGHT_SCORES = frozenset({"sctd", "sctd_cost"})                     # need the teacher head
+
+PROBS_SUM_ATOL = 1e-3          # tolerance on the row sums of probs
+LOGME_MAX_ITER = 11            # authors' LogME.py: at most 11 fixed-point steps
+LOGME_RTOL = 1e-3              # ... stopping at relative change of alpha/beta <= 1e-3
+LOGME_DAMP = 1e-5              # ... and the 1e-5 in the alpha/beta denominators
+LOGME_RANK_RTOL = 1e-12        # singular directions with s^2 <= 1e-12 s_max^2 count as null
+HSCORE_RCOND = 1e-10           # pinv cutoff, relative to the largest eigenvalue of cov(f)
+TRANSRATE_EPS = 1e-4
+
+
+# --------------------------------------------------------------------------- validation
+
+def _array(x, name: str, shape_doc: str) -> np.ndarray:
+    """float64 numpy copy of a 2-D numpy/torch input, finite everywhere."""
+    if x is None:
+        raise ScoreInputError(f"{name} is required: expected an array of shape {shape_doc}")
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = x.double() if x.is_floating_point() else x
+        x = x.numpy()
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiub":
+        raise ScoreInputError(f"{name} must be numeric {shape_doc}; got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if a.ndim != 2:
+        raise ScoreInputError(f"{name} must have shape {shape_doc}; got shape {a.shape}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ScoreInputError(f"{name} must be finite; got {int(bad.sum())} NaN/inf entries "
+                              f"(first at [{i}, {j}]: {a[i, j]})")
+    return a
+
+
+def _probs(probs) -> np.ndarray:
+    p = _array(probs, "probs", "(N, K)")
+    if (p < 0).any():
+        raise ScoreInputError(f"probs must be non-negative; got minimum {p.min():.3g}")
+    sums = p.sum(1)
+    worst = int(np.argmax(np.abs(sums - 1.0))) if sums.size else 0
+    if sums.size and abs(sums[worst] - 1.0) > PROBS_SUM_ATOL:
+        raise ScoreInputError(f"probs rows must sum to 1 (softmax outputs, not logits); row {worst} "
+                              f"sums to {sums[worst]:.6g}")
+    return p
+
+
+def _labels(labels, n: int, num_classes: int | None) -> tuple[np.ndarray, int]:
+    """int64 labels of length n in [0, C), every class present; returns (labels, C)."""
+    if labels is None:
+        raise ScoreInputError(f"labels is required: expected integers of shape ({n},)")
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ScoreInputError(f"labels must have shape ({n},) to match the other inputs; got "
+                              f"shape {y.shape}")
+    if n == 0:
+        raise ScoreInputError("no samples: got empty inputs")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise ScoreInputError("labels must be integers; got non-integral or non-finite values")
+    elif y.dtype.kind not in "iu":
+        raise ScoreInputError(f"labels must be integers; got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    lo, hi = int(y.min()), int(y.max())
+    c = hi + 1 if num_classes is None else int(num_classes)
+    if lo < 0 or hi >= c:
+        raise ScoreInputError(f"labels must lie in [0, {c}); got values from {lo} to {hi}")
+    counts = np.bincount(y, minlength=c)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if empty.size > 10 else "")
+        raise ScoreInputError(f"every one of the {c} target classes needs at least one sample; "
+                              f"classes without samples: {shown}")
+    return y, c
+
+
+def _check_rows(name: str, a: np.ndarray, n: int) -> None:
+    if a.shape[0] != n:
+        raise ScoreInputError(f"{name} has {a.shape[0]} rows but labels has {n} entries")
+
+
+def _weight(weight, k: int | None, d: int) -> np.ndarray:
+    w = _array(weight, "weight", "(K, D)")
+    if w.shape[1] != d:
+        raise ScoreInputError(f"weight must be (K, D) with D = {d} (the feature dimension); got "
+                              f"shape {w.shape}")
+    if k is not None and w.shape[0] != k:
+        raise ScoreInputError(f"weight must have K = {k} rows (one per column of probs); got "
+                              f"shape {w.shape}")
+    return w
+
+
+def _finite(name: str, value: float) -> float:
+    value = float(value)
+    if not np.isfinite(value):
+        raise ScoreInputError(f"{name} is not finite ({value}): the inputs are degenerate for "
+                              f"this score")
+    return value
+
+
+# --------------------------------------------------------------------------- statistics
+
+def class_sums(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C, D) feature sums and (C,) counts per class."""
+    sums = np.zeros((num_classes, features.shape[1]))
+    np.add.at(sums, labels, features)
+    return sums, np.bincount(labels, minlength=num_classes).astype(np.float64)
+
+
+def soft_joint(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, C) unnormalised soft joint ``sum_i p_i e_{y_i}^T`` (SPEC 3, LEEP)."""
+    onehot = np.zeros((labels.shape[0], num_classes))
+    onehot[np.arange(labels.shape[0]), labels] = 1.0
+    return probs.T @ onehot
+
+
+def argmax_counts(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, C) counts of (argmax_k p_i, y_i) pairs (SPEC 3, NCE); ties go to the first index."""
+    k = probs.shape[1]
+    z = np.argmax(probs, axis=1)
+    return np.bincount(z * num_classes + labels, minlength=k * num_classes).reshape(k, num_classes)
+
+
+def _small_gram(z: np.ndarray) -> np.ndarray:
+    """``z z^T`` or ``z^T z``, whichever is smaller: both have the same non-zero eigenvalues."""
+    return z @ z.T if z.shape[0] < z.shape[1] else z.T @ z
+
+
+# --------------------------------------------------------------------------- formulas
+
+def sctd_from_costs(costs: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """SPEC 2 ``sctd``: mean_i log softmax_c(-A[i, :]/T)[y_i] from A = P M (N, C)."""
+    z = -costs / temperature
+    logp = z - logsumexp(z, axis=1, keepdims=True)
+    return float(np.mean(logp[np.arange(labels.shape[0]), labels]))
+
+
+def sctd_cost_from_joint(joint: np.ndarray, cost: np.ndarray, n: int) -> float:
+    """SPEC 2 ``sctd_cost`` = -mean_i (P M)[i, y_i] = -<J, M> / N with J the soft joint sum."""
+    return float(-np.sum(joint * cost) / n)
+
+
+def leep_from_joint(probs: np.ndarray, labels: np.ndarray, joint: np.ndarray) -> float:
+    """SPEC 3 LEEP: mean_i log (p_i^T P(.|.))[y_i], P(c|k) = J[k,c] / sum_c J[k,c].
+
+    A teacher class with no mass in J never has mass in any p_i, so its (undefined) row is 0.
+    """
+    rows = joint.sum(1, keepdims=True)
+    cond = np.divide(joint, rows, out=np.zeros_like(joint), where=rows > 0)
+    eyz = (probs @ cond)[np.arange(labels.shape[0]), labels]
+    with np.errstate(divide="ignore"):
+        return float(np.mean(np.log(eyz)))
+
+
+def nce_from_counts(counts: np.ndarray) -> float:
+    """SPEC 3 NCE: -H(Y | Z) = sum_{z,y} P(z,y) log P(y|z) from the (K, C) count table."""
+    pzy = counts / counts.sum()
+    pz = np.broadcast_to(pzy.sum(1, keepdims=True), pzy.shape)
+    nz = pzy > 0
+    return float(np.sum(pzy[nz] * np.log(pzy[nz] / pz[nz])))
+
+
+def logme_from_gram(gram: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: int) -> float:
+    """SPEC 3 LogME from the raw Gram ``F^T F`` (D, D), class sums (C, D) and counts (C,).
+
+    The authors' ``LogME._fit_fixed_point`` (arXiv:2110.10545) on the eigendecomposition of the
+    Gram (their ``truncated_svd`` branch, for every N): ``s^2`` the eigenvalues, ``u^T y_c =
+    V^T sums_c / s``, ``||y_c||^2 = n_c``. Directions with ``s^2 <= 1e-12 s_max^2`` (round-off) are
+    dropped; D stays the full feature dimension, as in their evidence formula.
+    """
+    d = gram.shape[0]
+    lam, vec = np.linalg.eigh((gram + gram.T) / 2)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    keep = lam > max(lam[0] * LOGME_RANK_RTOL, 1e-20)
+    sigma = lam[keep]                                             # squared singular values
+    x = (vec[:, keep].T @ sums.T) / np.sqrt(sigma)[:, None]       # (k, C): u^T y_c
+    return float(np.mean([_logme_evidence(sigma, x[:, c], counts[c], n, d)
+                          for c in range(sums.shape[0])]))
+
+
+def _logme_evidence(sigma: np.ndarray, x: np.ndarray, y2: float, n: int, d: int) -> float:
+    """Maximum log-evidence per sample of one class (LogME.py, ``_fit_fixed_point`` loop)."""
+    x2 = x ** 2
+    res_x2 = y2 - x2.sum()            # part of y outside the span of the features
+    alpha, beta = 1.0, 1.0
+    for _ in range(LOGME_MAX_ITER):
+        t = alpha / beta
+        gamma = (sigma / (sigma + t)).sum()
+        m2 = (sigma * x2 / ((t + sigma) ** 2)).sum()
+        res2 = (x2 / ((1 + sigma / t) ** 2)).sum() + res_x2
+        alpha = gamma / (m2 + LOGME_DAMP)
+        beta = (n - gamma) / (res2 + LOGME_DAMP)
+        if abs(alpha / beta - t) / t <= LOGME_RTOL:
+            break
+    evidence = (d / 2.0 * np.log(alpha) + n / 2.0 * np.log(beta)
+                - 0.5 * np.sum(np.log(alpha + beta * sigma))
+                - beta / 2.0 * res2 - alpha / 2.0 * m2 - n / 2.0 * np.log(2 * np.pi))
+    return evidence / n
+
+
+def hscore_from_scatter(scatter: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: int) -> float:
+    """SPEC 3 H-score ``tr(pinv(cov f) cov E[f|y])`` from the centred scatter (D, D).
+
+    Covariances divide by N-1. The pseudo-inverse drops eigenvalues <= 1e-10 of the largest:
+    the reference code's 1e-15 inverts round-off when D >= N, which makes the value depend on
+    the summation order (in that regime the exact value is C - 1 for any data).
+    """
+    cov_f = scatter / (n - 1)
+    dev = sums / counts[:, None] - sums.sum(0) / n
+    cov_g = (dev.T * counts) @ dev / (n - 1)
+    w, v = np.linalg.eigh((cov_f + cov_f.T) / 2)
+    if w[-1] <= 0:
+        return 0.0                    # constant features: cov_g is 0 as well
+    keep = w > HSCORE_RCOND * w[-1]
+    vk = v[:, keep]
+    return float(np.sum(np.einsum("di,de,ei->i", vk, cov_g, vk) / w[keep]))
+
+
+def coding_rate(gram: np.ndarray, n: int, eps: float = TRANSRATE_EPS) -> float:
+    """``R = 1/2 logdet(I + Z^T Z / (n eps))`` from either Gram of the centred samples Z."""
+    ev = np.linalg.eigvalsh((gram + gram.T) / 2)
+    return 0.5 * float(np.sum(np.log1p(np.clip(ev, 0.0, None) / (n * eps))))
+
+
+# --------------------------------------------------------------------------- public scores
+
+def sctd(probs, labels, features, weight, temperature: float = 0.1,
+         num_classes: int | None = None) -> float:
+    """SPEC 2 ``sctd``: how well transport costs ``A = P M`` single out the right target label."""
+    return compute_all(probs, labels, features, weight, names=("sctd",), num_classes=num_classes,
+                       temperature=temperature)["sctd"]
+
+
+def sctd_cost(probs, labels, features, weight, num_classes: int | None = None) -> float:
+    """SPEC 2 ``sctd_cost``: minus the mean cost of transporting p_i to its label, -mean A[i, y_i]."""
+    return compute_all(probs, labels, features, weight, names=("sctd_cost",),
+                       num_classes=num_classes)["sctd_cost"]
+
+
+def leep(probs, labels, num_classes: int | None = None) -> float:
+    """SPEC 3 LEEP (Nguyen et al., 2020)."""
+    return compute_all(probs, labels, None, None, names=("leep",), num_classes=num_classes)["leep"]
+
+
+def nce(probs, labels, num_classes: int | None = None) -> float:
+    """SPEC 3 NCE (Tran et al., 2019) with Z = argmax p_i."""
+    return compute_all(probs, labels, None, None, names=("nce",), num_classes=num_classes)["nce"]
+
+
+def logme(features, labels, num_classes: int | None = None) -> float:
+    """SPEC 3 LogME (You et al.), fixed-point version of arXiv:2110.10545."""
+    return compute_all(None, labels, features, None, names=("logme",),
+                       num_classes=num_classes)["logme"]
+
+
+def hscore(features, labels, num_classes: int | None = None) -> float:
+    """SPEC 3 H-score (Bao et al., 2019)."""
+    return compute_all(None, labels, features, None, names=("hscore",),
+                       num_classes=num_classes)["hscore"]
+
+
+def transrate(features, labels, eps: float = TRANSRATE_EPS, num_classes: int | None = None) -> float:
+    """SPEC 3 TransRate (Huang et al., 2022): ``R(f) - (1/C) sum_c R(f_c)``.
+
+    Features are centred once, globally; as in the authors' code each class term uses its own
+    sample count, ``R(f_c) = 1/2 logdet(I + f_c^T f_c / (n_c eps))``, on those globally centred
+    features (not re-centred per class).
+    """
+    return compute_all(None, labels, features, None, names=("transrate",),
+                       num_classes=num_classes, transrate_eps=eps)["transrate"]
+
+
+def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int | None = None,
+                temperature: float = 0.1, transrate_eps: float = TRANSRATE_EPS) -> dict[str, float]:
+    """Several scores of one teacher at once, {name: value} in the order of ``names``.
+
+    Inputs that no requested score needs may be None.
+    """
+    names = tuple(names)
+    unknown = [m for m in names if m not in NAMES]
+    if unknown or not names:
+        raise ScoreInputError(f"unknown score name(s) {unknown or names}; expected some of {NAMES}")
+    want = set(names)
+    p = x = w = None
+    n = None
+    if want & PROB_SCORES:
+        p = _probs(probs)
+        n = p.shape[0]
+    if want & FEATURE_SCORES:
+        x = _array(features, "features", "(N, D)")
+        if n is not None and x.shape[0] != n:
+            raise ScoreInputError(f"features has {x.shape[0]} rows but probs has {n}")
+        n = x.shape[0]
+    y, c = _labels(labels, n, num_classes)
+    if want & WEIGHT_SCORES:
+        w = _weight(weight, p.shape[1], x.shape[1])
+    if want & {"hscore", "transrate", "logme"} and n < 2:
+        raise ScoreInputError(f"feature scores need at least 2 samples; got {n}")
+
+    out: dict[str, float] = {}
+    sums = counts = joint = cost = scatter = None
+    if x is not None:
+        sums, counts = class_sums(x, y, c)
+    if want & {"sctd_cost", "leep"}:
+        joint = soft_joint(p, y, c)
+    if want & WEIGHT_SCORES:
+        cost = cost_from_prototypes(w, sums, counts)
+    if want & {"hscore", "transrate"}:
+        z = x - x.mean(0)
+        scatter = z.T @ z
+    for name in names:
+        if name == "sctd":
+            v = sctd_from_costs(p @ cost, y, temperature)
+        elif name == "sctd_cost":
+            v = sctd_cost_from_joint(joint, cost, n)
+        elif name == "leep":
+            v = leep_from_joint(p, y, joint)
+        elif name == "nce":
+            v = nce_from_counts(argmax_counts(p, y, c))
+        elif name == "logme":
+            v = logme_from_gram(x.T @ x, sums, counts, n)
+        elif name == "hscore":
+            v = hscore_from_scatter(scatter, sums, counts, n)
+        else:  # transrate
+            total = coding_rate(_small_gram(z), n, transrate_eps)
+            per_class = [coding_rate(_small_gram(z[y == k]), int(counts[k]), transrate_eps)
+                         for k in range(c)]
+            v = total - float(np.mean(per_class))
+        out[name] = _finite(name, v)
+    return out

@@ -1,0 +1,423 @@
+"""Streaming, mergeable per-teacher statistics -> the SPEC 2-3 scores (torchmetrics style).
+
+``TeacherStats.update`` folds one batch of teacher outputs into sufficient statistics held on
+the batch's device (no host sync per batch), ``merge`` combines statistics of disjoint parts
+of the target set, ``to_state``/``from_state`` ship them between processes, and ``compute``
+hands them to the formulas of ``metrics`` (the same ones the in-memory scores use).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import metrics as _m
+from .errors import ScoreInputError
+from .ot import _unit_rows, cost_from_prototypes
+
+_SEMANTIC = ("num_classes", "metrics", "tau_a", "temperature", "transrate_eps")  # must match to merge
+
+
+class TeacherStats:
+    """Sufficient statistics of one teacher on one target set (SPEC 3).
+
+    ``update(features, logits, labels)`` takes one batch (tensors, possibly on CUDA); the
+    teacher prediction is ``softmax(logits / tau_a)``. Only what the requested ``metrics`` need
+    is kept (K teacher classes, C target classes, D feature dims, N samples; bytes are for
+    float64, half in float32):
+
+    ========================  =========================================  ======================
+    statistic                 size                                       kept for
+    ========================  =========================================  ======================
+    class counts              C (int64)                                  always
+    soft joint P^T Y          K x C                                      sctd_cost, leep
+    argmax x label counts     K x C (int64)                              nce
+    class feature sums        C x D                                      sctd*, logme, hscore,
+                                                                         transrate
+    mean + centred scatter    D + D x D (Chan's parallel update)         logme, hscore, transrate
+    per-sample P              N x K  (+ N int64 labels)                  leep, or sctd if K <= D
+    per-sample P W_unit       N x D  (+ N int64 labels)                  sctd when D < K and no leep
+    transrate buffer          raw features, <= ``transrate_buffer`` rows transrate
+                              (default max(C D, 2^23 / D): the rows
+                              outweigh the scatters, or 64 MiB) + labels,
+                              then folded into per-class scatters
+                              C x D x D (+ C x D sums)
+    ========================  =========================================  ======================
+
+    ``sctd`` needs ``A = P M`` with M known only at the end; since ``M = 1 - W_unit mu_unit^T``
+    and rows of P sum to 1, ``A = 1 - (P W_unit) mu_unit^T``, so N x min(K, D) numbers suffice.
+    TransRate's per-class terms keep raw features while they are fewer than the per-class
+    scatters would be (few-shot targets never fold), so its memory is about
+    min(N D, max(2 C D^2, 64 MiB)).
+
+    Bad labels and NaN/inf are detected without syncing: labels outside [0, C) are counted (and
+    clamped), non-finite inputs make the statistics non-finite; ``compute`` raises
+    ``ScoreInputError`` for either, and for an empty class.
+    """
+
+    def __init__(self, num_classes: int, weight, metrics=_m.NAMES, device=None,
+                 dtype: torch.dtype = torch.float64, tau_a: float = 1.0, temperature: float = 0.1,
+                 transrate_eps: float = _m.TRANSRATE_EPS, transrate_buffer: int | None = None):
+        self.metrics = tuple(metrics)
+        unknown = [m for m in self.metrics if m not in _m.NAMES]
+        if unknown or not self.metrics:
+            raise ScoreInputError(f"unknown metric(s) {unknown or self.metrics}; expected some of "
+                                  f"{_m.NAMES}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ScoreInputError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+        if int(num_classes) < 1:
+            raise ScoreInputError(f"num_classes must be >= 1; got {num_classes}")
+        w = weight.detach() if isinstance(weight, torch.Tensor) else torch.as_tensor(np.asarray(weight))
+        if w.ndim != 2 or not bool(torch.isfinite(w).all()):
+            raise ScoreInputError(f"weight must be a finite (K, D) matrix; got shape {tuple(w.shape)}")
+        self.num_classes = int(num_classes)
+        self.dtype = dtype
+        self.tau_a = float(tau_a)
+        self.temperature = float(temperature)
+        self.transrate_eps = float(transrate_eps)
+        self.device = torch.device(device) if device is not None else None
+        self.weight = w.to(device=self.device, dtype=dtype) if self.device else w.to(dtype)
+        k, d = self.weight.shape
+        # fold once the raw rows outweigh the per-class scatters, but never below 64 MiB (f64)
+        self.transrate_buffer = (int(transrate_buffer) if transrate_buffer
+                                 else max(self.num_classes * d, (1 << 23) // max(d, 1)))
+
+        want = set(self.metrics)
+        self._probs = bool(want & _m.PROB_SCORES)
+        self._feats = bool(want & _m.FEATURE_SCORES)
+        self._joint = bool(want & {"sctd_cost", "leep"})
+        self._nce = "nce" in want
+        self._scatter = bool(want & {"logme", "hscore", "transrate"})
+        self._transrate = "transrate" in want
+        if "leep" in want or ("sctd" in want and k <= d):
+            self._rows_kind = "probs"
+        elif "sctd" in want:
+            self._rows_kind = "h"
+        else:
+            self._rows_kind = None
+        self.n = 0
+        self._ready = False
+
+    # ------------------------------------------------------------------ state
+
+    def _init_state(self, device: torch.device) -> None:
+        self.device = device
+        self.weight = self.weight.to(device)
+        k, d = self.weight.shape
+        c, dt = self.num_classes, self.dtype
+        z = lambda *s, t=dt: torch.zeros(*s, dtype=t, device=device)  # noqa: E731
+        self._counts = z(c, t=torch.int64)
+        self._bad = z((), t=torch.int64)
+        self._joint_t = z(k, c) if self._joint else None
+        self._nce_t = z(k, c, t=torch.int64) if self._nce else None
+        self._sums = z(c, d) if self._feats else None
+        self._mean = z(d) if self._scatter else None
+        self._scat = z(d, d) if self._scatter else None
+        self._w_unit = _unit_rows(self.weight) if self._rows_kind == "h" else None
+        self._rows: list[torch.Tensor] = []        # per-sample P or P W_unit
+        self._rows_y: list[torch.Tensor] = []
+        self._tr_x: list[torch.Tensor] = []        # transrate buffer of raw features
+        self._tr_y: list[torch.Tensor] = []
+        self._tr_rows = 0
+        self._tr_counts = self._tr_sums = self._tr_scat = None   # folded part (class-centred)
+        self._ready = True
+
+    # ------------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def update(self, features, logits, labels) -> "TeacherStats":
+        """Fold one batch in: features (B, D), logits (B, K), labels (B,) (SPEC 3)."""
+        y = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+        if y.ndim != 1:
+            raise ScoreInputError(f"labels must have shape (B,); got {tuple(y.shape)}")
+        if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+            raise ScoreInputError(f"labels must be integers; got dtype {y.dtype}")
+        b = y.shape[0]
+        k, d = self.weight.shape
+        if self._probs:
+            _check_batch("logits", logits, (b, k))
+        if self._feats:
+            _check_batch("features", features, (b, d))
+        if b == 0:
+            return self
+        if not self._ready:
+            ref = features if isinstance(features, torch.Tensor) else logits
+            self._init_state(self.device or (ref.device if isinstance(ref, torch.Tensor)
+                                             else torch.device("cpu")))
+        dev, dt, c = self.device, self.dtype, self.num_classes
+        y = y.to(dev, non_blocking=dev.type == "cuda").long()
+        self._bad += ((y < 0) | (y >= c)).sum()
+        y = y.clamp(0, c - 1)
+        ones = torch.ones(b, dtype=torch.int64, device=dev)
+        self._counts.index_add_(0, y, ones)
+
+        if self._probs:
+            z = _tensor(logits, dev, dt)
+            p = torch.softmax(z if self.tau_a == 1.0 else z / self.tau_a, dim=1)
+            if self._joint:
+                self._joint_t.index_add_(1, y, p.T)
+            if self._nce:
+                self._nce_t.view(-1).index_add_(0, p.argmax(1) * c + y, ones)
+            if self._rows_kind is not None:
+                self._rows.append(p if self._rows_kind == "probs" else p @ self._w_unit)
+                self._rows_y.append(y)
+
+        if self._feats:
+            x = _tensor(features, dev, dt)
+            self._sums.index_add_(0, y, x)
+            if self._scatter:   # batched Welford: S += (x - m_old)^T (x - m_new), exact
+                xa = x - self._mean
+                self._mean.add_(xa.sum(0), alpha=1.0 / (self.n + b))
+                self._scat.addmm_(xa.T, x - self._mean)
+            if self._transrate:
+                aliased = isinstance(features, torch.Tensor) and x.data_ptr() == features.data_ptr()
+                self._tr_x.append(x.clone() if aliased else x)   # the caller may reuse its buffer
+                self._tr_y.append(y)
+                self._tr_rows += b
+        self.n += b
+        if self._transrate and self._tr_rows > self.transrate_buffer:
+            self._fold()
+        return self
+
+    def _fold(self) -> None:
+        """Move the transrate buffer into per-class centred scatters (one sync; rare)."""
+        if not self._tr_x:
+            return
+        x, y = torch.cat(self._tr_x), torch.cat(self._tr_y)
+        self._tr_x, self._tr_y, self._tr_rows = [], [], 0
+        c, d = self.num_classes, x.shape[1]
+        cnt = torch.bincount(y, minlength=c)
+        sums = torch.zeros(c, d, dtype=x.dtype, device=x.device).index_add_(0, y, x)
+        mean = sums / cnt.clamp_min(1)[:, None].to(x.dtype)
+        xc = x - mean[y]
+        scat = torch.zeros(c, d, d, dtype=x.dtype, device=x.device)
+        order = torch.argsort(y)
+        xc = xc[order]
+        start = 0
+        for cls, nc in enumerate(cnt.tolist()):
+            if nc:
+                blk = xc[start:start + nc]
+                scat[cls] = blk.T @ blk
+                start += nc
+        self._merge_folded(cnt, sums, scat)
+
+    def _merge_folded(self, cnt, sums, scat) -> None:
+        if self._tr_scat is None:
+            self._tr_counts, self._tr_sums, self._tr_scat = cnt.clone(), sums.clone(), scat.clone()
+            return
+        na, nb = self._tr_counts.to(sums.dtype), cnt.to(sums.dtype)
+        delta = sums / nb.clamp_min(1)[:, None] - self._tr_sums / na.clamp_min(1)[:, None]
+        factor = na * nb / (na + nb).clamp_min(1)
+        self._tr_scat += scat + factor[:, None, None] * delta[:, :, None] * delta[:, None, :]
+        self._tr_sums += sums
+        self._tr_counts += cnt
+
+    # ------------------------------------------------------------------ merge
+
+    @torch.no_grad()
+    def merge(self, other: "TeacherStats") -> "TeacherStats":
+        """Add the statistics of ``other`` (a disjoint part of the target set); returns self."""
+        self._check_compatible(other)
+        if other.n == 0:
+            return self
+        if not self._ready:
+            self._init_state(self.device or other.device)
+        dev = self.device
+        mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        self._counts += mv(other._counts)
+        self._bad += mv(other._bad)
+        if self._joint:
+            self._joint_t += mv(other._joint_t)
+        if self._nce:
+            self._nce_t += mv(other._nce_t)
+        if self._feats:
+            self._sums += mv(other._sums)
+        if self._scatter:
+            if self.n == 0:
+                self._mean.copy_(mv(other._mean))
+                self._scat.copy_(mv(other._scat))
+            else:
+                delta = mv(other._mean) - self._mean
+                tot = self.n + other.n
+                self._scat.add_(mv(other._scat)).addr_(delta, delta, alpha=self.n * other.n / tot)
+                self._mean.add_(delta, alpha=other.n / tot)
+        self._rows += [mv(t) for t in other._rows]
+        self._rows_y += [mv(t) for t in other._rows_y]
+        if self._transrate:
+            self._tr_x += [mv(t) for t in other._tr_x]
+            self._tr_y += [mv(t) for t in other._tr_y]
+            self._tr_rows += other._tr_rows
+            if other._tr_scat is not None:
+                self._merge_folded(mv(other._tr_counts), mv(other._tr_sums), mv(other._tr_scat))
+        self.n += other.n
+        if self._transrate and self._tr_rows > self.transrate_buffer:
+            self._fold()
+        return self
+
+    def _check_compatible(self, other: "TeacherStats") -> None:
+        if not isinstance(other, TeacherStats):
+            raise TypeError(f"can only merge TeacherStats; got {type(other).__name__}")
+        mine = [getattr(self, a) for a in _SEMANTIC] + [tuple(self.weight.shape), self.dtype]
+        theirs = [getattr(other, a) for a in _SEMANTIC] + [tuple(other.weight.shape), other.dtype]
+        if mine != theirs:
+            diff = [a for a, x, y in zip(_SEMANTIC + ("weight shape", "dtype"), mine, theirs) if x != y]
+            raise ScoreInputError(f"cannot merge statistics with different {', '.join(diff)}")
+        if not torch.equal(self.weight.cpu(), other.weight.cpu()):
+            raise ScoreInputError("cannot merge statistics of different teachers (weights differ)")
+
+    # ------------------------------------------------------------------ compute
+
+    def compute(self) -> dict[str, float]:
+        """The requested scores, {name: float}, equal to ``metrics`` on the concatenated data."""
+        if self.n == 0:
+            raise ScoreInputError("no samples were seen: call update() with at least one batch")
+        bad = int(self._bad)
+        if bad:
+            raise ScoreInputError(f"labels must lie in [0, {self.num_classes}); {bad} labels "
+                                  f"outside that range were seen")
+        counts = self._counts.cpu().numpy()
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            shown = ", ".join(map(str, empty[:10])) + (" ..." if empty.size > 10 else "")
+            raise ScoreInputError(f"every one of the {self.num_classes} target classes needs at "
+                                  f"least one sample; classes without samples: {shown}")
+        st = self.to_state()
+        for key in ("joint", "sums", "mean", "scatter", "rows", "tr_x", "tr_sums", "tr_scatter"):
+            if key in st and not np.all(np.isfinite(st[key])):
+                raise ScoreInputError("features and logits must be finite; the statistics contain "
+                                      "NaN or inf")
+        n, c = self.n, self.num_classes
+        if self._scatter and n < 2:
+            raise ScoreInputError(f"feature scores need at least 2 samples; got {n}")
+        counts = counts.astype(np.float64)
+        f64 = lambda key: st[key].astype(np.float64)  # noqa: E731
+        cost = None
+        if set(self.metrics) & _m.WEIGHT_SCORES:
+            cost = cost_from_prototypes(f64("weight"), f64("sums"), counts)
+        out = {}
+        for name in self.metrics:
+            if name == "sctd":
+                rows = f64("rows")
+                if self._rows_kind == "probs":
+                    a = rows @ cost
+                else:
+                    mu = _unit_rows(torch.from_numpy(f64("sums"))).numpy()
+                    a = 1.0 - rows @ mu.T
+                v = _m.sctd_from_costs(a, st["row_labels"], self.temperature)
+            elif name == "sctd_cost":
+                v = _m.sctd_cost_from_joint(f64("joint"), cost, n)
+            elif name == "leep":
+                v = _m.leep_from_joint(f64("rows"), st["row_labels"], f64("joint"))
+            elif name == "nce":
+                v = _m.nce_from_counts(st["nce_counts"])
+            elif name == "logme":
+                mean = f64("mean")
+                gram = f64("scatter") + n * np.outer(mean, mean)
+                v = _m.logme_from_gram(gram, f64("sums"), counts, n)
+            elif name == "hscore":
+                v = _m.hscore_from_scatter(f64("scatter"), f64("sums"), counts, n)
+            else:
+                v = self._transrate_value(st, counts)
+            out[name] = _m._finite(name, v)
+        return out
+
+    def _transrate_value(self, st: dict, counts: np.ndarray) -> float:
+        eps, c = self.transrate_eps, self.num_classes
+        mean = st["mean"].astype(np.float64)
+        total = _m.coding_rate(st["scatter"].astype(np.float64), self.n, eps)
+        rates = []
+        if "tr_scatter" in st:                      # folded: per-class D x D Grams
+            scat, sums = st["tr_scatter"].astype(np.float64), st["tr_sums"].astype(np.float64)
+            cnt = st["tr_counts"].astype(np.float64)
+            if "tr_x" in st:                        # fold the rest of the buffer, in numpy
+                x, y = st["tr_x"].astype(np.float64), st["tr_y"]
+                for k in range(c):
+                    xk = x[y == k]
+                    if len(xk):
+                        mk = xk.mean(0)
+                        sk = (xk - mk).T @ (xk - mk)
+                        if cnt[k]:
+                            dlt = mk - sums[k] / cnt[k]
+                            sk += np.outer(dlt, dlt) * cnt[k] * len(xk) / (cnt[k] + len(xk))
+                        scat[k] += sk
+                        sums[k] += xk.sum(0)
+                        cnt[k] += len(xk)
+            for k in range(c):
+                dev = sums[k] / cnt[k] - mean
+                rates.append(_m.coding_rate(scat[k] + cnt[k] * np.outer(dev, dev), int(cnt[k]), eps))
+        else:                                       # raw features: Gram of the smaller side
+            z, y = st["tr_x"].astype(np.float64) - mean, st["tr_y"]
+            rates = [_m.coding_rate(_m._small_gram(z[y == k]), int(counts[k]), eps)
+                     for k in range(c)]
+        return total - float(np.mean(rates))
+
+    # ------------------------------------------------------------------ shipping
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        """Everything needed to rebuild (config and statistics) as numpy arrays."""
+        st = {"num_classes": np.asarray(self.num_classes), "metrics": np.asarray(self.metrics),
+              "tau_a": np.asarray(self.tau_a), "temperature": np.asarray(self.temperature),
+              "transrate_eps": np.asarray(self.transrate_eps),
+              "transrate_buffer": np.asarray(self.transrate_buffer),
+              "dtype": np.asarray(str(self.dtype).removeprefix("torch.")),
+              "weight": self.weight.cpu().numpy(), "n": np.asarray(self.n, dtype=np.int64)}
+        if self.n == 0:
+            return st
+        np_ = lambda t: t.cpu().numpy()  # noqa: E731
+        st["counts"], st["bad_labels"] = np_(self._counts), np_(self._bad)
+        for key, t in (("joint", self._joint_t), ("nce_counts", self._nce_t), ("sums", self._sums),
+                       ("mean", self._mean), ("scatter", self._scat), ("tr_counts", self._tr_counts),
+                       ("tr_sums", self._tr_sums), ("tr_scatter", self._tr_scat)):
+            if t is not None:
+                st[key] = np_(t)
+        if self._rows:
+            st["rows"], st["row_labels"] = np_(torch.cat(self._rows)), np_(torch.cat(self._rows_y))
+        if self._tr_x:
+            st["tr_x"], st["tr_y"] = np_(torch.cat(self._tr_x)), np_(torch.cat(self._tr_y))
+        return st
+
+    @classmethod
+    def from_state(cls, state: dict, device=None) -> "TeacherStats":
+        """Rebuild statistics shipped with ``to_state`` (on ``device``, default CPU)."""
+        try:
+            dtype = {"float32": torch.float32, "float64": torch.float64}[str(state["dtype"])]
+            self = cls(int(state["num_classes"]), np.asarray(state["weight"]),
+                       metrics=tuple(str(m) for m in np.atleast_1d(state["metrics"])),
+                       device=device, dtype=dtype, tau_a=float(state["tau_a"]),
+                       temperature=float(state["temperature"]),
+                       transrate_eps=float(state["transrate_eps"]),
+                       transrate_buffer=int(state["transrate_buffer"]))
+            n = int(state["n"])
+        except KeyError as e:
+            raise ScoreInputError(f"not a TeacherStats state: missing {e}") from None
+        if n == 0:
+            return self
+        self._init_state(torch.device(device) if device is not None else torch.device("cpu"))
+        t = lambda key: torch.as_tensor(np.asarray(state[key])).to(self.device)  # noqa: E731
+        self._counts, self._bad = t("counts").long(), t("bad_labels").long()
+        for key, attr in (("joint", "_joint_t"), ("nce_counts", "_nce_t"), ("sums", "_sums"),
+                          ("mean", "_mean"), ("scatter", "_scat"), ("tr_counts", "_tr_counts"),
+                          ("tr_sums", "_tr_sums"), ("tr_scatter", "_tr_scat")):
+            if key in state:
+                setattr(self, attr, t(key))
+        if "rows" in state:
+            self._rows, self._rows_y = [t("rows")], [t("row_labels").long()]
+        if "tr_x" in state:
+            self._tr_x, self._tr_y = [t("tr_x")], [t("tr_y").long()]
+            self._tr_rows = int(self._tr_x[0].shape[0])
+        self.n = n
+        return self
+
+
+def _check_batch(name: str, x, shape: tuple[int, int]) -> None:
+    if x is None:
+        raise ScoreInputError(f"{name} is required by the requested metrics: expected shape {shape}")
+    if tuple(x.shape) != shape:
+        raise ScoreInputError(f"{name} must have shape {shape} (batch size, then "
+                              f"{'K teacher classes' if name == 'logits' else 'D feature dims'}); "
+                              f"got {tuple(x.shape)}")
+
+
+def _tensor(x, device, dtype) -> torch.Tensor:
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
