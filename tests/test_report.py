@@ -103,6 +103,8 @@ def _write_run(run: Path, zoo_uri: str, target_uri: str, real_scores: dict, dist
         "versions": {"sctd_ray": "0.1.0"},
         "timings": {"data_seconds": 0.4, "scan_seconds": 2.25, "total_seconds": 3.5,
                     "teachers_scored": 3, "pairs": 3, "samples_per_second": 16.0},
+        "workers": [{"worker": "w0", "peak_rss_mb": 1536.25, "teachers": 2, "device": "cpu"},
+                    {"worker": "w1", "peak_rss_mb": 1210.5, "teachers": 1, "device": "cpu"}],
         "errors": 1, "complete": True,
     }
     store.write_bytes("run.json", json.dumps(run_json).encode())
@@ -168,6 +170,7 @@ class Page(HTMLParser):
         self.stack, self.problems, self.ids, self.tags = [], [], set(), []
         self.links, self.images = [], []
         self.rows: list[tuple[dict, list[str]]] = []
+        self.terms: list[str] = []  # <dt>/<dd> texts in order
         self._row = self._cell = None
         self.text: list[str] = []
 
@@ -183,7 +186,7 @@ class Page(HTMLParser):
             self.images.append(a.get("src", ""))
         if tag == "tr":
             self._row = (a, [])
-        if tag in ("td", "th"):
+        if tag in ("td", "th", "dt", "dd"):
             self._cell = []
         if tag not in VOID:
             self.stack.append(tag)
@@ -197,6 +200,9 @@ class Page(HTMLParser):
         self.stack.pop()
         if tag in ("td", "th") and self._row is not None:
             self._row[1].append("".join(self._cell).strip())
+            self._cell = None
+        if tag in ("dt", "dd"):
+            self.terms.append("".join(self._cell).strip())
             self._cell = None
         if tag == "tr":
             self.rows.append(self._row)
@@ -266,9 +272,12 @@ def test_errors_are_shown_with_their_reasons_escaped(page):
 
 
 def test_run_facts(page):
-    text = " ".join(parse(page).text)
-    for fact in ("3.5", "16", "teachers scanned (this run)", "samples/s", "test_resnet"):
-        assert fact in text
+    p = parse(page)
+    facts = dict(zip(p.terms[::2], p.terms[1::2]))
+    assert facts["wall time (s)"] == "3.5" and facts["samples/s"] == "16"
+    assert facts["teachers scanned (this run)"] == "3" and facts["errors"] == "1"
+    assert facts["zoo"].endswith("zoo") and facts["complete"] == "yes"
+    assert ["w0", "1536.2", "2", "cpu"] in [cells for _, cells in p.rows]  # worker usage
 
 
 def test_distill_numbers_match_results_parquet(run, page):
@@ -340,6 +349,9 @@ def test_unreachable_s3_zoo_still_writes_a_report(world, tmp_path, monkeypatch):
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
+                 "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
@@ -409,3 +421,24 @@ def test_run_zoo_and_target_on_s3(world, s3_bucket):
     p = parse(text)
     assert not p.problems and len(p.images) == 4
     assert f"= {fmt_score(-world['scores']['sctd_cost'])}" in text  # bridge recomputed from S3
+
+
+def test_clashing_target_names_and_a_target_without_any_ok_teacher(world, tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    rows = [{"target": "a b", "teacher_id": "fm-real", "architecture": "test_resnet", "status": "ok",
+             "error": None, "samples": 12, "seconds": 1.0, "worker": "w0", **world["scores"]},
+            {"target": "a-b", "teacher_id": "fm-real", "architecture": "test_resnet",
+             "status": "error", "error": "cannot score: class 'bag' has no samples",
+             "samples": 0, "seconds": 0.0, "worker": "w0"}]
+    write_table(store, "ranking.parquet", ranking_table(rows, "sctd", NAMES))
+    store.write_bytes("run.json", json.dumps({
+        "zoo": world["zoo"], "settings": {"rank_by": "sctd", "metrics": list(NAMES)},
+        "targets": {"a b": {"uri": world["target"], "classes": TARGET_CLASSES, "samples": 12},
+                    "a-b": {"uri": world["target"], "classes": TARGET_CLASSES, "samples": 12}}}).encode())
+    text = Path(write_report(str(tmp_path / "run"), device="cpu")).read_text(encoding="utf-8")
+    p = parse(text)
+    assert not p.problems and {"target-a-b", "target-a-b-2"} <= p.ids
+    assert len(p.images) == 2  # "a b": score chart and heatmaps; "a-b": nothing to draw
+    assert "No teacher was scored without error on this target." in text
+    assert "cannot score: class &#x27;bag&#x27; has no samples" in text
+    assert "The run description" not in text  # run.json was there
