@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_assess_args(a)
     a.set_defaults(func=cmd_assess)
 
+    from .report import add_report_args, cmd_report
+
+    r = sub.add_parser("report", help="write the run's self-contained HTML report (RUN/report.html)")
+    add_report_args(r)
+    r.set_defaults(func=cmd_report)
+
     z = sub.add_parser("zoo", help="manage a model zoo (local folder or s3://bucket/prefix)")
     zs = z.add_subparsers(dest="zoo_command", required=True)
     zi = s3(zs.add_parser("index", help="write manifest.parquet (reads configs and safetensors headers only)"))
