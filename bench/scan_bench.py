@@ -1,0 +1,198 @@
+"""`sctd assess` end to end vs a naive sequential scan, on a real SeaweedFS S3 zoo.
+
+Zoo: the small demo zoo's teachers under --copies ids each (default 4 x 8 = 32 teachers),
+pushed to a SeaweedFS server started here. Target: --samples Fashion-MNIST test images
+(10 classes), as a Parquet target on the same S3.
+
+- naive: for each teacher, download config + weights, build the model, run a torch DataLoader
+  that reads the target Parquet from S3 and decodes its PNGs, compute the same metrics;
+- sctd assess: the CLI in a subprocess, end to end (Ray start-up included);
+- pure forward: teachers already in memory, images already decoded, forward passes only.
+
+    python bench/scan_bench.py [--zoo DEMO_ZOO] [--copies 4] [--samples 2000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def make_zoo(demo: str, dst: Path, copies: int) -> Path:
+    shutil.copytree(demo, dst, ignore=shutil.ignore_patterns("manifest.parquet", "targets"))
+    teachers = dst / "teachers"
+    for p in sorted(teachers.iterdir()):
+        for k in range(1, copies):
+            shutil.copytree(p, teachers / f"{p.name}-c{k}")
+    return dst
+
+
+def make_target(dst: Path, samples: int) -> Path:
+    from sctd_ray.data.sources import fashion_mnist
+    from sctd_ray.data.targets import write_target
+    from sctd_ray.zoo.store import open_store
+
+    src = fashion_mnist("test")
+    names = list(src.class_names)
+    split = {"train": slice(0, samples), "val": slice(samples, samples + 100), "test": slice(samples + 100, samples + 200)}
+    write_target(open_store(str(dst)), {k: src.images[v] for k, v in split.items()},
+                 {k: [names[i] for i in src.labels[v]] for k, v in split.items()})
+    return dst
+
+
+class ParquetImages(torch.utils.data.Dataset):
+    """The naive reader: PNG decode per item, every epoch, every teacher."""
+
+    def __init__(self, data: bytes):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(io.BytesIO(data))
+        self.images = t.column("image").to_pylist()
+        labels = t.column("label").to_pylist()
+        self.classes = sorted(set(labels))
+        self.labels = [self.classes.index(v) for v in labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from sctd_ray.data.images import decode_image
+
+        return torch.from_numpy(decode_image(self.images[i])), self.labels[i]
+
+
+def naive_scan(zoo_uri: str, target_uri: str, batch_size: int) -> tuple[dict, float]:
+    import timm
+    from safetensors.torch import load
+
+    from sctd_ray import metrics
+    from sctd_ray.data.preprocess import Preprocessing
+    from sctd_ray.zoo.manifest import list_teacher_ids
+    from sctd_ray.zoo.store import open_store
+    from sctd_ray.zoo.teacher import TeacherConfig
+
+    t0 = time.perf_counter()
+    zoo, tstore = open_store(zoo_uri), open_store(target_uri)
+    scores = {}
+    for tid in list_teacher_ids(zoo):
+        cfg = TeacherConfig.from_json(tid, zoo.read_bytes(f"teachers/{tid}/config.json"))
+        model = timm.create_model(cfg.architecture, num_classes=cfg.num_classes, **cfg.model_args)
+        model.load_state_dict(load(zoo.read_bytes(f"teachers/{tid}/model.safetensors")))
+        model.eval()
+        pre = Preprocessing.from_pretrained_cfg(cfg.pretrained_cfg)
+        ds = ParquetImages(tstore.read_bytes("train.parquet"))
+        feats, logits, labels = [], [], []
+        with torch.inference_mode():
+            for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size):
+                f = model.forward_head(model.forward_features(pre(x)), pre_logits=True)
+                feats.append(f.double()), logits.append(model.get_classifier()(f).double()), labels.append(y)
+        f, z, y = torch.cat(feats), torch.cat(logits), torch.cat(labels)
+        scores[tid] = metrics.compute_all(torch.softmax(z, 1), y, f, model.get_classifier().weight.double())
+    return scores, time.perf_counter() - t0
+
+
+def pure_forward(zoo_uri: str, target_uri: str, batch_size: int) -> float:
+    from sctd_ray.assess.engine import TeacherRunner
+    from sctd_ray.data.targets import load_target
+    from sctd_ray.zoo.loading import load_teacher
+    from sctd_ray.zoo.manifest import list_teacher_ids
+    from sctd_ray.zoo.store import open_store
+
+    zoo = open_store(zoo_uri)
+    teachers = [load_teacher(zoo, t) for t in list_teacher_ids(zoo)]
+    x = torch.from_numpy(load_target(target_uri, splits=("train",)).splits["train"].images)
+    t0 = time.perf_counter()
+    for t in teachers:
+        r = TeacherRunner(t, "cpu")
+        for i in range(0, len(x), batch_size):
+            r.forward(x[i:i + batch_size])
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", default=None, help="a built small demo zoo (default: build one)")
+    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=256)
+    args = ap.parse_args()
+    from s3server import SeaweedS3
+
+    from sctd_ray.metrics import NAMES
+    from sctd_ray.zoo.sync import sync
+
+    tmp = Path(tempfile.mkdtemp(prefix="scan-bench-"))
+    demo = args.zoo
+    if demo is None:
+        from sctd_ray.zoo.demo import build_demo
+
+        demo = str(tmp / "demo")
+        build_demo(demo, "small", log=lambda *_: None)
+    zoo_dir = make_zoo(demo, tmp / "zoo", args.copies)
+    target_dir = make_target(tmp / "target", args.samples)
+    with SeaweedS3(require_auth=True) as s3:
+        os.environ.update(s3.env())
+        bucket = s3.make_bucket("bench")
+        zoo_uri, target_uri = f"s3://{bucket}/zoo", f"s3://{bucket}/targets/fm10"
+        sync(str(zoo_dir), zoo_uri, progress=False)
+        sync(str(target_dir), target_uri, progress=False)
+        n = len(list((zoo_dir / "teachers").iterdir()))
+        print(f"zoo: {n} teachers on SeaweedFS; target: {args.samples} images; "
+              f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()}", flush=True)
+
+        naive, t_naive = naive_scan(zoo_uri, target_uri, args.batch_size)
+        print(f"naive sequential scan: {t_naive:.1f}s", flush=True)
+
+        out = tmp / "run"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sctd_ray.cli", "zoo", "index", zoo_uri], check=True,
+                       capture_output=True)
+        t_index = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo_uri, "--target",
+                            target_uri, "--out", str(out), "--workers", str(args.workers), "--quiet"],
+                           capture_output=True, text=True)
+        t_scan = time.perf_counter() - t0
+        if p.returncode != 0:
+            print(p.stdout[-3000:], p.stderr[-3000:])
+            raise SystemExit("sctd assess failed")
+        import json
+
+        run = json.loads((out / "run.json").read_text())
+        t_fwd = pure_forward(str(zoo_dir), str(target_dir), args.batch_size)
+
+    df = pd.read_parquet(out / "ranking.parquet").set_index("teacher_id")
+    rel = max(abs(df.loc[t, m] - naive[t][m]) / max(abs(naive[t][m]), 1e-12) for t in naive for m in NAMES)
+    tim = run["timings"]
+    print()
+    print(f"{'naive sequential (download, build, DataLoader, metrics)':58s} {t_naive:8.1f} s")
+    print(f"{'sctd assess, end to end (Ray start, read+decode, scan)':58s} {t_scan:8.1f} s   "
+          f"speed-up {t_naive / t_scan:.2f}x")
+    print(f"{'  of which: data read+decode (Ray Data)':58s} {tim['data_seconds']:8.1f} s")
+    print(f"{'  of which: scan (actors: fetch, build, forward, stats)':58s} {tim['scan_seconds']:8.1f} s")
+    print(f"{'(sctd zoo index, once per zoo, not in the scan)':58s} {t_index:8.1f} s")
+    print(f"{'pure forward (teachers in memory, data decoded, 1 process)':58s} {t_fwd:8.1f} s   "
+          f"scan/forward {tim['scan_seconds'] / t_fwd:.2f}, end-to-end/forward {t_scan / t_fwd:.2f}")
+    print(f"max relative score difference naive vs scan: {rel:.2e}")
+    for w in run.get("workers", []):
+        print(f"worker {w['worker']}: {w['teachers']} teachers, peak RSS {w['peak_rss_mb']} MB")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Scale by simulation: generated zoos of tiny teachers on SeaweedFS, scanned end to end.
+
+Reports per-teacher overhead (scan seconds / teachers) and each worker's peak memory for a
+small and a large zoo: the worker's peak must not grow with the zoo's size (teachers are
+fetched one at a time, with one prefetched; only result files accumulate, on the store).
+
+    python bench/scan_scale.py [--sizes 100,1000] [--samples 200] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def generate_zoo(root: Path, n: int, seed: int = 0) -> None:
+    """n tiny timm teachers (test_efficientnet, 28x28 grey, 3-10 classes), random weights."""
+    import timm
+    from safetensors.torch import save
+
+    from sctd_ray.zoo.teacher import TeacherConfig
+
+    rng = np.random.default_rng(seed)
+    base = {}
+    for i in range(n):
+        k = int(rng.integers(3, 11))
+        if k not in base:
+            torch.manual_seed(k)
+            base[k] = timm.create_model("test_efficientnet", num_classes=k, in_chans=1).state_dict()
+        state = {name: (t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t).contiguous()
+                 for name, t in base[k].items()}
+        tid = f"sim-{i:05d}"
+        d = root / "teachers" / tid
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(save(state))
+        cfg = TeacherConfig(tid, "test_efficientnet", k, [f"class-{j}" for j in range(k)],
+                            {"input_size": [1, 28, 28], "mean": [0.286], "std": [0.353]},
+                            model_args={"in_chans": 1}, source_task={"simulated": True})
+        (d / "config.json").write_text(cfg.to_json())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100,1000")
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    from s3server import SeaweedS3
+    from scan_bench import make_target
+
+    from sctd_ray.zoo.sync import sync
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="scan-scale-"))
+    target = make_target(tmp / "target", args.samples)
+    rows = []
+    with SeaweedS3(require_auth=True) as s3:
+        os.environ.update(s3.env())
+        bucket = s3.make_bucket("scale")
+        sync(str(target), f"s3://{bucket}/target", progress=False)
+        for n in sizes:
+            t0 = time.perf_counter()
+            generate_zoo(tmp / f"zoo{n}", n)
+            res = sync(str(tmp / f"zoo{n}"), f"s3://{bucket}/zoo{n}", progress=False)
+            t_make = time.perf_counter() - t0
+            cli = [sys.executable, "-m", "sctd_ray.cli"]
+            t0 = time.perf_counter()
+            subprocess.run(cli + ["zoo", "index", f"s3://{bucket}/zoo{n}"], check=True, capture_output=True)
+            t_index = time.perf_counter() - t0
+            out = tmp / f"run{n}"
+            t0 = time.perf_counter()
+            p = subprocess.run(cli + ["assess", "--zoo", f"s3://{bucket}/zoo{n}", "--target", f"s3://{bucket}/target",
+                                      "--out", str(out), "--workers", str(args.workers), "--quiet",
+                                      "--metrics", "sctd,sctd_cost,leep,nce,logme,hscore,transrate"],
+                               capture_output=True, text=True)
+            t_total = time.perf_counter() - t0
+            if p.returncode != 0:
+                print(p.stderr[-3000:])
+                raise SystemExit(f"scan of {n} teachers failed")
+            run = json.loads((out / "run.json").read_text())
+            peaks = [w["peak_rss_mb"] for w in run["workers"]]
+            row = {"teachers": n, "bytes_mb": res.bytes / 1e6, "make_s": t_make, "index_s": t_index,
+                   "scan_s": run["timings"]["scan_seconds"], "total_s": t_total,
+                   "per_teacher_ms": 1000 * run["timings"]["scan_seconds"] / n,
+                   "worker_peak_rss_mb": max(peaks), "errors": run["errors"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(f"{'teachers':>8s} {'zoo MB':>8s} {'index s':>8s} {'scan s':>8s} {'ms/teacher':>11s} {'worker peak MB':>15s}")
+    for r in rows:
+        print(f"{r['teachers']:8d} {r['bytes_mb']:8.0f} {r['index_s']:8.1f} {r['scan_s']:8.1f} "
+              f"{r['per_teacher_ms']:11.1f} {r['worker_peak_rss_mb']:15.0f}")
+    if len(rows) > 1:
+        print(f"worker peak memory ratio {rows[-1]['teachers']} vs {rows[0]['teachers']} teachers: "
+              f"{rows[-1]['worker_peak_rss_mb'] / rows[0]['worker_peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
