@@ -2,10 +2,17 @@
 progress lines for `ray job logs`, one clear last line, and the CLI's exit status.
 
 A job takes exactly the options of `sctd <command>` (the argv is handed to
-`sctd_ray.cli.main`), plus `--config FILE`: a YAML mapping whose keys are the option names
-(`zoo`, `target`, `out`, `batch-size` or `batch_size`, ...). Options given on the command
-line win over the file. Flags are booleans (`quiet: true`), repeatable options take a list
-(`target: [a, b]`). The file may be local (relative to the job's working_dir) or `s3://`.
+`sctd_ray.cli.main`), plus these job-only options:
+
+  --config FILE             a YAML mapping whose keys are the option names (`zoo`, `target`,
+                            `out`, `batch-size` or `batch_size`, ...; also `request-gpus`).
+                            Options given on the command line win over the file. Flags are
+                            booleans (`quiet: true`), repeatable options take a list
+                            (`target: [a, b]`). Local (relative to the working_dir) or s3://.
+  --request-gpus N          on an autoscaling cluster whose GPU workers start at 0: ask the
+                            autoscaler for N 1-GPU workers and wait for them (up to
+                            --request-gpus-timeout seconds, default 900) before the command
+                            starts, so it sizes its workers to the GPUs; withdrawn at the end.
 
 Jobs always pass `--resume` where the command has it, so resubmitting a job with the same
 `--out` continues it; choose a new `--out` for a new run.
@@ -44,22 +51,41 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     raise JobConfigError("sctd_ray.cli.build_parser() has no subcommands")
 
 
-def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Split the job-only option `--config FILE` from the argv meant for the CLI."""
-    rest, config, i = [], None, 0
+JOB_OPTIONS = {  # job-only options (not passed to the CLI): name -> (type, help)
+    "config": (str, "YAML file of option names -> values (local or s3://)"),
+    "request-gpus": (int, "ask the autoscaler for this many 1-GPU workers and wait for them "
+                          "before starting, so the scan makes one GPU worker per GPU"),
+    "request-gpus-timeout": (float, "seconds to wait for --request-gpus (default 900)"),
+}
+
+
+def _pop_job_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split the job-only options (JOB_OPTIONS) from the argv meant for the CLI."""
+    rest, found, i = [], {}, 0
     while i < len(argv):
         a = argv[i]
-        if a == "--config":
-            if i + 1 >= len(argv):
-                raise JobConfigError("--config needs a file (a YAML mapping of option names to values)")
-            config, i = argv[i + 1], i + 2
-            continue
-        if a.startswith("--config="):
-            config = a.split("=", 1)[1]
+        name, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if name in JOB_OPTIONS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise JobConfigError(f"--{name} needs a value: {JOB_OPTIONS[name][1]}")
+                value, i = argv[i + 1], i + 1
+            found[name] = _job_value(name, value, "the command line")
         else:
             rest.append(a)
         i += 1
-    return config, rest
+    return found, rest
+
+
+def _job_value(name: str, value, source: str):
+    kind = JOB_OPTIONS[name][0]
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise JobConfigError(f"--{name} in {source}: expected {kind.__name__}, got {value!r}") from None
+    if kind is not str and v < 0:
+        raise JobConfigError(f"--{name} in {source}: expected a number >= 0, got {value!r}")
+    return v
 
 
 def read_config(uri: str) -> dict:
@@ -143,17 +169,74 @@ def config_argv(sub: argparse.ArgumentParser, config: dict, argv: list[str], sou
 
 def build_argv(command: str, argv: list[str], parser: argparse.ArgumentParser | None = None) -> list[str]:
     """The full `sctd` argv for a job: command, --config keys, command-line options, --resume."""
+    return build_job(command, argv, parser)[0]
+
+
+def build_job(command: str, argv: list[str], parser: argparse.ArgumentParser | None = None):
+    """(`sctd` argv, job-only options) for a job; see the module docstring."""
     if parser is None:
         from sctd_ray.cli import build_parser
 
         parser = build_parser()
     sub = _subparser(parser, command)
-    config, rest = _pop_config(list(argv))
-    extra = config_argv(sub, read_config(config), rest, config) if config else []
+    job, rest = _pop_job_options(list(argv))
+    extra = []
+    if "config" in job:
+        config = dict(read_config(job["config"]))
+        for name in [k for k in config if str(k).replace("_", "-") in JOB_OPTIONS]:
+            key = str(name).replace("_", "-")
+            value = config.pop(name)
+            if key != "config" and key not in job and value is not None:
+                job[key] = _job_value(key, value, job["config"])
+        extra = config_argv(sub, config, rest, job["config"])
     out = [command, *extra, *rest]
     if "--resume" in sub._option_string_actions and "--resume" not in out:
         out.append("--resume")
-    return out
+    return out, job
+
+
+class JobError(Exception):
+    """The cluster cannot run the job as asked (exit 2, one line)."""
+
+
+def request_gpus(n: int, timeout: float, address: str | None = None) -> None:
+    """Ask the autoscaler for `n` 1-GPU bundles and wait until the cluster has `n` GPUs."""
+    from ray.autoscaler.sdk import request_resources
+
+    from sctd_ray.assess.scan import ensure_ray
+
+    ray = ensure_ray(address)
+    request_resources(bundles=[{"GPU": 1}] * n)
+    log(f"requested {n} GPU worker(s) from the autoscaler; waiting up to {timeout:.0f}s")
+    t0, last = time.time(), -1.0
+    while True:
+        have = int(ray.cluster_resources().get("GPU", 0))
+        if have >= n:
+            log(f"{have} GPU(s) in the cluster after {time.time() - t0:.0f}s")
+            return
+        waited = time.time() - t0
+        if waited >= timeout:
+            raise JobError(f"--request-gpus {n}: the cluster has {have} GPU(s) after {timeout:.0f}s; "
+                           "check that the autoscaler can start GPU workers (`ray status`, "
+                           "`ray monitor cluster/aws.yaml`, or the KubeRay operator's events)")
+        if waited - last >= 30:
+            log(f"waiting for GPUs: {have} of {n} ({waited:.0f}s)")
+            last = waited
+        time.sleep(min(5.0, max(0.1, timeout - waited)))
+
+
+def release_gpus() -> None:
+    """Withdraw the resource request, so idle GPU workers scale down."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return  # never connected, so nothing was requested
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+    except Exception as e:  # noqa: BLE001 - the job's result stands; say why scale-down may lag
+        log(f"could not withdraw the GPU request ({type(e).__name__}: {e}); "
+            "idle GPU workers stay until the next request")
 
 
 class _StderrTee:
@@ -183,6 +266,15 @@ _MEANING = {1: "finished, but some results are error rows (see above)",
             130: "interrupted; results written so far are kept, resubmit to resume"}
 
 
+def _address(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--address" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--address="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def _on_sigterm(signum, frame):  # `ray job stop` sends SIGTERM first: stop like Ctrl-C
     raise KeyboardInterrupt
 
@@ -202,17 +294,20 @@ def run(command: str, argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         pass
-    code, message = 0, ""
+    code, message, gpus = 0, "", 0
     try:
-        full = build_argv(command, argv)
+        full, job = build_job(command, argv)
         where = os.environ.get("RAY_ADDRESS") or "local Ray (no RAY_ADDRESS)"
         log(f"job {os.environ.get('RAY_JOB_SUBMISSION_ID') or '(not submitted)'} on "
             f"{socket.gethostname()}, Ray at {where}")
+        gpus = job.get("request-gpus", 0)
+        if gpus:
+            request_gpus(gpus, job.get("request-gpus-timeout", 900.0), _address(full))
         log(f"running: sctd {shlex.join(full)}")
         from sctd_ray.cli import main
 
         code = int(main(full) or 0)
-    except JobConfigError as e:
+    except (JobConfigError, JobError) as e:
         code, message = 2, str(e)
         print(f"sctd-job: error: {e}", file=sys.stderr)
     except SystemExit as e:  # argparse: bad or missing option (it printed usage + the error)
@@ -223,6 +318,8 @@ def run(command: str, argv: list[str] | None = None) -> int:
         traceback.print_exc()
         code, message = 1, f"unexpected {type(e).__name__}: {e} (traceback above)"
     finally:
+        if gpus:
+            release_gpus()
         sys.stderr = tee._stream
     took = f"{time.time() - t0:.1f}s"
     if code == 0:

@@ -1,0 +1,446 @@
+"""jobs/: the `ray job submit` entrypoints (issue 7).
+
+Unit tests check how a job turns its options and `--config` YAML into the CLI's argv. The
+integration tests start a real Ray head with `ray start --head` (token authentication on,
+its own temp dir and ports, so it cannot clash with other Ray instances of this machine) and
+a SeaweedFS S3 server, submit jobs with the `ray job submit` CLI as users do, poll them with
+`JobSubmissionClient` (`ray job status` exits 0 even for a failed job), and check the outputs
+on S3 and the job logs.
+
+The jobs are submitted with working_dir = this checkout and *without* the `pip` section of
+jobs/runtime_env.yaml: sctd-ray is already installed in this machine's Python (editable) and
+a pip install on the "cluster" would need network. The runtime_env file itself is validated
+below, and its `excludes` are the ones used for these submissions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sctd_ray.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "jobs"
+sys.path.insert(0, str(JOBS))
+import sctd_job  # noqa: E402
+
+TARGET = "fm-mix5"
+
+
+def _has_command(name: str) -> bool:
+    try:
+        sctd_job._subparser(build_parser(), name)
+        return True
+    except sctd_job.JobConfigError:
+        return False
+
+
+HAS_SCAN = _has_command("scan")
+needs_scan = pytest.mark.xfail(not HAS_SCAN, reason="`sctd scan` is not in sctd_ray/cli.py yet",
+                               strict=False)
+
+
+# ------------------------------------------------------------------ options -> argv (no Ray)
+def _write(tmp_path, data, name="job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_config_keys_become_cli_options_and_command_line_wins(tmp_path):
+    cfg = _write(tmp_path, {"zoo": "s3://b/zoo", "target": ["s3://b/t1", "s3://b/t2"], "out": "s3://b/old",
+                            "batch_size": 64, "metrics": ["sctd", "leep"], "quiet": True,
+                            "teachers": None, "s3-endpoint": "http://127.0.0.1:1"})
+    argv = sctd_job.build_argv("assess", ["--config", cfg, "--out", "s3://b/new", "--workers=3"])
+    assert argv == ["assess", "--zoo", "s3://b/zoo", "--target", "s3://b/t1", "--target", "s3://b/t2",
+                    "--batch-size", "64", "--metrics", "sctd,leep", "--quiet",
+                    "--s3-endpoint", "http://127.0.0.1:1", "--out", "s3://b/new", "--workers=3", "--resume"]
+    args = build_parser().parse_args(argv)  # the CLI itself accepts it
+    assert (args.out, args.target, args.batch_size, args.workers, args.resume, args.quiet) == \
+        ("s3://b/new", ["s3://b/t1", "s3://b/t2"], 64, 3, True, True)
+
+
+def test_without_config_the_argv_is_the_cli_argv_plus_resume():
+    argv = ["--zoo", "z", "--target", "t", "--out", "o", "--resume"]
+    assert sctd_job.build_argv("assess", argv) == ["assess", *argv]  # --resume not doubled
+
+
+def test_false_flag_is_left_out(tmp_path):
+    cfg = _write(tmp_path, {"zoo": "z", "target": "t", "out": "o", "quiet": False})
+    assert sctd_job.build_argv("assess", ["--config", cfg]) == \
+        ["assess", "--zoo", "z", "--target", "t", "--out", "o", "--resume"]
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"zoo": "z", "bogus_option": 1}, "unknown key 'bogus_option'"),
+    ({"zoo": "z", "quiet": "yes"}, "is a flag: expected true or false"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("zoo: [unclosed\n", "is not valid YAML"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, data, expected):
+    cfg = _write(tmp_path, data)
+    with pytest.raises(sctd_job.JobConfigError, match=expected.replace("(", r"\(")):
+        sctd_job.build_argv("assess", ["--config", cfg])
+
+
+def test_job_script_reports_errors_in_its_last_line_and_exit_status(tmp_path):
+    """What `ray job logs` ends with: one [sctd-job] FAILED line with the reason, no traceback."""
+    cfg = _write(tmp_path, {"zoo": "z", "target": "t", "out": "o", "bogus": 1})
+    for argv, expected in (
+        (["--config", cfg], "unknown key 'bogus'"),
+        (["--config", str(tmp_path / "missing.yaml")], "cannot read job file"),
+        (["--zoo", str(tmp_path / "no-zoo"), "--target", "t", "--out", str(tmp_path / "run")],
+         "no-zoo"),
+        (["--zoo", "z"], "the following arguments are required"),
+    ):
+        p = subprocess.run([sys.executable, str(JOBS / "assess.py"), *argv], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=120)
+        last = p.stdout.strip().splitlines()[-1]
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert last.startswith("[sctd-job]") and "FAILED" in last and expected in last, last
+        assert "Traceback" not in p.stderr
+
+
+def test_example_job_files_are_valid_cli_options():
+    examples = sorted((JOBS / "examples").glob("*.yaml"))
+    assert {p.stem for p in examples} >= {"assess", "scan"}
+    for path in examples:
+        if path.stem == "scan" and not HAS_SCAN:
+            continue
+        argv = sctd_job.build_argv(path.stem, ["--config", str(path)])
+        build_parser().parse_args(argv)
+
+
+def test_runtime_env_yaml_is_valid_and_ships_the_package(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    assert env["working_dir"] == "."
+    assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]  # pip install the checkout
+    # What `ray job submit` uploads with these excludes: the package, its build file, the jobs.
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(REPO), pkg, include_gitignore=True, excludes=env["excludes"])
+    names = set(zipfile.ZipFile(pkg).namelist())
+    assert {"pyproject.toml", "sctd_ray/cli.py", "sctd_ray/__init__.py", "jobs/scan.py",
+            "jobs/sctd_job.py"} <= names
+    assert not any(n.startswith((".git/", "runs/")) or "__pycache__" in n or n.endswith(".safetensors")
+                   for n in names)
+
+
+# ------------------------------------------------------------------ a real Ray head
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_range(n: int = 200) -> int:
+    import random
+
+    for _ in range(100):
+        base = random.randrange(20000, 60000 - n)
+        ok = True
+        for port in range(base, base + n, 17):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range for Ray workers")
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class RayHead:
+    """`ray start --head --block` with token auth, its own temp dir and ports; `stop()` ends
+    only the processes it started (`ray stop` would stop every Ray of this user)."""
+
+    def __init__(self):
+        self.token = uuid.uuid4().hex
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="sctdj-", dir="/tmp"))  # short: unix sockets
+        self.ports = {k: _free_port() for k in (
+            "port", "dashboard-port", "ray-client-server-port", "object-manager-port",
+            "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port")}
+        self.proc = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard-port']}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for `ray` CLI clients of this head (and for the head itself)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "AWS_", "RAY_API_SERVER"))}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                   PYTHONUNBUFFERED="1")
+        return env
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+
+    def start(self, timeout: float = 120) -> "RayHead":
+        base = _free_range()
+        cmd = ["ray", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+               "--object-store-memory=300000000", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+               f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+               f"--min-worker-port={base}", f"--max-worker-port={base + 199}",
+               *(f"--{k}={v}" for k, v in self.ports.items())]
+        self.log = open(self.temp_dir / "ray-start.log", "wb")
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Ready = a trivial job runs (the job agent is up and can start drivers)."""
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                client = self.client()
+                job = client.submit_job(entrypoint="python -c \"print('ready')\"")
+                status = wait_job(client, job, timeout=max(5.0, deadline - time.monotonic()))
+                if str(status) == "SUCCEEDED":
+                    return
+                last = f"warm-up job {status}: {client.get_job_logs(job)[-500:]}"
+            except Exception as e:  # noqa: BLE001 - not up yet
+                last = e
+                time.sleep(1)
+        raise RuntimeError(f"Ray head not ready after {timeout:.0f}s ({last}):\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 30) -> str:
+        path = self.temp_dir / "ray-start.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+    def _our_pids(self) -> list[int]:
+        """Processes of this head: its session, or any process carrying its unique token
+        (job drivers may run in sessions of their own)."""
+        sid = self.proc.pid
+        needle = f"RAY_AUTH_TOKEN={self.token}".encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[3]) == sid or needle in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return pids
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            deadline = time.monotonic() + 10
+            while (pids := self._our_pids()) and time.monotonic() < deadline:
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL if time.monotonic() > deadline - 5 else signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.5)
+            self.proc.wait(timeout=10)
+            self.proc = None
+            self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def wait_job(client, job_id: str, timeout: float = 300):
+    """Poll until the job is in a terminal state; returns its JobStatus."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s:\n"
+                               f"{client.get_job_logs(job_id)[-3000:]}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead().start()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="module")
+def zoo_on_s3(request, s3, tmp_path_factory):
+    """The demo zoo ("small") pushed to a fresh bucket: returns (bucket uri, S3 env)."""
+    try:  # a session-wide demo zoo, if conftest provides one
+        local = request.getfixturevalue("demo_zoo")
+    except pytest.FixtureLookupError:
+        from sctd_ray.zoo.demo import build_demo
+
+        local = str(tmp_path_factory.mktemp("jobs-demo") / "zoo")
+        build_demo(local, "small")
+    env = s3.env()
+    bucket = "s3://" + s3.make_bucket("jobs-" + uuid.uuid4().hex[:16])
+    subprocess.run([sys.executable, "-m", "sctd_ray.cli", "zoo", "push", str(local), f"{bucket}/zoo",
+                    "--quiet"], env={**os.environ, **env}, check=True, timeout=300)
+    return bucket, env
+
+
+def submit(head: RayHead, s3_env: dict, script: str, *args: str) -> str:
+    """`ray job submit --no-wait` from the repo root, as a user does; returns the job id."""
+    excludes = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())["excludes"]
+    runtime_env = {"excludes": excludes, "env_vars": {**s3_env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    job_id = f"sctd-test-{uuid.uuid4().hex[:10]}"
+    p = subprocess.run(["ray", "job", "submit", "--address", head.address, "--submission-id", job_id,
+                        "--no-wait", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
+                        "--", "python", f"jobs/{script}", *args],
+                       cwd=REPO, env=head.env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return job_id
+
+
+def finish(head: RayHead, job_id: str, timeout: float = 300):
+    """Wait for a job; returns (status, driver exit code, logs)."""
+    client = head.client()
+    status = wait_job(client, job_id, timeout)
+    return str(status), client.get_job_info(job_id).driver_exit_code, client.get_job_logs(job_id)
+
+
+def _read_parquet(s3_env: dict, uri: str) -> pd.DataFrame:
+    import io
+
+    from sctd_ray.zoo.store import open_store
+
+    parent, _, name = uri.rpartition("/")
+    old = {k: os.environ.get(k) for k in s3_env}
+    os.environ.update(s3_env)
+    try:
+        store = open_store(parent)
+        return pd.read_parquet(io.BytesIO(store.read_bytes(name)))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _s3_keys(s3, bucket_uri: str, prefix: str) -> list[str]:
+    bucket = bucket_uri.removeprefix("s3://")
+    client = s3.client()
+    keys, token = [], None
+    while True:
+        kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = client.list_objects_v2(**kw)
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+@pytest.mark.integration
+def test_head_requires_the_token(ray_head):
+    url = f"{ray_head.address}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=10)
+    assert e.value.code in (401, 403)
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {ray_head.token}"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
+
+
+@pytest.mark.integration
+def test_assess_job_writes_to_s3_and_resubmission_resumes(ray_head, zoo_on_s3, s3):
+    bucket, env = zoo_on_s3
+    out = f"{bucket}/runs/assess"
+    args = ["--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}", "--out", out]
+    status, code, logs = finish(ray_head, submit(ray_head, env, "assess.py", *args))
+    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
+    assert "[sctd-job]" in logs and "running: sctd assess" in logs and "teachers to score" in logs
+    assert logs.strip().splitlines()[-1].endswith("(exit 0)")
+    ranking = _read_parquet(env, f"{out}/ranking.parquet")
+    teachers = {k.split("/")[2] for k in _s3_keys(s3, bucket, "zoo/teachers/")}
+    assert set(ranking.teacher_id) == teachers and (ranking.status == "ok").all()
+    assert len(_s3_keys(s3, bucket, "runs/assess/results/")) == len(teachers)
+
+    # The same job again: nothing left to score, the results are kept.
+    status, code, logs = finish(ray_head, submit(ray_head, env, "assess.py", *args))
+    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
+    assert "0 teachers to score" in logs and "already done" in logs
+    again = _read_parquet(env, f"{out}/ranking.parquet")
+    pd.testing.assert_frame_equal(ranking.drop(columns=["rank"]).sort_values("teacher_id").reset_index(drop=True),
+                                  again.drop(columns=["rank"]).sort_values("teacher_id").reset_index(drop=True))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("script", ["assess.py", pytest.param("scan.py", marks=needs_scan)])
+def test_job_with_bad_zoo_fails_with_a_clear_message(ray_head, zoo_on_s3, script):
+    bucket, env = zoo_on_s3
+    bad = f"{bucket}/no-such-zoo"
+    status, code, logs = finish(ray_head, submit(
+        ray_head, env, script, "--zoo", bad, "--target", f"{bucket}/zoo/targets/{TARGET}",
+        "--out", f"{bucket}/runs/bad-{script}"))
+    assert (status, code) == ("FAILED", 2), logs[-3000:]
+    last = logs.strip().splitlines()[-1]
+    assert "FAILED" in last and bad in last, logs[-3000:]
+    assert "Traceback" not in logs
+
+
+@needs_scan
+@pytest.mark.integration
+def test_scan_job_on_the_demo_zoo_on_s3(ray_head, zoo_on_s3, s3):
+    bucket, env = zoo_on_s3
+    out = f"{bucket}/runs/scan"
+    status, code, logs = finish(ray_head, submit(
+        ray_head, env, "scan.py", "--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}",
+        "--out", out), timeout=600)
+    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
+    assert "running: sctd scan" in logs and logs.strip().splitlines()[-1].endswith("(exit 0)")
+    keys = _s3_keys(s3, bucket, "runs/scan/")
+    assert any(k.endswith("ranking.parquet") for k in keys), keys
+    assert any(k.endswith(".html") for k in keys), keys  # the report
