@@ -41,6 +41,7 @@ class Recipe:
     crop_ratio: tuple[float, float] = (0.75, 1.3333)
     translate: float = 0.1                          # extra shift, fraction of the side
     rotate: float = 10.0                            # degrees, uniform in [-rotate, rotate]
+    warp: float = 0.0                               # smooth random displacement, fraction of the side
     hflip: bool = False                             # only where the domain allows it
     mix_frac: float = 0.5                           # share of each batch that is mixed pairwise
     # what the ce baseline does with mixed views: "labels" (mixup targets) or "none" (no mixing)
@@ -144,6 +145,11 @@ def augment(x: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tens
                          torch.stack([w * sin * flip, h * cos, cy], 1)], 1)
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if recipe.warp > 0:  # a smooth displacement field from a 4x4 grid of random offsets
+        d = (torch.rand(b, 2, 4, 4, generator=gen) * 2 - 1) * (2 * recipe.warp)
+        d = F.interpolate(d.to(device=x.device, dtype=x.dtype), size=tuple(x.shape[-2:]),
+                          mode="bicubic", align_corners=True)
+        grid = grid + d.permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
                          align_corners=False).clamp_(0.0, 1.0)
 

@@ -253,7 +253,7 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
                 _save_weights(model, os.path.join(checkpoint_dir, BEST_FILE))
         seconds += time.time() - t0
         metrics = {"epoch": epoch + 1, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
-                   "best_epoch": best["epoch"], "epoch_val_acc": val_acc, "val_loss": val_loss,
+                   "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epoch_val_acc": val_acc, "val_loss": val_loss,
                    "train_loss": float(np.mean(losses)), "seconds": round(seconds, 3),
                    "resumed_epoch": start_epoch, "done": epoch + 1 == recipe.epochs}
         history.append(metrics)
@@ -266,6 +266,10 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
         if report is not None:
             report(epoch + 1, dict(metrics))
 
+    if start_epoch >= recipe.epochs and history and report is not None:
+        # resumed from the final checkpoint (e.g. the driver died before recording the end):
+        # report the final result again instead of training more
+        report(recipe.epochs, {**history[-1], "resumed_epoch": start_epoch})
     if best_state is not None:
         model.load_state_dict(best_state)
     elif checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, BEST_FILE)):

@@ -1,0 +1,225 @@
+"""The distillation training core (SPEC 4): views, losses wiring, kd refusal, reproducibility,
+checkpoint resume, budget parsing and the trial plan. Synthetic tasks and teachers: fast."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from sctd_ray.data.preprocess import Preprocessing
+from sctd_ray.data.targets import TargetSplit, TargetTask
+from sctd_ray.distill import train as train_mod
+from sctd_ray.distill.recipe import DEFAULT_HP, Recipe, check_hp, make_views
+from sctd_ray.distill.search import SEARCH_SPACE, parse_budget, plan_trials
+from sctd_ray.distill.train import kd_index, train_student
+from sctd_ray.errors import SctdError
+from sctd_ray.zoo.loading import LoadedTeacher
+from sctd_ray.zoo.teacher import TeacherConfig
+
+TINY = Recipe(epochs=2, steps_per_epoch=3, batch_size=8, warmup_steps=2)
+
+
+def make_target(classes=("a", "b", "c"), per=6, size=12, seed=0) -> TargetTask:
+    """Class c is a bright square at a class-specific place: learnable, and augmentations move it."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        imgs, labels = [], []
+        for c in range(len(classes)):
+            for _ in range(n):
+                im = rng.integers(0, 40, (size, size, 1)).astype(np.uint8)
+                o = 2 + 3 * c
+                im[o:o + 3, o:o + 3] = 230
+                imgs.append(im)
+                labels.append(c)
+        return TargetSplit(np.stack(imgs), np.array(labels, dtype=np.int64))
+
+    return TargetTask("syn", "/nowhere/syn", list(classes),
+                      {"train": split(per), "val": split(3), "test": split(4)})
+
+
+def make_teacher(labels=("x", "y", "z", "w"), size=16, channels=3, seed=1) -> LoadedTeacher:
+    """A teacher with another input size, channel count and normalisation than the target."""
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=len(labels), in_chans=channels).eval()
+    pcfg = {"input_size": [channels, size, size], "mean": [0.4] * channels, "std": [0.2] * channels}
+    cfg = TeacherConfig("syn-teacher", "test_resnet", len(labels), list(labels), pcfg,
+                        model_args={"in_chans": channels})
+    return LoadedTeacher(cfg, model, Preprocessing.from_pretrained_cfg(pcfg))
+
+
+def first_conv(model):
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+# --------------------------------------------------------------------------- views
+
+def test_teacher_and_student_see_the_same_augmented_views(monkeypatch):
+    target, teacher = make_target(), make_teacher()
+    seen_t, seen_s, students = [], [], []
+    first_conv(teacher.model).register_forward_pre_hook(lambda m, a: seen_t.append(a[0].detach().clone()))
+    original = train_mod.build_student
+
+    def spy(*a, **k):
+        model, cfg, pre = original(*a, **k)
+        model.register_forward_pre_hook(
+            lambda m, args: seen_s.append(args[0].detach().clone()) if m.training else None)
+        students.append(pre)
+        return model, cfg, pre
+
+    monkeypatch.setattr(train_mod, "build_student", spy)
+    train_student(target, teacher, "ot", {"lam": 1.0}, TINY, seed=3, device="cpu")
+    pre = students[0]
+    steps = TINY.total_steps
+    assert len(seen_s) == steps
+    # the first teacher call computes M on the plain training images; then one per step
+    assert len(seen_t) == 1 + steps
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    plain = pre(torch.from_numpy(target.splits["train"].images))
+    for s_in, t_in in zip(seen_s, seen_t[1:]):
+        views = s_in * std + mean                       # the float [0, 1] views themselves
+        assert views.min() >= -1e-5 and views.max() <= 1 + 1e-5
+        torch.testing.assert_close(teacher.preprocessing(views), t_in, rtol=1e-4, atol=1e-4)
+        # and they are augmented views, not the training images
+        assert not any(torch.allclose(s_in[0], p, atol=1e-3) for p in plain)
+
+
+def test_views_mix_part_of_the_batch_and_keep_labels():
+    target = make_target()
+    x = torch.from_numpy(target.splits["train"].images[:10])
+    y = torch.from_numpy(target.splits["train"].labels[:10])
+    rec = Recipe(mix_frac=0.4)
+    v1 = make_views(x, y, rec, torch.Generator().manual_seed(5))
+    v2 = make_views(x, y, rec, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(v1.x, v2.x)              # seeded: reproducible
+    assert v1.mixed.tolist() == [True] * 4 + [False] * 6
+    assert torch.equal(v1.labels, y) and v1.x.shape == (10, 1, 12, 12)
+    assert bool((v1.weight[:4] < 1).all()) and bool((v1.weight[4:] == 1).all())
+    # no augmentation and no mixing: the views are the images
+    rec0 = Recipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), translate=0.0, rotate=0.0, mix_frac=0.0)
+    v0 = make_views(x, y, rec0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v0.x, x.permute(0, 3, 1, 2).float() / 255, atol=1e-5, rtol=0)
+    assert not bool(v0.mixed.any())
+
+
+# --------------------------------------------------------------------------- methods
+
+def test_kd_is_refused_for_other_label_names_and_mapped_by_name():
+    target = make_target(("a", "b", "c"))
+    with pytest.raises(SctdError, match="kd needs the teacher's label names"):
+        train_student(target, make_teacher(("x", "y", "z", "w")), "kd", {}, TINY, device="cpu")
+    with pytest.raises(SctdError, match="kd needs"):
+        kd_index(make_teacher(("a", "b")), ["a", "b", "c"])
+    perm = make_teacher(("c", "a", "b"))
+    assert kd_index(perm, ["a", "b", "c"]).tolist() == [1, 2, 0]
+    res = train_student(target, perm, "kd", {"lam": 1.0}, TINY, device="cpu")
+    assert res.method == "kd" and res.teacher_id == "syn-teacher"
+
+
+def test_ot_needs_a_teacher_and_uses_it():
+    target = make_target()
+    with pytest.raises(SctdError, match="needs a teacher"):
+        train_student(target, None, "ot", {}, TINY, device="cpu")
+    one = Recipe(epochs=1, steps_per_epoch=2, batch_size=8, warmup_steps=1)
+    a = train_student(target, make_teacher(seed=1), "ot", {"lam": 1.0}, one, seed=0, device="cpu")
+    b = train_student(target, make_teacher(seed=2), "ot", {"lam": 1.0}, one, seed=0, device="cpu")
+    c = train_student(target, make_teacher(seed=2), "ot", {"lam": 0.0}, one, seed=0, device="cpu")
+    d = train_student(target, None, "ce", {}, Recipe(**{**one.to_dict(), "crop_scale": (0.35, 1.0),
+                                                       "crop_ratio": (0.75, 1.3333), "ce_mix": "none"}),
+                      seed=0, device="cpu")
+    wa, wb, wc = (next(r.model.parameters()).detach() for r in (a, b, c))
+    assert not torch.equal(wa, wb)                    # the teacher changes the student
+    assert not torch.equal(wb, wc)                    # ... through the OT term
+    assert d.teacher_id is None and c.teacher_id == "syn-teacher"
+
+
+def test_bad_hyper_parameters_and_recipe_are_user_errors():
+    with pytest.raises(SctdError, match="tau must be a positive"):
+        check_hp("ot", {"tau": 0})
+    with pytest.raises(SctdError, match="unknown hyper-parameter"):
+        check_hp("ot", {"beta": 1})
+    with pytest.raises(SctdError, match="unknown method"):
+        check_hp("xx", {})
+    with pytest.raises(SctdError, match="unknown recipe setting"):
+        Recipe.from_dict({"epochz": 3})
+    assert Recipe.from_dict(Recipe().to_dict()) == Recipe()
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+def test_same_seed_same_student_and_checkpoint_resume_is_exact(tmp_path):
+    target, teacher = make_target(), make_teacher()
+    rec = Recipe(epochs=3, steps_per_epoch=3, batch_size=8, warmup_steps=2)
+    full = train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, device="cpu")
+    again = train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, device="cpu")
+    assert full.val_curve == again.val_curve and full.history[-1]["train_loss"] == again.history[-1]["train_loss"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Crash()
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, report=crash_after_two,
+                      checkpoint_dir=str(ckpt), device="cpu")
+    reports = []
+    resumed = train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, checkpoint_dir=str(ckpt),
+                            report=lambda e, m: reports.append((e, m)), device="cpu")
+    assert [e for e, _ in reports] == [3] and reports[0][1]["resumed_epoch"] == 2
+    assert resumed.val_curve == full.val_curve
+    assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
+    for p, q in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(p, q)
+    # the checkpoint belongs to this run only
+    with pytest.raises(SctdError, match="belongs to another run"):
+        train_student(target, teacher, "ot", {"lam": 2.0}, rec, seed=7, checkpoint_dir=str(ckpt), device="cpu")
+    # a finished run re-reports its last epoch instead of training again
+    again_reports = []
+    train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, checkpoint_dir=str(ckpt),
+                  report=lambda e, m: again_reports.append((e, m)), device="cpu")
+    assert [e for e, _ in again_reports] == [3] and again_reports[0][1]["resumed_epoch"] == 3
+
+
+def test_student_config_has_the_targets_labels_and_preprocessing():
+    target = make_target(("cat", "dog", "eel"))
+    res = train_student(target, None, "ce", {}, TINY, device="cpu")
+    cfg = json.loads(res.config.to_json())
+    assert cfg["label_names"] == ["cat", "dog", "eel"] and cfg["num_classes"] == 3
+    assert cfg["pretrained_cfg"]["input_size"] == [1, 12, 12]
+    assert 0 <= res.test_acc <= 1 and len(res.val_curve) == TINY.epochs
+
+
+# --------------------------------------------------------------------------- search helpers
+
+@pytest.mark.parametrize("text,seconds", [("600", 600), ("90s", 90), ("10m", 600), ("1h", 3600),
+                                          ("1h30m", 5400), ("2.5m", 150)])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-5", "0", "10x", "m"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(SctdError, match="budget"):
+        parse_budget(text)
+
+
+def test_plan_puts_the_baseline_and_every_teacher_in_each_round():
+    plans = plan_trials(["t1", "t2"], "ot", samples=3, seed=0)
+    assert [(p["teacher_id"], p["method"], p["sample"]) for p in plans[:3]] == \
+        [(None, "ce", 0), ("t1", "ot", 0), ("t2", "ot", 0)]
+    assert len(plans) == 9 and len({p["trial_id"] for p in plans}) == 9
+    assert all(p["hp"] == DEFAULT_HP and p["protected"] for p in plans[:3])
+    assert not any(p["protected"] for p in plans[3:])
+    for p in plans[3:]:
+        for k, (lo, hi) in SEARCH_SPACE.items():
+            if p["method"] == "ot" or k == "lr":
+                assert lo * 0.99 <= p["hp"][k] <= hi * 1.01
+    assert plans == plan_trials(["t1", "t2"], "ot", samples=3, seed=0)
+    assert plans != plan_trials(["t1", "t2"], "ot", samples=3, seed=1)
+    assert [p["method"] for p in plan_trials(["t1"], "ce", 2, 0)] == ["ce", "ce"]
