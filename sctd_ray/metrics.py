@@ -209,7 +209,7 @@ def logme_from_gram(gram: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: i
 def _logme_evidence(sigma: np.ndarray, x: np.ndarray, y2: float, n: int, d: int) -> float:
     """Maximum log-evidence per sample of one class (LogME.py, ``_fit_fixed_point`` loop)."""
     x2 = x ** 2
-    res_x2 = y2 - x2.sum()            # part of y outside the span of the features
+    res_x2 = max(y2 - x2.sum(), 0.0)  # |y|^2 outside the feature span; >= 0 but for round-off
     alpha, beta = 1.0, 1.0
     for _ in range(LOGME_MAX_ITER):
         t = alpha / beta

@@ -23,8 +23,10 @@ class TeacherStats:
 
     ``update(features, logits, labels)`` takes one batch (tensors, possibly on CUDA); the
     teacher prediction is ``softmax(logits / tau_a)``. Only what the requested ``metrics`` need
-    is kept (K teacher classes, C target classes, D feature dims, N samples; bytes are for
-    float64, half in float32):
+    is kept (K teacher classes, C target classes, D feature dims, N samples). Accumulators are
+    float64 whatever ``dtype`` is (they are small, and LogME, the H-score and TransRate's
+    ``eps = 1e-4`` amplify round-off in their small directions); ``dtype`` sets the softmax
+    and the per-sample rows (the N-sized parts), stored as 4-byte float32 or 8-byte float64:
 
     ========================  =========================================  ======================
     statistic                 size                                       kept for
@@ -34,21 +36,25 @@ class TeacherStats:
     argmax x label counts     K x C (int64)                              nce
     class feature sums        C x D                                      sctd*, logme, hscore,
                                                                          transrate
-    mean + centred scatter    D + D x D (Chan's parallel update)         logme, hscore, transrate
+    mean + centred scatter    D + D x D (batched Welford; Chan to merge)  logme, hscore, transrate
     per-sample P              N x K  (+ N int64 labels)                  leep, or sctd if K <= D
     per-sample P W_unit       N x D  (+ N int64 labels)                  sctd when D < K and no leep
     transrate buffer          raw features, <= ``transrate_buffer`` rows transrate
                               (default max(C D, 2^23 / D): the rows
-                              outweigh the scatters, or 64 MiB) + labels,
-                              then folded into per-class scatters
-                              C x D x D (+ C x D sums)
+                              outweigh the scatters, or 2^23 numbers),
+                              + labels; then folded into per-class
+                              scatters C x D x D (+ C x D sums)
     ========================  =========================================  ======================
 
     ``sctd`` needs ``A = P M`` with M known only at the end; since ``M = 1 - W_unit mu_unit^T``
     and rows of P sum to 1, ``A = 1 - (P W_unit) mu_unit^T``, so N x min(K, D) numbers suffice.
     TransRate's per-class terms keep raw features while they are fewer than the per-class
     scatters would be (few-shot targets never fold), so its memory is about
-    min(N D, max(2 C D^2, 64 MiB)).
+    min(N D, max(2 C D^2, 2^23)) numbers.
+
+    (Accumulated in float32, the scatter's round-off, ~1e-6 of its largest eigenvalue, passes for
+    real directions when D >= N and turns LogME into NaN; float64 costs one ``B x D x D``
+    float64 product per batch.)
 
     Bad labels and NaN/inf are detected without syncing: labels outside [0, C) are counted (and
     clamped), non-finite inputs make the statistics non-finite; ``compute`` raises
@@ -78,7 +84,7 @@ class TeacherStats:
         self.device = torch.device(device) if device is not None else None
         self.weight = w.to(device=self.device, dtype=dtype) if self.device else w.to(dtype)
         k, d = self.weight.shape
-        # fold once the raw rows outweigh the per-class scatters, but never below 64 MiB (f64)
+        # fold once the raw rows outweigh the per-class scatters, but never below 2^23 numbers
         self.transrate_buffer = (int(transrate_buffer) if transrate_buffer
                                  else max(self.num_classes * d, (1 << 23) // max(d, 1)))
 
@@ -108,11 +114,12 @@ class TeacherStats:
         z = lambda *s, t=dt: torch.zeros(*s, dtype=t, device=device)  # noqa: E731
         self._counts = z(c, t=torch.int64)
         self._bad = z((), t=torch.int64)
-        self._joint_t = z(k, c) if self._joint else None
+        acc = torch.float64          # accumulators are small: always float64
+        self._joint_t = z(k, c, t=acc) if self._joint else None
         self._nce_t = z(k, c, t=torch.int64) if self._nce else None
-        self._sums = z(c, d) if self._feats else None
-        self._mean = z(d) if self._scatter else None
-        self._scat = z(d, d) if self._scatter else None
+        self._sums = z(c, d, t=acc) if self._feats else None
+        self._mean = z(d, t=acc) if self._scatter else None
+        self._scat = z(d, d, t=acc) if self._scatter else None
         self._w_unit = _unit_rows(self.weight) if self._rows_kind == "h" else None
         self._rows: list[torch.Tensor] = []        # per-sample P or P W_unit
         self._rows_y: list[torch.Tensor] = []
@@ -155,7 +162,7 @@ class TeacherStats:
             z = _tensor(logits, dev, dt)
             p = torch.softmax(z if self.tau_a == 1.0 else z / self.tau_a, dim=1)
             if self._joint:
-                self._joint_t.index_add_(1, y, p.T)
+                self._joint_t.index_add_(1, y, p.T.double())
             if self._nce:
                 self._nce_t.view(-1).index_add_(0, p.argmax(1) * c + y, ones)
             if self._rows_kind is not None:
@@ -164,11 +171,12 @@ class TeacherStats:
 
         if self._feats:
             x = _tensor(features, dev, dt)
-            self._sums.index_add_(0, y, x)
+            x64 = x.double()
+            self._sums.index_add_(0, y, x64)
             if self._scatter:   # batched Welford: S += (x - m_old)^T (x - m_new), exact
-                xa = x - self._mean
+                xa = x64 - self._mean
                 self._mean.add_(xa.sum(0), alpha=1.0 / (self.n + b))
-                self._scat.addmm_(xa.T, x - self._mean)
+                self._scat.addmm_(xa.T, x64 - self._mean)
             if self._transrate:
                 aliased = isinstance(features, torch.Tensor) and x.data_ptr() == features.data_ptr()
                 self._tr_x.append(x.clone() if aliased else x)   # the caller may reuse its buffer
@@ -183,7 +191,7 @@ class TeacherStats:
         """Move the transrate buffer into per-class centred scatters (one sync; rare)."""
         if not self._tr_x:
             return
-        x, y = torch.cat(self._tr_x), torch.cat(self._tr_y)
+        x, y = torch.cat(self._tr_x).double(), torch.cat(self._tr_y)
         self._tr_x, self._tr_y, self._tr_rows = [], [], 0
         c, d = self.num_classes, x.shape[1]
         cnt = torch.bincount(y, minlength=c)

@@ -1,0 +1,221 @@
+"""Scores on in-memory arrays (SPEC 2-3) against hand-derived values and independent code."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sctd_ray import metrics
+from sctd_ray.errors import ScoreInputError
+
+
+def random_task(n=120, d=10, k=6, c=4, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % c
+    rng.shuffle(y)
+    feats = rng.normal(size=(n, d)) + rng.normal(size=(c, d))[y] + 1.5
+    weight = rng.normal(size=(k, d))
+    z = feats @ weight.T / 2
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return probs, y, feats, weight
+
+
+# --------------------------------------------------------------------------- OT scores
+
+def two_by_two():
+    """Teacher classes aligned with target classes: M = [[0, 1], [1, 0]], so A[i] = (p_i1, p_i0)."""
+    weight = np.array([[1.0, 0.0], [0.0, 1.0]])
+    feats = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    labels = np.array([0, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    return probs, labels, feats, weight
+
+
+def test_sctd_cost_and_sctd_by_hand():
+    probs, labels, feats, weight = two_by_two()
+    # A[i, y_i]: sample 0 (y=0) -> p_01 = 0.1, sample 1 (y=1) -> p_10 = 0.2, sample 2 -> 0.4
+    assert metrics.sctd_cost(probs, labels, feats, weight) == pytest.approx(-(0.1 + 0.2 + 0.4) / 3)
+    t = 0.5
+    # log softmax_c(-A_i / T)[y_i] with A_0 = (0.1, 0.9), A_1 = (0.8, 0.2), A_2 = (0.4, 0.6)
+    l0 = -0.1 / t - math.log(math.exp(-0.1 / t) + math.exp(-0.9 / t))
+    l1 = -0.2 / t - math.log(math.exp(-0.8 / t) + math.exp(-0.2 / t))
+    l2 = -0.4 / t - math.log(math.exp(-0.4 / t) + math.exp(-0.6 / t))
+    assert metrics.sctd(probs, labels, feats, weight, temperature=t) == pytest.approx((l0 + l1 + l2) / 3)
+
+
+def test_sctd_is_not_fooled_by_a_collapsed_teacher():
+    """On class-0 heavy data a teacher predicting class 0 for everything has the better
+    sctd_cost (SPEC 2), but only the informative teacher singles out the labels under sctd."""
+    weight = np.eye(2)                                   # M = [[0, 1], [1, 0]]
+    feats = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]])
+    labels = np.array([0, 0, 0, 0, 1])
+    collapsed = np.array([[0.99, 0.01]] * 5)             # A[i, y_i]: 0.01 x 4, 0.99
+    informative = np.array([[0.7, 0.3]] * 4 + [[0.3, 0.7]])   # A[i, y_i] = 0.3
+    assert metrics.sctd_cost(collapsed, labels, feats, weight) == pytest.approx(-(0.04 + 0.99) / 5)
+    assert metrics.sctd_cost(informative, labels, feats, weight) == pytest.approx(-0.3)
+    assert metrics.sctd(informative, labels, feats, weight) > metrics.sctd(collapsed, labels, feats, weight)
+
+
+# --------------------------------------------------------------------------- LEEP / NCE
+
+def test_leep_by_hand():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    labels = np.array([0, 1, 0])
+    # J = (1/3) [[0.9 + 0.6, 0.2], [0.1 + 0.4, 0.8]]; P(c|k) = J / row sums
+    p0 = [1.5 / 1.7, 0.2 / 1.7]
+    p1 = [0.5 / 1.3, 0.8 / 1.3]
+    e0 = 0.9 * p0[0] + 0.1 * p1[0]
+    e1 = 0.2 * p0[1] + 0.8 * p1[1]
+    e2 = 0.6 * p0[0] + 0.4 * p1[0]
+    expected = (math.log(e0) + math.log(e1) + math.log(e2)) / 3
+    assert metrics.leep(probs, labels) == pytest.approx(expected, rel=1e-14)
+
+
+def test_nce_on_a_contingency_table():
+    # argmax z / label y table: z=0 -> y=0 three times, y=1 once; z=1 -> y=1 four times
+    probs = np.array([[0.7, 0.3]] * 4 + [[0.2, 0.8]] * 4)
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))   # H(Y | z=0); H(Y | z=1) = 0
+    assert metrics.nce(probs, labels) == pytest.approx(-0.5 * h, rel=1e-14)
+    assert metrics.nce(np.array([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 2), [0, 0, 1, 1]) == 0.0
+
+
+# --------------------------------------------------------------------------- feature scores
+
+def test_hscore_with_known_covariances():
+    """Class means (-1, 0) and (1, 0), offsets (+-1, +-1): cov f = diag(16, 8)/7,
+    cov E[f|y] = diag(8, 0)/7, so tr(cov_f^-1 cov_g) = 8/16."""
+    offsets = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], dtype=float)
+    feats = np.concatenate([offsets + [-1, 0], offsets + [1, 0]])
+    labels = np.array([0] * 4 + [1] * 4)
+    assert metrics.hscore(feats, labels) == pytest.approx(0.5, rel=1e-12)
+
+
+def test_hscore_when_features_outnumber_samples_is_c_minus_1():
+    """With N <= D + 1 the centred data span everything the class means do: tr(S_T^+ S_B) = C-1.
+    The reference code's 1e-15 pinv cutoff would invert round-off here."""
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(9, 20))
+    assert metrics.hscore(feats, np.arange(9) % 3) == pytest.approx(2.0, rel=1e-8)
+
+
+def authors_transrate(z, y, eps=1e-4):
+    """TransRate as in the authors' code: slogdet of I + Z^T Z/(n eps), Z centred once."""
+    def rate(zz):
+        n, d = zz.shape
+        return 0.5 * np.linalg.slogdet(np.eye(d) + zz.T @ zz / (n * eps))[1]
+    z = z - z.mean(0, keepdims=True)
+    k = int(y.max() + 1)
+    return rate(z) - sum(rate(z[y == i]) for i in range(k)) / k
+
+
+@pytest.mark.parametrize("n,d", [(200, 8), (24, 40), (60, 12)])
+def test_transrate_equals_the_direct_logdet_formula(n, d):
+    _, y, feats, _ = random_task(n=n, d=d, seed=n)
+    assert metrics.transrate(feats, y) == pytest.approx(authors_transrate(feats, y), rel=1e-9)
+    assert metrics.transrate(feats, y, eps=1e-2) == pytest.approx(authors_transrate(feats, y, 1e-2),
+                                                                  rel=1e-9)
+
+
+def authors_logme(f, y):
+    """Independent transcription of LogME.py ``_fit_fixed_point`` (You et al., arXiv:2110.10545)."""
+    n, d = f.shape
+    if n > d:
+        _, s2, vh = np.linalg.svd(f.T @ f)
+        s = np.sqrt(s2)
+        k = int(np.sum(s > 1e-10))
+        u = (f @ vh.T)[:, :k] / s[:k]
+        s = s[:k]
+    else:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = (s ** 2).reshape(-1, 1)
+    evidences = []
+    for c in range(int(y.max() + 1)):
+        y_ = (y == c).astype(np.float64).reshape(-1, 1)
+        x2 = (u.T @ y_) ** 2
+        res_x2 = (y_ ** 2).sum() - x2.sum()
+        alpha, beta = 1.0, 1.0
+        for _ in range(11):
+            t = alpha / beta
+            gamma = (sigma / (sigma + t)).sum()
+            m2 = (sigma * x2 / ((t + sigma) ** 2)).sum()
+            res2 = (x2 / ((1 + sigma / t) ** 2)).sum() + res_x2
+            alpha = gamma / (m2 + 1e-5)
+            beta = (n - gamma) / (res2 + 1e-5)
+            if abs(alpha / beta - t) / t <= 1e-3:
+                break
+        ev = (d / 2.0 * np.log(alpha) + n / 2.0 * np.log(beta)
+              - 0.5 * np.sum(np.log(alpha + beta * sigma)) - beta / 2.0 * res2
+              - alpha / 2.0 * m2 - n / 2.0 * np.log(2 * np.pi))
+        evidences.append(ev / n)
+    return float(np.mean(evidences))
+
+
+@pytest.mark.parametrize("n,d", [(300, 12), (30, 50), (40, 40)])
+def test_logme_equals_the_authors_algorithm(n, d):
+    _, y, feats, _ = random_task(n=n, d=d, seed=d)
+    assert metrics.logme(feats, y) == pytest.approx(authors_logme(feats, y), rel=1e-9)
+
+
+def test_logme_prefers_separable_features():
+    rng = np.random.default_rng(5)
+    y = np.arange(200) % 2
+    noise = rng.normal(size=(200, 5))
+    good = noise + 4.0 * np.eye(5)[y]
+    assert metrics.logme(good, y) > metrics.logme(noise, y)
+
+
+# --------------------------------------------------------------------------- API
+
+def test_compute_all_matches_single_scores_and_accepts_torch():
+    probs, y, feats, weight = random_task()
+    all_ = metrics.compute_all(probs, y, feats, weight)
+    assert tuple(all_) == metrics.NAMES
+    single = {"sctd": metrics.sctd(probs, y, feats, weight),
+              "sctd_cost": metrics.sctd_cost(probs, y, feats, weight),
+              "leep": metrics.leep(probs, y), "nce": metrics.nce(probs, y),
+              "logme": metrics.logme(feats, y), "hscore": metrics.hscore(feats, y),
+              "transrate": metrics.transrate(feats, y)}
+    assert all_ == single
+    assert all(isinstance(v, float) for v in all_.values())
+    t = metrics.compute_all(torch.tensor(probs, dtype=torch.float32), torch.tensor(y),
+                            torch.tensor(feats, dtype=torch.float32), torch.tensor(weight))
+    for k in all_:
+        assert t[k] == pytest.approx(all_[k], rel=1e-4, abs=1e-5)
+    assert metrics.compute_all(None, y, feats, None, names=("logme",)) == {"logme": all_["logme"]}
+
+
+def test_num_classes_is_respected():
+    probs, y, feats, weight = random_task(c=3)
+    with pytest.raises(ScoreInputError, match="classes without samples: 3"):
+        metrics.leep(probs, y, num_classes=4)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(labels=np.where(a["labels"] == 0, -1, a["labels"])), r"labels must lie in \[0, 4\); got values from -1"),
+    (lambda a: a.update(labels=np.where(a["labels"] == 2, 0, a["labels"])), "classes without samples: 2"),
+    (lambda a: a["probs"].__setitem__((3, 1), np.nan), r"probs must be finite; got 1 NaN/inf entries \(first at \[3, 1\]"),
+    (lambda a: a["features"].__setitem__((0, 0), np.inf), "features must be finite"),
+    (lambda a: a.update(probs=a["probs"][:-1]), "features has 120 rows but probs has 119"),
+    (lambda a: a.update(weight=a["weight"][:, :-1]), r"weight must be \(K, D\) with D = 10"),
+    (lambda a: a.update(weight=a["weight"][:-1]), "weight must have K = 6 rows"),
+    (lambda a: a.update(probs=a["probs"] * 2), "probs rows must sum to 1"),
+    (lambda a: a.update(labels=a["labels"][:, None]), r"labels must have shape \(120,\)"),
+    (lambda a: a.update(labels=a["labels"] + 0.5), "labels must be integers"),
+])
+def test_bad_inputs_say_what_was_expected(mutate, match):
+    probs, y, feats, weight = random_task()
+    args = {"probs": probs.copy(), "labels": y.copy(), "features": feats.copy(), "weight": weight.copy()}
+    mutate(args)
+    with pytest.raises(ScoreInputError, match=match):
+        metrics.compute_all(args["probs"], args["labels"], args["features"], args["weight"])
+
+
+def test_unknown_name_and_tiny_inputs():
+    probs, y, feats, weight = random_task()
+    with pytest.raises(ScoreInputError, match="unknown score"):
+        metrics.compute_all(probs, y, feats, weight, names=("auc",))
+    with pytest.raises(ScoreInputError, match="at least 2 samples"):
+        metrics.hscore(feats[:1], [0])

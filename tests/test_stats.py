@@ -1,0 +1,162 @@
+"""Streaming, mergeable statistics (SPEC 3) equal the in-memory scores."""
+
+import numpy as np
+import pytest
+import torch
+
+from sctd_ray import metrics
+from sctd_ray.errors import ScoreInputError
+from sctd_ray.stats import TeacherStats
+
+
+def teacher_outputs(n=203, d=9, k=7, c=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % c
+    rng.shuffle(y)
+    feats = rng.normal(size=(n, d)) + rng.normal(size=(c, d))[y] + 3.0   # far from 0 on purpose
+    weight = rng.normal(size=(k, d))
+    logits = feats @ weight.T / 3 + rng.normal(size=(n, k))
+    return torch.from_numpy(feats), torch.from_numpy(logits), torch.from_numpy(y), torch.from_numpy(weight)
+
+
+def reference(feats, logits, y, weight, tau_a=1.0, names=metrics.NAMES):
+    probs = torch.softmax(logits.double() / tau_a, 1)
+    return metrics.compute_all(probs, y, feats.double(), weight.double(), names=names)
+
+
+def feed(stats, feats, logits, y, sizes):
+    start = 0
+    for b in sizes:
+        stats.update(feats[start:start + b], logits[start:start + b], y[start:start + b])
+        start += b
+    assert start == len(y)
+    return stats
+
+
+def random_sizes(n, rng, hi=40):
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(min(rng.integers(1, hi), n - sum(sizes))))
+    return sizes
+
+
+def assert_close(got, ref, rel):
+    assert list(got) == list(ref)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=rel, abs=rel * 1e-3), k
+
+
+@pytest.mark.parametrize("buffer", [None, 16])       # 16: transrate folds into per-class scatters
+def test_any_batching_equals_metrics(buffer):
+    feats, logits, y, weight = teacher_outputs()
+    ref = reference(feats, logits, y, weight)
+    rng = np.random.default_rng(1)
+    for sizes in ([len(y)], [1] * 20 + [len(y) - 20], random_sizes(len(y), rng)):
+        st = feed(TeacherStats(5, weight, transrate_buffer=buffer), feats, logits, y, sizes)
+        assert_close(st.compute(), ref, 1e-9)
+
+
+def test_split_among_workers_merges_in_any_order_and_survives_shipping():
+    feats, logits, y, weight = teacher_outputs(seed=2)
+    ref = reference(feats, logits, y, weight)
+    cuts = [0, 50, 51, 140, len(y)]
+    rng = np.random.default_rng(3)
+
+    def part(i, buffer=None):
+        sl = slice(cuts[i], cuts[i + 1])
+        return feed(TeacherStats(5, weight, transrate_buffer=buffer), feats[sl], logits[sl], y[sl],
+                    random_sizes(cuts[i + 1] - cuts[i], rng, 25))
+
+    for order in [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1), (1, 3, 0, 2)]:
+        parts = [part(i, buffer=30 if i % 2 else None) for i in order]
+        # ship every part through a plain dict of numpy arrays, as between processes
+        parts = [TeacherStats.from_state(p.to_state()) for p in parts]
+        total = TeacherStats(5, weight)
+        for p in parts:
+            total.merge(p)
+        assert_close(total.compute(), ref, 1e-9)
+    tree = part(0).merge(part(1)).merge(part(2).merge(part(3)))
+    assert_close(tree.compute(), ref, 1e-9)
+
+
+def test_float32_accumulation():
+    feats, logits, y, weight = teacher_outputs(seed=4)
+    ref = reference(feats, logits, y, weight)
+    st = TeacherStats(5, weight.float(), dtype=torch.float32)
+    feed(st, feats.float(), logits.float(), y, random_sizes(len(y), np.random.default_rng(5)))
+    state = st.to_state()
+    assert state["rows"].dtype == np.float32 and state["tr_x"].dtype == np.float32
+    assert state["scatter"].dtype == np.float64 and state["sums"].dtype == np.float64
+    assert_close(st.compute(), reference(feats.float(), logits.float(), y, weight.float()), 1e-4)
+    assert_close(st.compute(), ref, 1e-4)
+
+
+def test_only_what_the_metrics_need_is_kept():
+    feats, logits, y, weight = teacher_outputs(seed=6)
+    probs_only = feed(TeacherStats(5, weight, metrics=("leep", "nce")), feats, logits, y, [100, 103])
+    state = probs_only.to_state()
+    assert {"scatter", "sums", "tr_x", "mean"}.isdisjoint(state)
+    assert state["rows"].shape == (203, 7)
+    assert_close(probs_only.compute(), reference(feats, logits, y, weight, names=("leep", "nce")), 1e-12)
+    cost_only = feed(TeacherStats(5, weight, metrics=("sctd_cost",)), feats, logits, y, [203])
+    assert {"scatter", "rows", "tr_x"}.isdisjoint(cost_only.to_state())
+    no_transrate = feed(TeacherStats(5, weight, metrics=("logme", "hscore")), feats, logits, y, [203])
+    assert {"tr_x", "tr_scatter", "rows", "joint"}.isdisjoint(no_transrate.to_state())
+    # features are not even needed when only probability scores are requested
+    TeacherStats(5, weight, metrics=("nce",)).update(None, logits, y)
+
+
+def test_sctd_keeps_p_times_unit_weights_when_that_is_smaller():
+    """K = 30 > D = 6: sctd stores N x D rows of P W_unit instead of N x K probabilities."""
+    feats, logits, y, weight = teacher_outputs(d=6, k=30, seed=7)
+    st = feed(TeacherStats(5, weight, metrics=("sctd", "sctd_cost")), feats, logits, y, [64, 64, 75])
+    assert st.to_state()["rows"].shape == (203, 6)
+    assert_close(st.compute(), reference(feats, logits, y, weight, names=("sctd", "sctd_cost")), 1e-10)
+
+
+def test_teacher_temperature():
+    feats, logits, y, weight = teacher_outputs(seed=8)
+    st = feed(TeacherStats(5, weight, metrics=("leep", "sctd"), tau_a=2.5), feats, logits, y, [203])
+    assert_close(st.compute(), reference(feats, logits, y, weight, 2.5, ("leep", "sctd")), 1e-12)
+
+
+def test_bad_data_is_reported_at_compute():
+    feats, logits, y, weight = teacher_outputs(seed=9)
+    st = TeacherStats(5, weight)
+    st.update(feats[:10], logits[:10], y[:10] + 10)          # counted, no error yet (no GPU sync)
+    with pytest.raises(ScoreInputError, match=r"labels must lie in \[0, 5\); 10 labels"):
+        st.compute()
+    nan = feats.clone()
+    nan[3, 2] = float("nan")
+    st = feed(TeacherStats(5, weight), nan, logits, y, [203])
+    with pytest.raises(ScoreInputError, match="finite"):
+        st.compute()
+    st = TeacherStats(5, weight)
+    st.update(feats[y < 4], logits[y < 4], y[y < 4])
+    with pytest.raises(ScoreInputError, match="classes without samples: 4"):
+        st.compute()
+    with pytest.raises(ScoreInputError, match="no samples"):
+        TeacherStats(5, weight).compute()
+    with pytest.raises(ScoreInputError, match=r"features must have shape \(4, 9\)"):
+        TeacherStats(5, weight).update(feats[:4, :8], logits[:4], y[:4])
+    with pytest.raises(ScoreInputError, match="unknown metric"):
+        TeacherStats(5, weight, metrics=("auc",))
+
+
+def test_merge_refuses_other_teachers_or_settings():
+    feats, logits, y, weight = teacher_outputs(seed=10)
+    a = feed(TeacherStats(5, weight), feats, logits, y, [203])
+    with pytest.raises(ScoreInputError, match="weights differ"):
+        a.merge(feed(TeacherStats(5, weight + 1), feats, logits, y, [203]))
+    with pytest.raises(ScoreInputError, match="metrics"):
+        a.merge(TeacherStats(5, weight, metrics=("leep",)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_accumulates_on_device_and_matches_cpu():
+    feats, logits, y, weight = teacher_outputs(seed=11)
+    ref = reference(feats, logits, y, weight)
+    st = TeacherStats(5, weight.float().cuda(), dtype=torch.float32)
+    feed(st, feats.float().cuda(), logits.float().cuda(), y.cuda(), [50, 50, 103])
+    assert st._scat.device.type == "cuda"
+    assert_close(st.compute(), ref, 1e-4)
