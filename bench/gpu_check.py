@@ -139,12 +139,52 @@ def check_shard_loop(n_teachers: int, samples: int) -> dict:
             "nvml_util_mean": float(np.mean(util)) if util else None}
 
 
-def check_distill_step() -> dict | None:
-    try:
-        from distill_bench import step_cost  # provided by bench/distill_bench.py
-    except ImportError:
-        return None
-    return step_cost(device="cuda")
+def check_distill_step(steps: int = 50) -> dict:
+    """One training step of a student: CE alone vs CE + OT distillation (SPEC 4) with the
+    teacher's probabilities precomputed, same student and batch; then with an online teacher."""
+    import timm
+
+    from sctd_ray.distill.losses import ot_distill_loss
+
+    torch.manual_seed(0)
+    B, C, K = 256, 10, 1000
+    student = timm.create_model("resnet18", num_classes=C).cuda().to(memory_format=torch.channels_last)
+    teacher = timm.create_model("resnet50", num_classes=K).cuda().eval().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    x = torch.randn(B, 3, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.arange(B, device="cuda") % C
+    M = torch.rand(K, C, device="cuda") * 2
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        p_t = torch.softmax(teacher(x).float() / 2.0, 1)
+
+    def step(mode):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = student(x).float()
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        if mode != "ce":
+            pt = p_t
+            if mode == "online":
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    pt = torch.softmax(teacher(x).float() / 2.0, 1)
+            loss = loss + 1.0 * ot_distill_loss(logits, pt, M, tau=2.0, eps=0.1, max_iter=100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    out = {}
+    for mode in ("ce", "ot", "online", "ce", "ot"):  # second ce/ot pass is the one kept
+        for _ in range(5):
+            step(mode)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(mode)
+        torch.cuda.synchronize()
+        out[f"{mode}_ms"] = 1000 * (time.perf_counter() - t0) / steps
+    out["ot_vs_ce"] = out["ot_ms"] / out["ce_ms"]
+    out["online_teacher_vs_ce"] = out["online_ms"] / out["ce_ms"]
+    out.update(student="resnet18", teacher="resnet50", batch=B, image=112, K=K, C=C)
+    return out
 
 
 def main():

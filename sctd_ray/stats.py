@@ -302,6 +302,10 @@ class TeacherStats:
         cost = None
         if set(self.metrics) & _m.WEIGHT_SCORES:
             cost = cost_from_prototypes(f64("weight"), f64("sums"), counts)
+        dev = self.device if self.device is not None and self.device.type != "cpu" else None
+        eig_scatter = None
+        if set(self.metrics) & {"hscore", "transrate"}:  # one decomposition serves both
+            eig_scatter = _m.sym_eigh(f64("scatter"), dev)
         out = {}
         for name in self.metrics:
             if name == "sctd":
@@ -321,18 +325,18 @@ class TeacherStats:
             elif name == "logme":
                 mean = f64("mean")
                 gram = f64("scatter") + n * np.outer(mean, mean)
-                v = _m.logme_from_gram(gram, f64("sums"), counts, n)
+                v = _m.logme_from_gram(gram, f64("sums"), counts, n, eig=_m.sym_eigh(gram, dev))
             elif name == "hscore":
-                v = _m.hscore_from_scatter(f64("scatter"), f64("sums"), counts, n)
+                v = _m.hscore_from_scatter(f64("scatter"), f64("sums"), counts, n, eig=eig_scatter)
             else:
-                v = self._transrate_value(st, counts)
+                v = self._transrate_value(st, counts, eig_scatter[0])
             out[name] = _m._finite(name, v)
         return out
 
-    def _transrate_value(self, st: dict, counts: np.ndarray) -> float:
+    def _transrate_value(self, st: dict, counts: np.ndarray, scatter_eigvals: np.ndarray) -> float:
         eps, c = self.transrate_eps, self.num_classes
         mean = st["mean"].astype(np.float64)
-        total = _m.coding_rate(st["scatter"].astype(np.float64), self.n, eps)
+        total = _m.coding_rate(None, self.n, eps, eigvals=scatter_eigvals)
         rates = []
         if "tr_scatter" in st:                      # folded: per-class D x D Grams
             scat, sums = st["tr_scatter"].astype(np.float64), st["tr_sums"].astype(np.float64)
