@@ -21,6 +21,7 @@ Jobs always pass `--resume` where the command has it, so resubmitting a job with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -275,6 +276,14 @@ def _address(argv: list[str]) -> str | None:
     return None
 
 
+def submission_id() -> str | None:
+    """The Ray job's submission id (in the driver's job config), or None outside a job."""
+    try:
+        return json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["metadata"]["job_submission_id"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _on_sigterm(signum, frame):  # `ray job stop` sends SIGTERM first: stop like Ctrl-C
     raise KeyboardInterrupt
 
@@ -298,7 +307,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
     try:
         full, job = build_job(command, argv)
         where = os.environ.get("RAY_ADDRESS") or "local Ray (no RAY_ADDRESS)"
-        log(f"job {os.environ.get('RAY_JOB_SUBMISSION_ID') or '(not submitted)'} on "
+        log(f"job {submission_id() or '(not submitted with ray job submit)'} on "
             f"{socket.gethostname()}, Ray at {where}")
         gpus = job.get("request-gpus", 0)
         if gpus:

@@ -8,9 +8,10 @@ a SeaweedFS S3 server, submit jobs with the `ray job submit` CLI as users do, po
 on S3 and the job logs.
 
 The jobs are submitted with working_dir = this checkout and *without* the `pip` section of
-jobs/runtime_env.yaml: sctd-ray is already installed in this machine's Python (editable) and
-a pip install on the "cluster" would need network. The runtime_env file itself is validated
-below, and its `excludes` are the ones used for these submissions.
+jobs/runtime_env.yaml: Ray puts the unpacked working_dir on the PYTHONPATH of the job's
+driver and workers, so they import this checkout's sctd_ray whether or not it is installed,
+and a pip install on the "cluster" would need a package index. The runtime_env file itself is
+validated below, and its `excludes` are the ones used for these submissions.
 """
 
 from __future__ import annotations
@@ -88,11 +89,24 @@ def test_false_flag_is_left_out(tmp_path):
         ["assess", "--zoo", "z", "--target", "t", "--out", "o", "--resume"]
 
 
+def test_job_only_options_are_not_passed_to_the_cli(tmp_path):
+    argv = ["--zoo", "z", "--target", "t", "--out", "o"]
+    full, job = sctd_job.build_job("assess", ["--request-gpus", "4", *argv, "--request-gpus-timeout=60"])
+    assert full == ["assess", *argv, "--resume"] and job == {"request-gpus": 4, "request-gpus-timeout": 60.0}
+    cfg = _write(tmp_path, {"zoo": "z", "target": "t", "out": "o", "request_gpus": 2})
+    full, job = sctd_job.build_job("assess", ["--config", cfg])
+    assert "--request-gpus" not in " ".join(full) and job["request-gpus"] == 2
+    full, job = sctd_job.build_job("assess", ["--config", cfg, "--request-gpus", "3"])  # command line wins
+    assert job["request-gpus"] == 3
+
+
 @pytest.mark.parametrize("data, expected", [
     ({"zoo": "z", "bogus_option": 1}, "unknown key 'bogus_option'"),
     ({"zoo": "z", "quiet": "yes"}, "is a flag: expected true or false"),
     ("- a\n- b\n", "must be a mapping"),
     ("zoo: [unclosed\n", "is not valid YAML"),
+    ({"zoo": "z", "request-gpus": "many"}, "expected int"),
+    ({"zoo": "z", "request-gpus": -1}, "expected a number >= 0"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, data, expected):
     cfg = _write(tmp_path, data)
@@ -136,12 +150,15 @@ def test_runtime_env_yaml_is_valid_and_ships_the_package(tmp_path):
     RuntimeEnv(**env)  # Ray's own validation of the fields
     assert env["working_dir"] == "."
     assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]  # pip install the checkout
+    pre = yaml.safe_load((JOBS / "runtime_env_preinstalled.yaml").read_text())
+    RuntimeEnv(**pre)
+    assert pre == {k: v for k, v in env.items() if k != "pip"}  # the same, minus the install
     # What `ray job submit` uploads with these excludes: the package, its build file, the jobs.
     pkg = tmp_path / "pkg.zip"
     create_package(str(REPO), pkg, include_gitignore=True, excludes=env["excludes"])
     names = set(zipfile.ZipFile(pkg).namelist())
-    assert {"pyproject.toml", "sctd_ray/cli.py", "sctd_ray/__init__.py", "jobs/scan.py",
-            "jobs/sctd_job.py"} <= names
+    assert {"pyproject.toml", "sctd_ray/cli.py", "sctd_ray/__init__.py", "sctd_ray/zoo/store.py",
+            "jobs/scan.py", "jobs/sctd_job.py"} <= names
     assert not any(n.startswith((".git/", "runs/")) or "__pycache__" in n or n.endswith(".safetensors")
                    for n in names)
 
@@ -334,8 +351,9 @@ def zoo_on_s3(request, s3, tmp_path_factory):
 
 def submit(head: RayHead, s3_env: dict, script: str, *args: str) -> str:
     """`ray job submit --no-wait` from the repo root, as a user does; returns the job id."""
-    excludes = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())["excludes"]
-    runtime_env = {"excludes": excludes, "env_vars": {**s3_env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    runtime_env = yaml.safe_load((JOBS / "runtime_env_preinstalled.yaml").read_text())
+    runtime_env["env_vars"].update(s3_env)
+    del runtime_env["working_dir"]  # given as --working-dir, as a user would
     job_id = f"sctd-test-{uuid.uuid4().hex[:10]}"
     p = subprocess.run(["ray", "job", "submit", "--address", head.address, "--submission-id", job_id,
                         "--no-wait", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
@@ -399,22 +417,29 @@ def test_assess_job_writes_to_s3_and_resubmission_resumes(ray_head, zoo_on_s3, s
     bucket, env = zoo_on_s3
     out = f"{bucket}/runs/assess"
     args = ["--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}", "--out", out]
-    status, code, logs = finish(ray_head, submit(ray_head, env, "assess.py", *args))
+    job_id = submit(ray_head, env, "assess.py", *args)
+    status, code, logs = finish(ray_head, job_id)
     assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
-    assert "[sctd-job]" in logs and "running: sctd assess" in logs and "teachers to score" in logs
+    teachers = {k.split("/")[2] for k in _s3_keys(s3, bucket, "zoo/teachers/")}
+    assert f"job {job_id} on" in logs and "running: sctd assess" in logs  # the job's own lines
+    assert "teachers to score" in logs and f"{len(teachers)}/{len(teachers)}" in logs  # the scan's progress
     assert logs.strip().splitlines()[-1].endswith("(exit 0)")
     ranking = _read_parquet(env, f"{out}/ranking.parquet")
-    teachers = {k.split("/")[2] for k in _s3_keys(s3, bucket, "zoo/teachers/")}
     assert set(ranking.teacher_id) == teachers and (ranking.status == "ok").all()
     assert len(_s3_keys(s3, bucket, "runs/assess/results/")) == len(teachers)
 
-    # The same job again: nothing left to score, the results are kept.
+    # As if the job had died after the others: drop two teachers' results, submit the same job
+    # again. It scores only those two and keeps the rest.
+    results = sorted(_s3_keys(s3, bucket, "runs/assess/results/"))
+    for key in results[:2]:
+        s3.client().delete_object(Bucket=bucket.removeprefix("s3://"), Key=key)
     status, code, logs = finish(ray_head, submit(ray_head, env, "assess.py", *args))
     assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
-    assert "0 teachers to score" in logs and "already done" in logs
+    assert "; 2 teachers to score" in logs and f"; {len(teachers) - 2} pairs already done" in logs, logs[-3000:]
     again = _read_parquet(env, f"{out}/ranking.parquet")
-    pd.testing.assert_frame_equal(ranking.drop(columns=["rank"]).sort_values("teacher_id").reset_index(drop=True),
-                                  again.drop(columns=["rank"]).sort_values("teacher_id").reset_index(drop=True))
+    key = ["teacher_id", "sctd", "status"]
+    pd.testing.assert_frame_equal(ranking[key].sort_values("teacher_id").reset_index(drop=True),
+                                  again[key].sort_values("teacher_id").reset_index(drop=True))
 
 
 @pytest.mark.integration
@@ -429,6 +454,19 @@ def test_job_with_bad_zoo_fails_with_a_clear_message(ray_head, zoo_on_s3, script
     last = logs.strip().splitlines()[-1]
     assert "FAILED" in last and bad in last, logs[-3000:]
     assert "Traceback" not in logs
+
+
+@pytest.mark.integration
+def test_job_waiting_for_gpus_that_never_come_fails_clearly(ray_head, zoo_on_s3):
+    """`--request-gpus` on a cluster that cannot add GPU workers (this head has none)."""
+    bucket, env = zoo_on_s3
+    status, code, logs = finish(ray_head, submit(
+        ray_head, env, "assess.py", "--request-gpus", "1", "--request-gpus-timeout", "3",
+        "--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}", "--out", f"{bucket}/runs/gpu"))
+    assert (status, code) == ("FAILED", 2), logs[-3000:]
+    last = logs.strip().splitlines()[-1]
+    assert "FAILED" in last and "the cluster has 0 GPU(s) after 3s" in last, logs[-3000:]
+    assert "running: sctd" not in logs  # the command never started
 
 
 @needs_scan
