@@ -93,7 +93,13 @@ class ShardWorker:
     # ---------------------------------------------------------------- teachers
     def _fetch(self, tid: str, sha: str | None):
         try:
-            return self.loader(tid, sha)
+            teacher = self.loader(tid, sha)
+            if self.device.type == "cuda":  # copy to the GPU on a side stream, off the hot loop
+                stream = torch.cuda.Stream(self.device)
+                with torch.cuda.stream(stream):
+                    teacher.model.to(self.device, non_blocking=True).to(memory_format=torch.channels_last)
+                teacher.ready = stream.record_event()
+            return teacher
         except (StoreUnreachable, StoreAuthError) as e:
             return FatalScanError(str(e))
         except SctdError as e:
@@ -101,9 +107,6 @@ class ShardWorker:
         except Exception as e:  # an unloadable teacher must never crash the shard
             return TeacherError(tid, f"cannot load: {type(e).__name__}: {e}")
 
-    def _take(self, tid: str, sha: str | None):
-        fut = self._pending.pop(tid, None) or self._pool.submit(self._fetch, tid, sha)
-        return fut.result()
 
     def _prefetch(self, upcoming: list[tuple[str, str | None]]) -> None:
         for tid, sha in upcoming[: self.prefetch]:
@@ -114,8 +117,9 @@ class ShardWorker:
               upcoming: list[tuple[str, str | None]] = ()) -> list[dict]:
         """Score one teacher on the named targets (default all); write and return the rows."""
         t0 = time.perf_counter()
-        self._prefetch([u for u in upcoming if u[0] != teacher_id])
-        loaded = self._take(teacher_id, sha256)
+        fut = self._pending.pop(teacher_id, None) or self._pool.submit(self._fetch, teacher_id, sha256)
+        self._prefetch([u for u in upcoming if u[0] != teacher_id])  # queued behind this one
+        loaded = fut.result()
         if isinstance(loaded, FatalScanError):
             raise loaded
         wanted = [t for t in self.targets if targets is None or t.name in targets]
@@ -124,6 +128,8 @@ class ShardWorker:
             rows = [self._row(t, teacher_id, None, "error", loaded.reason, {}, t0) for t in wanted]
         else:
             try:
+                if getattr(loaded, "ready", None) is not None:
+                    torch.cuda.current_stream(self.device).wait_event(loaded.ready)
                 runner = TeacherRunner(loaded, self.device)
                 dtype = torch.float32 if runner.cuda else torch.float64
                 for t in wanted:
