@@ -168,16 +168,23 @@ def sctd_cost_from_joint(joint: np.ndarray, cost: np.ndarray, n: int) -> float:
     return float(-np.sum(joint * cost) / n)
 
 
-def leep_from_joint(probs: np.ndarray, labels: np.ndarray, joint: np.ndarray) -> float:
-    """SPEC 3 LEEP: mean_i log (p_i^T P(.|.))[y_i], P(c|k) = J[k,c] / sum_c J[k,c].
-
-    A teacher class with no mass in J never has mass in any p_i, so its (undefined) row is 0.
-    """
+def leep_conditional(joint: np.ndarray) -> np.ndarray:
+    """LEEP's P(c|k) = J[k,c] / sum_c J[k,c]; a teacher class with no mass in J never has mass
+    in any p_i, so its (undefined) row is 0."""
     rows = joint.sum(1, keepdims=True)
-    cond = np.divide(joint, rows, out=np.zeros_like(joint), where=rows > 0)
-    eyz = (probs @ cond)[np.arange(labels.shape[0]), labels]
+    return np.divide(joint, rows, out=np.zeros_like(joint), where=rows > 0)
+
+
+def leep_from_expected(eyz: np.ndarray) -> float:
+    """LEEP from the expected empirical predictions of the true labels, (p_i^T P(.|.))[y_i]."""
     with np.errstate(divide="ignore"):
         return float(np.mean(np.log(eyz)))
+
+
+def leep_from_joint(probs: np.ndarray, labels: np.ndarray, joint: np.ndarray) -> float:
+    """SPEC 3 LEEP: mean_i log (p_i^T P(.|.))[y_i], P(c|k) = J[k,c] / sum_c J[k,c]."""
+    eyz = (probs @ leep_conditional(joint))[np.arange(labels.shape[0]), labels]
+    return leep_from_expected(eyz)
 
 
 def nce_from_counts(counts: np.ndarray) -> float:

@@ -289,78 +289,79 @@ class TeacherStats:
             shown = ", ".join(map(str, empty[:10])) + (" ..." if empty.size > 10 else "")
             raise ScoreInputError(f"every one of the {self.num_classes} target classes needs at "
                                   f"least one sample; classes without samples: {shown}")
-        st = self.to_state()
-        for key in ("joint", "sums", "mean", "scatter", "rows", "tr_x", "tr_sums", "tr_scatter"):
-            if key in st and not np.all(np.isfinite(st[key])):
+        for t in (self._joint_t, self._sums, self._mean, self._scat, self._tr_sums, self._tr_scat,
+                  *self._rows, *self._tr_x):
+            if t is not None and not bool(torch.isfinite(t).all()):
                 raise ScoreInputError("features and logits must be finite; the statistics contain "
                                       "NaN or inf")
         n, c = self.n, self.num_classes
         if self._scatter and n < 2:
             raise ScoreInputError(f"feature scores need at least 2 samples; got {n}")
+        # small statistics go to the host in float64; per-sample ones stay on the device
+        host = lambda t: t.double().cpu().numpy()  # noqa: E731
         counts = counts.astype(np.float64)
-        f64 = lambda key: st[key].astype(np.float64)  # noqa: E731
+        dev = self.device if self.device is not None and self.device.type != "cpu" else None
+        sums = host(self._sums) if self._sums is not None else None
         cost = None
         if set(self.metrics) & _m.WEIGHT_SCORES:
-            cost = cost_from_prototypes(f64("weight"), f64("sums"), counts)
-        dev = self.device if self.device is not None and self.device.type != "cpu" else None
+            cost = cost_from_prototypes(host(self.weight), sums, counts)
         eig_scatter = None
         if set(self.metrics) & {"hscore", "transrate"}:  # one decomposition serves both
-            eig_scatter = _m.sym_eigh(f64("scatter"), dev)
+            eig_scatter = _m.sym_eigh(host(self._scat), dev)
+        rows = torch.cat(self._rows).double() if self._rows else None
+        row_y = torch.cat(self._rows_y) if self._rows else None
+        on_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         out = {}
         for name in self.metrics:
-            if name == "sctd":
-                rows = f64("rows")
+            if name == "sctd":   # A = P M, or 1 - (P W_unit) mu_unit^T (class docstring)
                 if self._rows_kind == "probs":
-                    a = rows @ cost
+                    a = rows @ on_dev(cost)
                 else:
-                    mu = _unit_rows(torch.from_numpy(f64("sums"))).numpy()
-                    a = 1.0 - rows @ mu.T
-                v = _m.sctd_from_costs(a, st["row_labels"], self.temperature)
+                    a = 1.0 - rows @ _unit_rows(on_dev(sums)).T
+                v = _m.sctd_from_costs(a.cpu().numpy(), row_y.cpu().numpy(), self.temperature)
             elif name == "sctd_cost":
-                v = _m.sctd_cost_from_joint(f64("joint"), cost, n)
+                v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "leep":
-                v = _m.leep_from_joint(f64("rows"), st["row_labels"], f64("joint"))
+                cond = on_dev(_m.leep_conditional(host(self._joint_t)))
+                eyz = (rows @ cond).gather(1, row_y[:, None])[:, 0]
+                v = _m.leep_from_expected(eyz.cpu().numpy())
             elif name == "nce":
-                v = _m.nce_from_counts(st["nce_counts"])
+                v = _m.nce_from_counts(self._nce_t.cpu().numpy())
             elif name == "logme":
-                mean = f64("mean")
-                gram = f64("scatter") + n * np.outer(mean, mean)
-                v = _m.logme_from_gram(gram, f64("sums"), counts, n, eig=_m.sym_eigh(gram, dev))
+                mean = host(self._mean)
+                gram = host(self._scat) + n * np.outer(mean, mean)
+                v = _m.logme_from_gram(gram, sums, counts, n, eig=_m.sym_eigh(gram, dev))
             elif name == "hscore":
-                v = _m.hscore_from_scatter(f64("scatter"), f64("sums"), counts, n, eig=eig_scatter)
+                v = _m.hscore_from_scatter(host(self._scat), sums, counts, n, eig=eig_scatter)
             else:
-                v = self._transrate_value(st, counts, eig_scatter[0])
+                v = self._transrate_value(counts, eig_scatter[0])
             out[name] = _m._finite(name, v)
         return out
 
-    def _transrate_value(self, st: dict, counts: np.ndarray, scatter_eigvals: np.ndarray) -> float:
+    def _transrate_value(self, counts: np.ndarray, scatter_eigvals: np.ndarray) -> float:
+        """R(f) from the global scatter's eigenvalues; each class term from the buffered raw
+        features (Gram of the smaller side, on the device) and/or the folded class scatters."""
         eps, c = self.transrate_eps, self.num_classes
-        mean = st["mean"].astype(np.float64)
         total = _m.coding_rate(None, self.n, eps, eigvals=scatter_eigvals)
+        mean = self._mean
         rates = []
-        if "tr_scatter" in st:                      # folded: per-class D x D Grams
-            scat, sums = st["tr_scatter"].astype(np.float64), st["tr_sums"].astype(np.float64)
-            cnt = st["tr_counts"].astype(np.float64)
-            if "tr_x" in st:                        # fold the rest of the buffer, in numpy
-                x, y = st["tr_x"].astype(np.float64), st["tr_y"]
-                for k in range(c):
-                    xk = x[y == k]
-                    if len(xk):
-                        mk = xk.mean(0)
-                        sk = (xk - mk).T @ (xk - mk)
-                        if cnt[k]:
-                            dlt = mk - sums[k] / cnt[k]
-                            sk += np.outer(dlt, dlt) * cnt[k] * len(xk) / (cnt[k] + len(xk))
-                        scat[k] += sk
-                        sums[k] += xk.sum(0)
-                        cnt[k] += len(xk)
-            for k in range(c):
-                dev = sums[k] / cnt[k] - mean
-                rates.append(_m.coding_rate(scat[k] + cnt[k] * np.outer(dev, dev), int(cnt[k]), eps))
-        else:                                       # raw features: Gram of the smaller side
-            z, y = st["tr_x"].astype(np.float64) - mean, st["tr_y"]
-            rates = [_m.coding_rate(_m._small_gram(z[y == k]), int(counts[k]), eps)
-                     for k in range(c)]
+        if self._tr_scat is None:                   # raw features only (few-shot targets)
+            z, y = torch.cat(self._tr_x).double() - mean, torch.cat(self._tr_y)
+            order = torch.argsort(y)
+            start = 0
+            for k, nk in enumerate(counts.astype(int).tolist()):
+                zk = z[order[start:start + nk]]
+                start += nk
+                gram = zk @ zk.T if zk.shape[0] < zk.shape[1] else zk.T @ zk
+                ev = torch.linalg.eigvalsh((gram + gram.T) / 2).cpu().numpy()
+                rates.append(_m.coding_rate(None, nk, eps, eigvals=ev))
+            return total - float(np.mean(rates))
+        self._fold()                                # the rest of the buffer, then per-class D x D
+        scat, sums, cnt = self._tr_scat, self._tr_sums, self._tr_counts.double()
+        for k in range(c):
+            dev_k = sums[k] / cnt[k] - mean
+            gram = scat[k] + cnt[k] * torch.outer(dev_k, dev_k)
+            rates.append(_m.coding_rate(gram.cpu().numpy(), int(cnt[k]), eps))
         return total - float(np.mean(rates))
 
     # ------------------------------------------------------------------ shipping
