@@ -335,7 +335,10 @@ def run(command: str, argv: list[str] | None = None) -> int:
         log(f"sctd {command} finished in {took} (exit 0)")
     else:
         reason = message or tee.last_error or _MEANING.get(code, "see the lines above")
-        log(f"FAILED: sctd {command} exited with status {code} after {took}: {reason}")
+        if code in (15, 130):
+            reason = _MEANING[code]
+        word = "STOPPED" if code in (15, 130) else "FAILED"
+        log(f"{word}: sctd {command} exited with status {code} after {took}: {reason}")
     return code
 
 

@@ -219,7 +219,8 @@ class RayHead:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "AWS_", "RAY_API_SERVER"))}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1",
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # a test head: stop at once, no 30 s drain
         return env
 
     def client(self):
@@ -467,6 +468,30 @@ def test_job_waiting_for_gpus_that_never_come_fails_clearly(ray_head, zoo_on_s3)
     last = logs.strip().splitlines()[-1]
     assert "FAILED" in last and "the cluster has 0 GPU(s) after 3s" in last, logs[-3000:]
     assert "running: sctd" not in logs  # the command never started
+
+
+@pytest.mark.integration
+def test_stopped_job_says_so_in_its_last_line(ray_head, zoo_on_s3):
+    """`ray job stop` (SIGTERM) while the job waits: STOPPED, and a last line that says how to go on."""
+    bucket, env = zoo_on_s3
+    job_id = submit(ray_head, env, "assess.py", "--request-gpus", "1", "--request-gpus-timeout", "600",
+                    "--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}",
+                    "--out", f"{bucket}/runs/stopped")
+    client = ray_head.client()
+    deadline = time.monotonic() + 120
+    while "requested 1 GPU" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        assert str(client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED")
+        time.sleep(1)
+    p = subprocess.run(["ray", "job", "stop", "--address", ray_head.address, job_id],
+                       env=ray_head.env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    status = wait_job(client, job_id, timeout=120)
+    time.sleep(1)  # the driver's last lines reach the log file as it exits
+    logs = client.get_job_logs(job_id)
+    assert str(status) == "STOPPED"
+    last = logs.strip().splitlines()[-1]
+    assert "STOPPED" in last and "resubmit to resume" in last, logs[-3000:]
 
 
 @needs_scan
