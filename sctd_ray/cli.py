@@ -106,16 +106,52 @@ def cmd_assess(args) -> int:
     return 1 if result.errors else 0
 
 
+# ---------------------------------------------------------------- distill, scan
+def cmd_distill(args) -> int:
+    from .distill.search import cmd_distill as run
+
+    return run(args)
+
+
+def cmd_scan(args) -> int:
+    """assess + distill (top-k teachers, within --budget) + report: the whole pipeline."""
+    from .assess.scan import print_ranking, run_scan
+    from .distill.search import run_distill_for_scan
+    from .report import write_report
+
+    result = run_scan(_scan_settings(args))
+    print_ranking(result)
+    summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,
+                                     student=args.student, seed=args.seed, resume=args.resume,
+                                     address=args.address, s3_endpoint=args.s3_endpoint,
+                                     progress=not args.quiet)
+    report = write_report(args.out, s3_endpoint=args.s3_endpoint)
+    print(f"ranking: {args.out.rstrip('/')}/ranking.parquet")
+    for name, summ in summaries.items():
+        best = summ.get("best") or {}
+        if best.get("student_uri"):
+            print(f"student for {name}: {best['student_uri']}")
+    print(f"report:  {report}")
+    return 0 if all((s or {}).get("best") for s in summaries.values()) else 1
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
+    """The main job on the embedded default: build (or reuse) the demo zoo, then `sctd scan`
+    on its first target with local Ray and a small budget."""
     from .zoo.demo import build_demo
 
     home = Path(args.home) if args.home else default_home()
     info = build_demo(str(home / "demo-zoo"), preset="small", seed=0)
     print(f"demo zoo: {info['zoo']} ({len(info['teachers'])} teachers, {len(info['built'])} trained now)")
-    for t in info["targets"]:
-        print(f"  target {t}")
-    return 0
+    run = home / "runs" / "demo"
+    argv = ["scan", "--zoo", info["zoo"], "--target", info["targets"][0], "--out", str(run),
+            "--budget", str(args.budget), "--top-k", "2", "--samples", "1"]
+    if (run / "results").exists():
+        argv.append("--resume")
+    if args.quiet:
+        argv.append("--quiet")
+    return main(argv)
 
 
 # ---------------------------------------------------------------- parser
@@ -150,11 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on the demo zoo (local Ray, local folder)")
     d.add_argument("--home", default=None, help="working folder (default: $SCTD_HOME or ~/.cache/sctd-ray)")
+    d.add_argument("--budget", default="120", help="distillation budget (default 120 s)")
+    d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
     a = s3(sub.add_parser("assess", help="score every teacher of a zoo against target task(s) on Ray"))
     add_assess_args(a)
     a.set_defaults(func=cmd_assess)
+
+    from .distill.search import add_distill_args
+
+    ds = sub.add_parser("distill", help="distill the top teachers of a run into a student (Ray Tune, budgeted)")
+    add_distill_args(ds)
+    ds.set_defaults(func=cmd_distill)
+
+    sc = s3(sub.add_parser("scan", help="assess + distill + report: the whole pipeline"))
+    add_assess_args(sc)
+    sc.add_argument("--top-k", type=int, default=3, help="distill from the k best-ranked teachers")
+    sc.add_argument("--budget", default="600", help="distillation budget: seconds, or 10m, 1h (default 600)")
+    sc.add_argument("--samples", type=int, default=3, help="hyper-parameter samples per teacher")
+    sc.add_argument("--student", default="test_resnet", help="timm architecture of the student")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.set_defaults(func=cmd_scan)
 
     from .report import add_report_args, cmd_report
 

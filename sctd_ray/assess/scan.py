@@ -23,6 +23,7 @@ from .results import (RANKING_FILE, RUN_FILE, done_pairs, format_ranking, rankin
 from .worker import FatalScanError
 
 IN_FLIGHT_PER_WORKER = 2
+MAX_WORKER_DEATHS_PER_TEACHER = 2
 
 
 @dataclass
@@ -191,21 +192,32 @@ def _versions() -> dict:
 
 def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples):
     """Feed each actor its shard (two calls in flight, so it can prefetch), steal work for idle
-    actors from the longest remaining shard, and survive actor restarts."""
+    actors from the longest remaining shard, and replace an actor that dies: its teachers go
+    back to the front of its queue (a teacher that kills workers twice becomes an error row).
+
+    Restarts are done here rather than with Ray's ``max_restarts``, so that a new actor gets
+    fresh arguments (Ray warns that restarting an actor whose arguments live in the object
+    store can fail once they go out of scope)."""
+    import uuid
+
     from tqdm import tqdm
 
     from .worker import ShardWorker
 
-    import uuid
-
     scan_id = uuid.uuid4().hex[:8]
-    Actor = ray.remote(**resources, max_restarts=3, max_task_retries=3)(ShardWorker)
-    actors = [Actor.options(name=f"sctd-shard-{scan_id}-{i}")
-              .remote(zoo, out, targets, s.metrics, s.batch_size, None, s.prefetch, s.device_cache_mb)
-              for i in range(len(shards))]
+    Actor = ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)
+    generation = [0] * len(shards)
+
+    def start(i):
+        name = f"sctd-shard-{scan_id}-{i}" + (f"-r{generation[i]}" if generation[i] else "")
+        return Actor.options(name=name).remote(zoo, out, targets, s.metrics, s.batch_size, None,
+                                               s.prefetch, s.device_cache_mb)
+
+    actors = [start(i) for i in range(len(shards))]
     queues = [list(sh) for sh in shards]
-    inflight: dict = {}  # ref -> (actor index, teacher id)
+    inflight: dict = {}  # ref -> (actor index, actor generation, teacher id)
     busy = [0] * len(actors)
+    deaths: dict[str, int] = {}
 
     def sha(tid):
         return rows_by_id[tid]["sha256"] or None
@@ -219,7 +231,7 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
         tid = queues[i].pop(0)
         upcoming = [(u, sha(u)) for u in queues[i][:s.prefetch]]
         ref = actors[i].score.remote(tid, sha(tid), todo[tid], upcoming)
-        inflight[ref] = (i, tid)
+        inflight[ref] = (i, generation[i], tid)
         busy[i] += 1
         return True
 
@@ -233,8 +245,9 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             ref = ready[0]
-            i, tid = inflight.pop(ref)
-            busy[i] -= 1
+            i, gen, tid = inflight.pop(ref)
+            if gen == generation[i]:
+                busy[i] -= 1
             try:
                 ray.get(ref)
             except ray.exceptions.RayTaskError as e:
@@ -243,8 +256,21 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
                     fatal = SctdError(str(getattr(e, "cause", cause) or cause).splitlines()[0])
                     break
                 _error_rows(out, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}")
-            except ray.exceptions.RayActorError as e:  # restarts and retries exhausted
-                _error_rows(out, tid, todo[tid], f"worker died while scoring it: {str(e).splitlines()[0][:200]}")
+            except ray.exceptions.RayActorError as e:
+                deaths[tid] = deaths.get(tid, 0) + 1
+                if gen == generation[i]:  # the first news of this death: replace the actor
+                    generation[i] += 1
+                    busy[i] = 0
+                    ray.kill(actors[i], no_restart=True)
+                    actors[i] = start(i)
+                if deaths[tid] >= MAX_WORKER_DEATHS_PER_TEACHER:
+                    _error_rows(out, tid, todo[tid], f"worker died {deaths[tid]} times while scoring it: "
+                                f"{str(e).splitlines()[0][:200]}")
+                else:
+                    queues[i].insert(0, tid)
+                    while busy[i] < IN_FLIGHT_PER_WORKER and submit(i):
+                        pass
+                    continue
             n_done += 1
             bar.update(1)
             elapsed = time.time() - t0
