@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from ..data.preprocess import Preprocessing
 from ..errors import SctdError
 from ..zoo.teacher import TeacherConfig
-from .recipe import BatchSampler, Recipe, check_hp, lr_at, make_views, to_float
-
-DEFAULT_STUDENT = "test_resnet"
+from .recipe import DEFAULT_STUDENT, Recipe, check_hp
+from .views import BatchSampler, lr_at, make_views
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
 STUDENT_FILE = "student.json"

@@ -1,0 +1,686 @@
+"""``sctd distill``: selection under a fixed budget (SPEC 5) with Ray Tune.
+
+For one target of an assessed run: the top-k teachers of its ranking (or the ones named), each
+with ``samples`` hyper-parameter draws (lam, tau, eps, lr; the first draw is the recipe's
+default), plus the ``ce`` baseline with as many draws of lr, one Tune trial each. Trials run
+concurrently on fractional resources, report every epoch (a few seconds), checkpoint every
+epoch, and are pruned by ASHA on validation accuracy, except each source's default draw, which
+always runs to the end so every teacher and the baseline get one full run. The search stops
+inside the budget (start-up, draining and export included). Trials receive only uris and ids
+and load the target and teacher themselves.
+
+Outputs in OUT: ``results.parquet`` (one row per trial), ``summary.json``, ``search.json``
+(budget bookkeeping for ``--resume``) and ``tune/`` (the Tune experiment); the best student
+by validation accuracy is exported to the zoo (``export.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import NotFound, SctdError
+from .recipe import DEFAULT_HP, DEFAULT_STUDENT, METHODS, Recipe
+
+RESULTS_FILE = "results.parquet"
+SUMMARY_FILE = "summary.json"
+SEARCH_FILE = "search.json"
+EXPERIMENT = "tune"
+# (low, high) of each hyper-parameter; all but tau drawn log-uniformly.
+SEARCH_SPACE = {"lam": (0.3, 3.0), "tau": (1.0, 4.0), "eps": (0.02, 0.2), "lr": (1e-3, 6e-3)}
+LOG_UNIFORM = {"lam", "eps", "lr"}
+RESULT_COLUMNS = ["trial_id", "teacher_id", "method", "lam", "tau", "eps", "lr", "epochs",
+                  "val_acc", "test_acc", "seconds", "status", "error", "best_epoch",
+                  "best_val_loss", "resumed_epoch", "sample", "rank", "val_curve"]
+
+
+# --------------------------------------------------------------------------- settings
+
+def parse_budget(text) -> float:
+    """Seconds from ``600``, ``90s``, ``10m``, ``1h``, ``1h30m``; SctdError otherwise."""
+    s = str(text).strip().lower()
+    try:
+        value = float(s)
+    except ValueError:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?", s)
+        if not s or not parts or not any(parts.groups()):
+            raise SctdError(f"bad budget {text!r}: give seconds (600) or a duration like 90s, 10m, 1h, 1h30m") from None
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        value = h * 3600 + m * 60 + sec
+    if not math.isfinite(value) or value <= 0:
+        raise SctdError(f"bad budget {text!r}: it must be a positive duration")
+    return value
+
+
+@dataclass
+class DistillSettings:
+    """What ``sctd distill`` does; see ``add_distill_args`` for the meaning of each field."""
+
+    target: str
+    run: str | None = None
+    out: str | None = None
+    zoo: str | None = None
+    top_k: int = 3
+    teachers: list[str] | None = None
+    method: str = "ot"
+    samples: int = 3
+    budget: float = 600.0
+    student: str = DEFAULT_STUDENT
+    seed: int = 0
+    resume: bool = False
+    export: bool = True
+    address: str | None = None
+    s3_endpoint: str | None = None
+    recipe: dict = field(default_factory=dict)
+    cpus_per_trial: float = 1.0
+    trials_per_gpu: int = 4
+    progress: bool = True
+
+
+@dataclass
+class DistillResult:
+    results: pd.DataFrame
+    summary: dict
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.summary.get("complete"))
+
+
+# --------------------------------------------------------------------------- planning
+
+def _draw(name: str, rng: np.random.Generator) -> float:
+    lo, hi = SEARCH_SPACE[name]
+    v = math.exp(rng.uniform(math.log(lo), math.log(hi))) if name in LOG_UNIFORM else rng.uniform(lo, hi)
+    return float(f"{v:.3g}")
+
+
+def plan_trials(teachers: list[str], method: str, samples: int, seed: int) -> list[dict]:
+    """One entry per trial, round by round (the baseline, then each teacher), so a tight
+    budget still reaches every source. Draw 0 is DEFAULT_HP and is protected from pruning."""
+    if samples < 1:
+        raise SctdError(f"--samples must be at least 1; got {samples}")
+    plans = []
+    sources = [(None, "ce")] + ([(t, method) for t in teachers] if method != "ce" else [])
+    for i in range(samples):
+        for tid, m in sources:
+            if i == 0:
+                hp = dict(DEFAULT_HP)
+            else:
+                rng = np.random.default_rng([seed, i, *(tid or "ce").encode()])
+                hp = {k: _draw(k, rng) for k in SEARCH_SPACE} if m != "ce" else \
+                    {**DEFAULT_HP, "lr": _draw("lr", rng)}
+            plans.append({"trial_id": f"{len(plans):03d}-{tid or 'ce'}", "teacher_id": tid,
+                          "method": m, "hp": hp, "sample": i, "protected": i == 0})
+    return plans
+
+
+# --------------------------------------------------------------------------- Tune plumbing
+
+def _storage(out_store, s3_endpoint):
+    """(storage_path, storage_filesystem) for Tune's experiment under OUT."""
+    uri = out_store.uri
+    if not uri.startswith("s3://"):
+        return uri, None
+    import pyarrow.fs
+
+    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return uri[len("s3://"):], pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def _resources(ray, s: DistillSettings) -> tuple[dict, int]:
+    """Per-trial resources: a GPU share where there are GPUs (several small students per
+    GPU), else CPU slots; and the torch threads a trial may use."""
+    res = ray.cluster_resources()
+    if res.get("GPU", 0) >= 1:
+        return {"cpu": 1, "gpu": 1.0 / max(1, s.trials_per_gpu)}, 1
+    cpu = max(0.1, float(s.cpus_per_trial))
+    return {"cpu": cpu}, max(1, int(cpu))
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _read_json(store, key):
+    try:
+        return json.loads(store.read_bytes(key))
+    except NotFound:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SctdError(f"{store.join(key)} is not valid JSON: {e}") from None
+
+
+def _resolve(s: DistillSettings):
+    """(run store, run.json, zoo uri, target uri, target name, ranking rows of the target)."""
+    from ..assess.results import RANKING_FILE, RUN_FILE, read_table
+    from ..data.targets import target_name
+    from ..zoo.store import open_store
+
+    run_store = open_store(s.run, s3_endpoint=s.s3_endpoint) if s.run else None
+    run = (_read_json(run_store, RUN_FILE) or {}) if run_store else {}
+    zoo = s.zoo or run.get("zoo")
+    if not zoo:
+        raise SctdError("no zoo: pass --zoo (the run has no run.json naming its zoo)")
+    targets = run.get("targets") or {}
+    if s.target in targets:
+        name, uri = s.target, targets[s.target].get("uri") or s.target
+    else:
+        uri, name = s.target, target_name(s.target)
+        if targets and name not in targets:
+            raise SctdError(f"target {s.target!r} is not in the run {s.run} "
+                            f"(it has: {', '.join(targets)})")
+    ranking = pd.DataFrame()
+    if run_store is not None:
+        try:
+            table = read_table(run_store, RANKING_FILE)
+        except NotFound:
+            if not s.teachers:
+                raise SctdError(f"{run_store.join(RANKING_FILE)} not found: run `sctd assess` first "
+                                "or name the teachers with --teacher") from None
+            table = pd.DataFrame(columns=["target", "teacher_id", "status", "rank"])
+        ranking = table[table["target"].astype(str) == name]
+        if ranking.empty and not s.teachers:
+            raise SctdError(f"the run {s.run} has no ranking for target {name!r}")
+    elif not s.teachers:
+        raise SctdError("name the teachers with --teacher when there is no --run")
+    return run_store, run, zoo, uri, name, ranking
+
+
+def _choose_teachers(s: DistillSettings, ranking: pd.DataFrame, zoo_store) -> list[str]:
+    from ..zoo.teacher import check_teacher_id, config_key
+
+    if s.method == "ce":
+        return []
+    if s.teachers:
+        ids = [check_teacher_id(t) for t in dict.fromkeys(s.teachers)]
+        missing = [t for t in ids if not zoo_store.exists(config_key(t))]
+        if missing:
+            raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
+        return ids
+    if s.top_k < 1:
+        raise SctdError(f"--top-k must be at least 1; got {s.top_k}")
+    ok = ranking[ranking["status"] == "ok"].sort_values("rank")
+    if ok.empty:
+        raise SctdError("the ranking has no successfully scored teacher for this target")
+    return [str(t) for t in ok["teacher_id"].head(s.top_k)]
+
+
+def _scores(ranking: pd.DataFrame, teacher_id: str | None) -> dict:
+    from ..assess.results import BASE_COLUMNS, TAIL_COLUMNS
+
+    if teacher_id is None or ranking.empty:
+        return {}
+    rows = ranking[ranking["teacher_id"] == teacher_id]
+    if rows.empty:
+        return {}
+    r = rows.iloc[0]
+    out = {}
+    for k, v in r.items():
+        if k in BASE_COLUMNS or k in TAIL_COLUMNS and k != "rank" or k == "finished_at":
+            continue
+        if isinstance(v, (int, float, np.integer, np.floating)) and not pd.isna(v):
+            out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+# --------------------------------------------------------------------------- the search
+
+def run_distill(s: DistillSettings, log=print) -> DistillResult:
+    """Run (or resume) the budgeted search for one target; see the module docstring."""
+    t_start = time.time()
+    from ray import tune
+
+    from ..assess.scan import ensure_ray
+    from ..zoo.store import open_store
+    from . import trial as tr
+
+    if s.method not in METHODS:
+        raise SctdError(f"unknown --method {s.method!r}; expected one of {', '.join(METHODS)}")
+    budget = parse_budget(s.budget)
+    recipe = Recipe.from_dict(s.recipe)
+    run_store, run, zoo_uri, target_uri, name, ranking = _resolve(s)
+    out_uri = s.out or (run_store.join("distill") if run_store is not None else None)
+    if not out_uri:
+        raise SctdError("no output folder: pass --out (or --run, whose distill/ folder is the default)")
+    out = open_store(out_uri, s3_endpoint=s.s3_endpoint)
+    zoo = open_store(zoo_uri, s3_endpoint=s.s3_endpoint)
+
+    previous = _read_json(out, SEARCH_FILE)
+    if previous and not s.resume:
+        raise SctdError(f"{out.uri} already holds a distillation search: pass --resume to continue "
+                        "it, or choose another --out")
+    if previous and previous.get("target") != name:
+        raise SctdError(f"{out.uri} holds the search of target {previous.get('target')!r}, not {name!r}")
+    used_before = float(previous.get("used_s", 0.0)) if previous else 0.0
+    teachers = previous["teachers"] if previous else _choose_teachers(s, ranking, zoo)
+    if s.method == "kd":
+        _check_kd(zoo, teachers, target_uri, s.s3_endpoint)
+
+    ray = ensure_ray(s.address)
+    resources, threads = _resources(ray, s)
+    storage_path, storage_fs = _storage(out, s.s3_endpoint)
+    exp_path = out.join(EXPERIMENT)
+    plans = plan_trials(teachers, s.method, s.samples, s.seed)
+    common = {"zoo": zoo.uri, "target_uri": target_uri, "s3_endpoint": s.s3_endpoint,
+              "recipe": recipe.to_dict(), "seed": s.seed, "student": s.student, "threads": threads}
+    search = {"target": name, "target_uri": target_uri, "run": run_store.uri if run_store else None,
+              "zoo": zoo.uri, "teachers": teachers, "budget_s": budget, "used_s": used_before,
+              "sessions": (previous or {}).get("sessions", 0) + 1,
+              "settings": {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
+                           "student": s.student, "recipe": recipe.to_dict(), "resources": resources}}
+    if previous:
+        search["settings"] = previous["settings"]
+
+    def used() -> float:
+        return used_before + time.time() - t_start
+
+    def save():
+        out.write_bytes(SEARCH_FILE, json.dumps({**search, "used_s": round(used(), 3)}, indent=2).encode())
+
+    remaining = budget - used_before
+    live = {"deadline": t_start + remaining, "max_interval": 0.0, "last_report": {}, "trial_start": {},
+            "best": (-1.0, None), "log": log, "progress": s.progress, "last_line": 0.0,
+            "last_save": time.time(), "save": save, "used": used, "budget": budget, "budget_hit": False}
+    key = exp_path
+    tr.LIVE[key] = live
+    save()
+    trainable = tune.with_resources(tr.distill_trial, resources)
+    restored = False
+    try:
+        if previous and _can_restore(tune, exp_path, storage_fs):
+            tuner = tune.Tuner.restore(exp_path if storage_fs is None else f"{storage_path}/{EXPERIMENT}",
+                                       trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=storage_fs)
+            restored = True
+            log(f"distill {name}: resuming the search in {out.uri} ({used_before:.0f}s of "
+                f"{budget:.0f}s used before)")
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([{**p, **common} for p in plans])},
+                tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=tr.scheduler(recipe.epochs),
+                                            time_budget_s=max(1.0, remaining - tr.END_RESERVE_S),
+                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
+                    stop=tr.BudgetStopper(key), callbacks=[tr.Progress(key)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=0)))
+            log(f"distill {name}: {len(plans)} trials ({len(teachers)} teacher(s) x {s.samples} draw(s) "
+                f"+ ce baseline) on {resources}, budget {budget:.0f}s")
+        if remaining - (time.time() - t_start) > tr.END_RESERVE_S + 1:
+            with tr.quiet_tune():
+                tuner.fit()
+        else:
+            log(f"distill {name}: no budget left ({used():.0f}s of {budget:.0f}s used)")
+    finally:
+        tr.LIVE.pop(key, None)
+
+    trials, interrupted = _collect(tune, exp_path, storage_path, storage_fs)
+    results = _results_table(trials, ranking)
+    from ..assess.results import write_table
+
+    write_table(out, RESULTS_FILE, results)
+    best, ce = _pick(results), _pick(results[results["method"] == "ce"])
+    export = None
+    if best is not None and s.export and not interrupted:
+        export = _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, s)
+    summary = _summary(name, target_uri, out.uri, run_store, zoo, teachers, ranking, results, best, ce, budget,
+                       used(), interrupted, live["budget_hit"], export, search["settings"], restored)
+    out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
+    search["complete"] = not interrupted
+    save()
+    summary["used_s"] = round(used(), 3)
+    out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
+    return DistillResult(results, summary)
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["trial_id"]
+
+
+def _can_restore(tune, exp_path, storage_fs) -> bool:
+    try:
+        return tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs) if storage_fs else \
+            tune.Tuner.can_restore(exp_path)
+    except Exception:  # a half-written experiment folder: start afresh
+        return False
+
+
+def _check_kd(zoo, teachers, target_uri, s3_endpoint) -> None:
+    """kd needs equal label names: refuse before any trial starts (SPEC 4)."""
+    from ..data.targets import load_target
+    from ..zoo.loading import read_config
+
+    classes = load_target(target_uri, splits=("train",), s3_endpoint=s3_endpoint).class_names
+    for t in teachers:
+        names = read_config(zoo, t).label_names
+        if sorted(names) != sorted(classes):
+            raise SctdError(f"kd needs the teacher's label names to equal the target's class names: "
+                            f"teacher {t!r} has {names}, the target has {classes}; use --method ot")
+
+
+def _collect(tune, exp_path, storage_path, storage_fs):
+    """Every trial of the experiment with its state, last result, curve and checkpoint;
+    ``interrupted`` when some trial is neither finished nor failed (Ctrl-C: resume it)."""
+    from ray.tune import ExperimentAnalysis
+
+    path = exp_path if storage_fs is None else f"{storage_path}/{EXPERIMENT}"
+    from .trial import quiet_tune
+
+    with quiet_tune():
+        ea = ExperimentAnalysis(path, storage_filesystem=storage_fs)
+    trials = []
+    interrupted = False
+    for t in ea.trials:
+        p = t.config["trial"]
+        df = ea.trial_dataframes.get(t.trial_id)
+        curve = [float(v) for v in df["epoch_val_acc"].dropna()] if df is not None and "epoch_val_acc" in df else []
+        if t.status not in ("TERMINATED", "ERROR"):
+            interrupted = True
+        ckpt = t.checkpoint
+        trials.append({"plan": p, "status": t.status, "result": dict(t.last_result or {}),
+                       "error": _error_line(t), "curve": curve, "checkpoint": ckpt})
+    trials.sort(key=lambda x: x["plan"]["trial_id"])
+    return trials, interrupted
+
+
+def _error_line(trial) -> str | None:
+    if trial.status != "ERROR":
+        return None
+    msg = None
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        if path and os.path.exists(path):
+            msg = open(path).read()
+    except OSError:
+        pass
+    msg = msg or getattr(trial, "error_msg", None) or "trial failed"
+    lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "trial failed")[:500]
+
+
+def _results_table(trials, ranking) -> pd.DataFrame:
+    rows = []
+    for t in trials:
+        p, r = t["plan"], t["result"]
+        hp = p["hp"]
+        has_val = r.get("val_acc") is not None
+        if t["status"] == "ERROR":
+            status = "error"
+        elif t["status"] != "TERMINATED":
+            status = "interrupted"
+        elif r.get("done"):
+            status = "ok"
+        else:
+            status = "stopped" if has_val else "not_run"
+        teacher_rank = None
+        if p["teacher_id"] and not ranking.empty:
+            m = ranking[ranking["teacher_id"] == p["teacher_id"]]
+            if len(m) and not pd.isna(m["rank"].iloc[0]):
+                teacher_rank = int(m["rank"].iloc[0])
+        ce = p["method"] == "ce"
+        rows.append({
+            "trial_id": p["trial_id"], "teacher_id": p["teacher_id"], "method": p["method"],
+            "lam": np.nan if ce else hp["lam"], "tau": np.nan if ce else hp["tau"],
+            "eps": hp["eps"] if p["method"] == "ot" else np.nan, "lr": hp["lr"],
+            "epochs": int(r.get("epoch", 0) or 0),
+            "val_acc": r.get("val_acc", np.nan) if has_val else np.nan,
+            "test_acc": r.get("test_acc", np.nan) if has_val else np.nan,
+            "seconds": float(r.get("seconds", 0.0) or 0.0), "status": status, "error": t["error"],
+            "best_epoch": int(r.get("best_epoch", 0) or 0),
+            "best_val_loss": r.get("best_val_loss", np.nan), "resumed_epoch": int(r.get("resumed_epoch", 0) or 0),
+            "sample": p["sample"], "rank": teacher_rank, "val_curve": t["curve"]})
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    df["rank"] = df["rank"].astype("Int64")
+    for c in ("lam", "tau", "eps", "lr", "val_acc", "test_acc", "best_val_loss"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df
+
+
+def _pick(df: pd.DataFrame) -> dict | None:
+    """Best trial by validation accuracy (ties: lower validation loss, then trial order)."""
+    ok = df[df["status"].isin(["ok", "stopped"]) & df["val_acc"].notna()]
+    if ok.empty:
+        return None
+    ok = ok.assign(_l=ok["best_val_loss"].fillna(np.inf))
+    return ok.sort_values(["val_acc", "_l", "trial_id"], ascending=[False, True, True]).iloc[0] \
+        .drop("_l").to_dict()
+
+
+def _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, s) -> dict:
+    from .export import export_student, student_id
+    from .train import BEST_FILE, STUDENT_FILE
+
+    t = next(t for t in trials if t["plan"]["trial_id"] == best["trial_id"])
+    if t["checkpoint"] is None:
+        raise SctdError(f"the best trial {best['trial_id']} left no checkpoint to export")
+    with t["checkpoint"].as_directory() as d:
+        with open(os.path.join(d, STUDENT_FILE)) as f:
+            config_json = f.read()
+        with open(os.path.join(d, BEST_FILE), "rb") as f:
+            weights = f.read()
+    source = _str(best["teacher_id"]) or "ce"
+    sid = student_id(name, source, out.uri)
+    cfg = json.loads(config_json)
+    card = {
+        "target": name, "target_uri": target_uri, "class_names": cfg.get("label_names"),
+        "teacher_id": _str(best["teacher_id"]), "method": best["method"],
+        "teacher_scores": _scores(ranking, _str(best["teacher_id"])),
+        "hp": {k: _num(best[k]) for k in ("lam", "tau", "eps", "lr")},
+        "trial_id": best["trial_id"], "val_acc": _num(best["val_acc"]), "test_acc": _num(best["test_acc"]),
+        "best_epoch": int(best["best_epoch"]), "epochs": int(best["epochs"]),
+        "ce_baseline": None if ce is None else {"trial_id": ce["trial_id"], "val_acc": _num(ce["val_acc"]),
+                                                "test_acc": _num(ce["test_acc"])},
+        "budget_s": budget, "used_s": round(used(), 3), "search": out.uri,
+        "student": {"architecture": cfg.get("architecture"), "model_args": cfg.get("model_args")},
+        "recipe": Recipe.from_dict(s.recipe).to_dict() if s.recipe is not None else None,
+    }
+    uri = export_student(zoo, sid, config_json, weights, card)
+    return {"teacher_id": sid, "uri": uri}
+
+
+def _num(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return float(v)
+
+
+def _str(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if v is pd.NA:
+        return None
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def _summary(name, target_uri, out_uri, run_store, zoo, teachers, ranking, results, best, ce, budget, used_s,
+             interrupted, budget_hit, export, settings, restored) -> dict:
+    per_teacher = []
+    for tid in teachers:
+        rows = results[(results["teacher_id"] == tid)]
+        b = _pick(rows)
+        per_teacher.append({"teacher_id": tid, "rank": _scores(ranking, tid).get("rank"),
+                            "scores": _scores(ranking, tid), "trials": int(len(rows)),
+                            "best_trial_id": b["trial_id"] if b else None,
+                            "val_acc": _num(b["val_acc"]) if b else None,
+                            "test_acc": _num(b["test_acc"]) if b else None})
+
+    def brief(row):
+        if row is None:
+            return None
+        out = {k: _num(row[k]) for k in ("lam", "tau", "eps", "lr", "val_acc", "test_acc")}
+        return {"trial_id": row["trial_id"], "teacher_id": _str(row["teacher_id"]), "method": row["method"],
+                **out, "epochs": int(row["epochs"])}
+
+    gain = None
+    if best is not None and ce is not None and not pd.isna(best["test_acc"]) and not pd.isna(ce["test_acc"]):
+        gain = round(100 * (float(best["test_acc"]) - float(ce["test_acc"])), 2)
+    return {
+        "target": name, "target_uri": target_uri, "run": run_store.uri if run_store else None, "zoo": zoo.uri,
+        "out": out_uri, "complete": not interrupted, "resumed": restored, "budget_s": budget, "used_s": round(used_s, 3),
+        "stopped_by_budget": bool(budget_hit),
+        "best_trial_id": best["trial_id"] if best else None, "best_teacher": _str(best["teacher_id"]) if best else None,
+        "best": brief(best), "ce_baseline": brief(ce), "gain_vs_ce_points": gain,
+        "teacher_scores": _scores(ranking, _str(best["teacher_id"])) if best else {},
+        "teachers": per_teacher, "trials": int(len(results)),
+        "trials_by_status": {k: int(v) for k, v in results["status"].value_counts().items()},
+        "export": export, "settings": settings,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+def format_summary(summary: dict) -> str:
+    """The printed summary: best teacher, student accuracy vs the ce baseline, budget used."""
+    lines = []
+    st = summary.get("trials_by_status", {})
+    lines.append(f"distill {summary['target']}: {summary['trials']} trials ("
+                 + ", ".join(f"{v} {k}" for k, v in sorted(st.items())) + f") in "
+                 f"{summary['used_s']:.0f}s of a {summary['budget_s']:.0f}s budget"
+                 + ("" if summary["complete"] else " -- INTERRUPTED: rerun with --resume"))
+    b, ce = summary.get("best"), summary.get("ce_baseline")
+    if b:
+        src = b["teacher_id"] or "no teacher"
+        hp = ", ".join(f"{k}={b[k]:g}" for k in ("lam", "tau", "eps", "lr") if b.get(k) is not None)
+        lines.append(f"  best student: {src} ({b['method']}; {hp}) val {b['val_acc']:.3f} test {b['test_acc']:.3f}")
+    else:
+        lines.append("  no trial produced a student")
+    if ce:
+        gain = summary.get("gain_vs_ce_points")
+        lines.append(f"  ce baseline:  val {ce['val_acc']:.3f} test {ce['test_acc']:.3f}"
+                     + (f"  -> {gain:+.1f} points test accuracy" if gain is not None else ""))
+    for t in summary.get("teachers", []):
+        acc = (f"best val {t['val_acc']:.3f} test {t['test_acc']:.3f}" if t["val_acc"] is not None
+               else "no result")
+        rank = f"rank {t['rank']}" if t.get("rank") is not None else "unranked"
+        lines.append(f"  teacher {t['teacher_id']} ({rank}): {t['trials']} trials, {acc}")
+    if summary.get("export"):
+        lines.append(f"  exported student: {summary['export']['uri']}")
+    return "\n".join(lines)
+
+
+def add_distill_args(p) -> None:
+    """Options of ``sctd distill`` (SPEC 5)."""
+    p.add_argument("--run", required=True, help="assessed run folder (local or s3://) with ranking.parquet")
+    p.add_argument("--target", required=True, help="target name in the run (or the target's uri)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/distill)")
+    p.add_argument("--zoo", default=None, help="zoo (default: the zoo recorded in RUN/run.json)")
+    p.add_argument("--top-k", type=int, default=3, help="distill from the k best-ranked teachers (default 3)")
+    p.add_argument("--teacher", action="append", default=None,
+                   help="distill from this teacher id instead of the top-k (repeatable)")
+    p.add_argument("--method", choices=list(METHODS), default="ot",
+                   help="ot (default; across label spaces), kd (same label names only), ce (baseline only)")
+    p.add_argument("--budget", default="600", help="wall-clock budget: seconds, or 90s, 10m, 1h (default 600)")
+    p.add_argument("--samples", type=int, default=3,
+                   help="hyper-parameter draws per teacher and for the ce baseline (default 3)")
+    p.add_argument("--student", default=DEFAULT_STUDENT, help=f"timm architecture of the student (default {DEFAULT_STUDENT})")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the recipe's)")
+    p.add_argument("--recipe", default=None, metavar="JSON",
+                   help='override recipe settings, e.g. \'{"steps_per_epoch": 20, "hflip": true}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
+    p.add_argument("--export", dest="export", action="store_true", default=True,
+                   help="write the best student to the zoo (default)")
+    p.add_argument("--no-export", dest="export", action="store_false", help="do not write to the zoo")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPU share of one trial on CPU-only clusters (default 1)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def settings_from_args(args) -> DistillSettings:
+    recipe = {}
+    if getattr(args, "recipe", None):
+        try:
+            recipe = json.loads(args.recipe)
+        except json.JSONDecodeError as e:
+            raise SctdError(f"--recipe must be a JSON object: {e}") from None
+        if not isinstance(recipe, dict):
+            raise SctdError("--recipe must be a JSON object")
+    if getattr(args, "epochs", None):
+        recipe["epochs"] = args.epochs
+    return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, top_k=args.top_k,
+                           teachers=args.teacher, method=args.method, samples=args.samples,
+                           budget=parse_budget(args.budget), student=args.student, seed=args.seed,
+                           resume=args.resume, export=args.export, address=args.address,
+                           s3_endpoint=getattr(args, "s3_endpoint", None), recipe=recipe,
+                           cpus_per_trial=args.cpus_per_trial, progress=not getattr(args, "quiet", False))
+
+
+def cmd_distill(args) -> int:
+    """``sctd distill``: 0 when the search finished with a student, 1 when no trial produced
+    one, 130 when it was interrupted (rerun with --resume)."""
+    res = run_distill(settings_from_args(args))
+    print(format_summary(res.summary))
+    if not res.complete:
+        return 130
+    return 0 if res.summary.get("best") else 1
+
+
+def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: float | str = 600,
+                         top_k: int = 3, samples: int = 3, student: str = DEFAULT_STUDENT,
+                         seed: int = 0, resume: bool = False, export: bool = True, zoo: str | None = None,
+                         address: str | None = None, s3_endpoint: str | None = None,
+                         progress: bool = True, log=print) -> dict[str, dict]:
+    """The distillation step of ``sctd scan``: every target of the assessed run (or those
+    named), ``budget`` split equally between them. One target writes to RUN/distill, several
+    to RUN/distill/<target>. Returns {target name: summary}."""
+    from ..assess.results import RUN_FILE
+    from ..zoo.store import open_store
+
+    run_store = open_store(run, s3_endpoint=s3_endpoint)
+    info = _read_json(run_store, RUN_FILE) or {}
+    names = list(targets or (info.get("targets") or {}))
+    if not names:
+        raise SctdError(f"{run_store.join(RUN_FILE)} names no targets; pass them explicitly")
+    each = parse_budget(budget) / len(names)
+    out = {}
+    for n in names:
+        dest = run_store.join("distill") if len(names) == 1 else run_store.join(f"distill/{n}")
+        res = run_distill(DistillSettings(target=n, run=run_store.uri, out=dest, zoo=zoo, top_k=top_k,
+                                          samples=samples, budget=each, student=student, seed=seed,
+                                          resume=resume, export=export, address=address,
+                                          s3_endpoint=s3_endpoint, progress=progress), log=log)
+        log(format_summary(res.summary))
+        out[n] = res.summary
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sctd_ray.distill.search ...`` (the same options as ``sctd distill``)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="sctd distill", description=__doc__.splitlines()[0])
+    add_distill_args(p)
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL")
+    args = p.parse_args(argv)
+    try:
+        return cmd_distill(args)
+    except SctdError as e:
+        print(f"sctd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sctd: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
