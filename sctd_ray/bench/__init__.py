@@ -1,0 +1,1 @@
+"""Benchmarks of the assessment scores against ground truths (SPEC 6)."""

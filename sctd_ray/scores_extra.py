@@ -1,0 +1,123 @@
+"""Improved OT-based scores of the ``sctd`` family (SPEC 2: new names; ``metrics.sctd`` and
+``metrics.sctd_cost`` keep their definitions). Reasoning and benchmark: docs/method.md,
+"Improved score", and docs/benchmarks.md (quality).
+
+Notation (SPEC 1-2): ``p_i`` teacher prediction, ``M[k,c] = 1 - cos(w_k, mu_c)`` the proto-cos
+cost, ``A = P M`` the closed-form cost of transporting ``p_i`` to the one-hot label ``e_c``.
+``sctd`` is the log-likelihood of the labels under ``softmax(-A/T)`` with a fixed ``T = 0.1``.
+
+The variants here share two changes and differ in which transport costs they use:
+
+- **calibrated temperature**: ``T`` is not fixed but fitted by maximum likelihood (the
+  log-likelihood of a softmax is concave in ``1/T``, so the fit is unique); the score is the
+  information the costs carry about the label, ``max_beta mean_i log softmax(-beta A_i)[y_i] +
+  log C`` (nats, >= 0). A fixed T mixes two things: how well costs order the labels and how
+  their scale (which depends on K, D, the head's norms) happens to match T.
+- **leave-one-out prototypes**: sample i's own features are removed from its class prototype
+  ``mu_{y_i}``, so with 5-20 shots a prototype cannot "explain" its own sample.
+
+``sctd_cal``:   the SPEC 2 costs ``A`` with a calibrated temperature.
+``sctd_loo``:   leave-one-out costs ``A^loo`` with a calibrated temperature.
+``sctd_fused``: two transport routes to the same target prototypes ``mu_c`` fitted jointly:
+    through the teacher's label space, ``A^loo[i,c] = sum_k p_ik (1 - cos(w_k, mu_c^{-i}))``, and
+    directly from the sample's features, ``F^loo[i,c] = 1 - cos(phi_i, mu_c^{-i})`` (the one-hot
+    transport of the point mass at phi_i); logits ``-(beta_a A^loo + beta_f F^loo)`` with
+    ``beta >= 0`` fitted by maximum likelihood (concave), score = log-likelihood + log C.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import logsumexp, softmax
+
+EXTRA_NAMES = ("sctd_cal", "sctd_loo", "sctd_fused")
+BETA_MAX = 1e4
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 1e-12)
+
+
+def _loo_cos(vecs: np.ndarray, features: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """cos(v_i, mu_c^{-i}) for every i, c: ``mu_c^{-i} = S_c - [y_i = c] phi_i`` (N, C)."""
+    n = len(labels)
+    dots = vecs @ sums.T                                     # v_i . S_c
+    norms2 = np.tile((sums ** 2).sum(1), (n, 1))             # |S_c|^2
+    own = np.arange(n), labels
+    s_own = sums[labels]                                     # S_{y_i}
+    dots[own] -= (vecs * features).sum(1)
+    norms2[own] += -2 * (s_own * features).sum(1) + (features ** 2).sum(1)
+    vn = np.linalg.norm(vecs, axis=1, keepdims=True)
+    den = np.sqrt(np.clip(norms2, 0, None)) * vn
+    return np.divide(dots, den, out=np.zeros_like(dots), where=den > 1e-12)
+
+
+def cost_terms(features, logits, labels, weight, num_classes: int, loo: bool = True,
+               tau_a: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-sample transport costs to every target label (N, C): ``A`` (SPEC 2, through the
+    teacher's label space) and ``F`` (feature point mass to the prototype), with or without
+    leave-one-out prototypes."""
+    x = np.asarray(features, np.float64)
+    y = np.asarray(labels, np.int64)
+    p = softmax(np.asarray(logits, np.float64) / tau_a, axis=1)
+    wu = _unit(np.asarray(weight, np.float64))
+    sums = np.zeros((num_classes, x.shape[1]))
+    np.add.at(sums, y, x)
+    if not loo:
+        m = np.clip(1 - wu @ _unit(sums).T, 0, 2)
+        return {"A": p @ m, "F": 1 - _unit(x) @ _unit(sums).T}
+    # A^loo[i,c] = sum_k p_ik (1 - cos(w_k, mu_c^{-i})) = 1 - (P W_unit)_i . mu_c^{-i} / |mu_c^{-i}|
+    # (the clip of M at [0, 2] is a no-op for cosines)
+    h = p @ wu
+    hn = np.linalg.norm(h, axis=1, keepdims=True)
+    cos_h = _loo_cos(h, x, y, sums) * hn                     # h . unit(mu^{-i}) (h is not unit)
+    return {"A": 1 - cos_h, "F": 1 - _loo_cos(x, x, y, sums)}
+
+
+def calibrated_loglik(costs: list[np.ndarray], labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """max_{beta >= 0} mean_i log softmax_c(-sum_j beta_j costs_j[i, :])[y_i] + log C, and beta.
+    Concave in beta: a bounded quasi-Newton fit from beta = 0 finds the maximum."""
+    y = np.asarray(labels, np.int64)
+    n, c = costs[0].shape
+    z = np.stack([-np.asarray(a, np.float64) for a in costs])   # (J, N, C) logits per unit beta
+    zy = z[:, np.arange(n), y]                                    # (J, N)
+
+    def f(beta):
+        logits = np.tensordot(beta, z, 1)                         # (N, C)
+        lse = logsumexp(logits, axis=1)
+        q = np.exp(logits - lse[:, None])
+        val = np.mean(zy.T @ beta - lse)
+        grad = zy.mean(1) - np.einsum("jnc,nc->j", z, q) / n
+        return -val, -grad
+
+    j = len(costs)
+    r = minimize(f, np.zeros(j), jac=True, method="L-BFGS-B", bounds=[(0.0, BETA_MAX)] * j)
+    return float(-r.fun + np.log(c)), r.x
+
+
+def sctd_cal(features, logits, labels, weight, num_classes: int) -> float:
+    """SPEC 2 costs ``A = P M`` with a maximum-likelihood temperature (nats of label info)."""
+    t = cost_terms(features, logits, labels, weight, num_classes, loo=False)
+    return calibrated_loglik([t["A"]], labels)[0]
+
+
+def sctd_loo(features, logits, labels, weight, num_classes: int) -> float:
+    """Leave-one-out costs ``A^loo`` with a maximum-likelihood temperature."""
+    t = cost_terms(features, logits, labels, weight, num_classes, loo=True)
+    return calibrated_loglik([t["A"]], labels)[0]
+
+
+def sctd_fused(features, logits, labels, weight, num_classes: int) -> float:
+    """``A^loo`` and ``F^loo`` to the same prototypes, jointly calibrated (see module doc)."""
+    t = cost_terms(features, logits, labels, weight, num_classes, loo=True)
+    return calibrated_loglik([t["A"], t["F"]], labels)[0]
+
+
+SCORES = {"sctd_cal": sctd_cal, "sctd_loo": sctd_loo, "sctd_fused": sctd_fused}
+
+
+def compute_extra(features, logits, labels, weight, num_classes: int, names=EXTRA_NAMES) -> dict[str, float]:
+    """Every requested variant of one teacher on one target {name: value}."""
+    return {n: float(SCORES[n](features, logits, labels, weight, num_classes)) for n in names}

@@ -1,0 +1,235 @@
+"""sctd bench quality (SPEC 6): measures on hand examples, spread filtering, the ground-truth
+cache, the JSON schema, and arbitrary zoo/target folders. Distillation is replaced by a cheap
+fake (a real student takes tens of seconds); the probe and the scores run for real on a tiny
+zoo built here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sctd_ray.bench import groundtruth as gtm
+from sctd_ray.bench import quality as q
+
+
+# --------------------------------------------------------------------------- measures
+
+def test_weighted_tau_matches_scipy_and_hand_cases():
+    from scipy.stats import weightedtau
+
+    gt = [0.9, 0.8, 0.7, 0.6, 0.5]
+    assert q.weighted_tau([5, 4, 3, 2, 1], gt) == pytest.approx(1.0)
+    assert q.weighted_tau([1, 2, 3, 4, 5], gt) == pytest.approx(-1.0)
+    s = [3.0, 5.0, 1.0, 2.0, 4.0]
+    assert q.weighted_tau(s, gt) == pytest.approx(weightedtau(s, gt).statistic)
+    # swapping the top pair costs more than swapping the bottom pair (hyperbolic weights)
+    top = q.weighted_tau([4, 5, 3, 2, 1], gt)
+    bottom = q.weighted_tau([5, 4, 3, 1, 2], gt)
+    assert top < bottom < 1.0
+    assert q.weighted_tau([1, 1, 1, 1, 1], gt) == 0.0
+    assert math.isnan(q.weighted_tau([1, 2, 3], [0.5, 0.5, 0.5]))
+
+
+def test_top1_regret_in_points_and_ties():
+    gt = [0.60, 0.75, 0.70]
+    assert q.top1_regret([0.1, 0.9, 0.3], gt) == pytest.approx(0.0)
+    assert q.top1_regret([0.9, 0.1, 0.3], gt) == pytest.approx(15.0)
+    assert q.top1_regret([0.9, 0.1, 0.9], gt) == pytest.approx(10.0)  # tie: mean of 60 and 70
+    assert q.random_regret(gt) == pytest.approx(100 * (0.75 - np.mean(gt)))
+
+
+def test_random_tau_is_near_zero_and_bootstrap_brackets_the_mean():
+    gt = list(np.linspace(0.5, 0.9, 12))
+    assert abs(q.random_tau(gt, n=300)) < 0.08
+    lo, hi = q.bootstrap_ci([0.2, 0.4, 0.6, 0.8])
+    assert lo < 0.5 < hi and 0.2 <= lo and hi <= 0.8
+
+
+def test_evaluate_leaves_flat_targets_out_of_the_means():
+    teachers = [f"t{i}" for i in range(5)]
+    good = dict(zip(teachers, [0.9, 0.8, 0.7, 0.6, 0.5]))
+    flat = dict(zip(teachers, [0.715, 0.712, 0.708, 0.704, 0.700]))   # spread 1.5 points
+    scores = {"s": {"a": dict(zip(teachers, [5, 4, 3, 2, 1])), "b": dict(zip(teachers, [1, 2, 3, 4, 5]))}}
+    res = q.evaluate(scores, {"probe": {"a": good, "b": flat}}, n_random=50)
+    assert res["used_targets"]["probe"] == ["a"]
+    assert res["spread"]["b"]["probe"] == pytest.approx(1.5)
+    e = res["metrics"]["s"]
+    assert e["tau_w_probe_mean"] == pytest.approx(1.0)            # b (tau -1) is left out
+    assert e["per_target"]["b"]["tau_w_probe"] == pytest.approx(-1.0)   # but still reported
+    assert e["regret_probe_mean"] == pytest.approx(0.0)
+    assert e["tau_w_mean"] is None                                # no distill ground truth
+    assert "random" in res["metrics"]
+    table = q.format_table(res, 5)
+    assert "no signal" in table and "b" in table
+
+
+# --------------------------------------------------------------------------- tiny zoo
+
+CLASSES = ["cat", "dog", "emu"]
+
+
+def _tiny_zoo(root, n_teachers=5):
+    import timm
+
+    from sctd_ray.data.targets import write_target
+    from sctd_ray.zoo.demo import save_teacher
+    from sctd_ray.zoo.store import open_store
+    from sctd_ray.zoo.teacher import TeacherConfig
+
+    zoo = open_store(str(root / "zoo"))
+    for i in range(n_teachers):
+        torch.manual_seed(i)
+        model = timm.create_model("test_resnet", pretrained=False, num_classes=3 + i % 2, in_chans=1)
+        cfg = TeacherConfig(teacher_id=f"tiny-{i}", architecture="test_resnet", num_classes=3 + i % 2,
+                            label_names=[f"k{j}" for j in range(3 + i % 2)],
+                            pretrained_cfg={"input_size": [1, 16, 16], "mean": [0.5], "std": [0.25],
+                                            "interpolation": "bilinear", "crop_pct": 1.0},
+                            num_features=int(model.num_features), model_args={"in_chans": 1})
+        save_teacher(zoo, model.eval(), cfg)
+    rng = np.random.default_rng(0)
+    uris = []
+    for name in ("task-a", "task-b"):
+        uri = str(root / "elsewhere" / name)      # not under the zoo: any folder works
+        imgs, labs = {}, {}
+        for split, per in (("train", 4), ("val", 2), ("test", 4)):
+            y = np.repeat(np.arange(3), per)
+            base = rng.integers(0, 255, size=(3, 16, 16, 1))
+            imgs[split] = np.clip(base[y] + rng.integers(-30, 30, size=(len(y), 16, 16, 1)), 0, 255).astype(np.uint8)
+            labs[split] = [CLASSES[v] for v in y]
+        write_target(open_store(uri), imgs, labs)
+        uris.append(uri)
+    return str(root / "zoo"), uris
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_zoo(tmp_path_factory.mktemp("bq"))
+
+
+@pytest.fixture
+def fake_distill(monkeypatch):
+    """distill_gt replaced by a deterministic function of (teacher, target, seed); counts calls."""
+    calls = []
+
+    def fake(teacher, target, recipe, seed, method="ot"):
+        calls.append((teacher.teacher_id if teacher else None, target.name, seed, method))
+        tid = teacher.teacher_id if teacher else "ce"
+        acc = 0.4 + 0.1 * (hash((tid, target.name)) % 5) + 0.01 * seed
+        return {"test_acc": acc, "val_acc": acc, "best_epoch": 1, "seconds": 0.0}
+
+    monkeypatch.setattr(gtm, "distill_gt", fake)
+    return calls
+
+
+def test_cache_hits_skip_work_and_changed_keys_recompute(tiny, tmp_path, fake_distill, monkeypatch):
+    zoo, uris = tiny
+    teachers = gtm.zoo_teachers(zoo)
+    targets = [gtm.load_target_ref(u) for u in uris]
+    cache = gtm.GTCache(tmp_path)
+    from sctd_ray.distill.recipe import Recipe
+
+    gt1, ce1 = gtm.compute_distill(teachers, targets, cache, Recipe(), seeds=(0, 1), log=lambda m: None)
+    n_first = len(fake_distill)
+    assert n_first == len(targets) * (len(teachers) + 1) * 2          # + ce, 2 seeds
+    gt2, ce2 = gtm.compute_distill(teachers, targets, cache, Recipe(), seeds=(0, 1), log=lambda m: None)
+    assert len(fake_distill) == n_first and gt1 == gt2 and ce1 == ce2  # all cache hits
+    # the mean over seeds is the ground truth
+    assert gt1["task-a"]["tiny-0"] == pytest.approx(
+        np.mean([0.4 + 0.1 * (hash(("tiny-0", "task-a")) % 5) + 0.01 * s for s in (0, 1)]))
+    # a changed recipe is a new key: everything recomputes
+    gtm.compute_distill(teachers, targets[:1], cache, Recipe(epochs=3), seeds=(0,), log=lambda m: None)
+    assert len(fake_distill) == n_first + len(teachers) + 1
+    # a time limit of 0 uses the cache only
+    before = len(fake_distill)
+    gt0, _ = gtm.compute_distill(teachers, targets, cache, Recipe(), seeds=(0, 5), max_seconds=0,
+                                 log=lambda m: None)
+    assert len(fake_distill) == before and set(gt0) == {"task-a", "task-b"}
+    # a changed recipe source (code version) is a new key too
+    monkeypatch.setattr(gtm, "recipe_code_version", lambda: "changed")
+    gtm.compute_distill(teachers[:1], targets[:1], cache, Recipe(), seeds=(0,), with_ce=False, log=lambda m: None)
+    assert len(fake_distill) == n_first + len(teachers) + 2
+    # changed teacher weights (sha256) and changed target files miss the cache as well
+    k = gtm.distill_key(teachers[0], targets[0], Recipe(), 0)
+    assert cache.get(k) is not None
+    assert cache.get({**k, "teacher_sha256": "0" * 64}) is None
+    assert cache.get({**k, "target_sha256": "0" * 64}) is None
+
+
+
+def test_probe_cache_and_key(tiny, tmp_path, monkeypatch):
+    zoo, uris = tiny
+    teachers = gtm.zoo_teachers(zoo)[:2]
+    targets = [gtm.load_target_ref(uris[0])]
+    cache = gtm.GTCache(tmp_path)
+    real = gtm.probe_gt
+    calls = []
+    monkeypatch.setattr(gtm, "probe_gt", lambda t, tg: calls.append(1) or real(t, tg))
+    a = gtm.compute_probe(teachers, targets, cache, log=lambda m: None)
+    assert len(calls) == 2 and all(0 <= v <= 1 for v in a["task-a"].values())
+    b = gtm.compute_probe(teachers, targets, cache, log=lambda m: None)
+    assert len(calls) == 2 and a == b
+    files = list((tmp_path / "gt" / "probe").rglob("*.json"))
+    assert len(files) == 2
+    rec = json.loads(files[0].read_text())
+    assert {"teacher_sha256", "target_sha256", "probe", "sklearn", "seed"} <= set(rec["key"])
+    monkeypatch.setattr(gtm, "PROBE_SETTINGS", {**gtm.PROBE_SETTINGS, "C": 0.5})
+    gtm.compute_probe(teachers, targets, cache, log=lambda m: None)
+    assert len(calls) == 4
+
+
+def test_probe_accuracy_on_separable_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    x = np.eye(3)[y] * 5 + rng.normal(size=(30, 3)) * 0.1
+    assert gtm.probe_accuracy(x, y, x, y) == 1.0
+
+
+def test_command_json_schema_with_arbitrary_zoo_and_targets(tiny, tmp_path, fake_distill, capsys):
+    import argparse
+
+    zoo, uris = tiny
+    p = argparse.ArgumentParser()
+    q.add_bench_quality_args(p)
+    out_json = tmp_path / "r" / "quality.json"
+    args = p.parse_args(["--zoo", zoo, "--targets", *uris, "--out", str(tmp_path / "cache"),
+                         "--json", str(out_json)])
+    assert q.cmd_bench_quality(args) == 0
+    printed = capsys.readouterr().out
+    assert "weighted Kendall tau" in printed and "task-a" in printed
+    r = json.loads(out_json.read_text())
+    assert r["teachers"] == 5 and r["targets"] == ["task-a", "task-b"]
+    assert set(r["spread"]) == {"task-a", "task-b"}
+    assert set(r["spread"]["task-a"]) == {"distill", "probe"}
+    from sctd_ray.metrics import NAMES
+    from sctd_ray.scores_extra import EXTRA_NAMES
+
+    assert set(NAMES) | set(EXTRA_NAMES) | {"random"} <= set(r["metrics"])
+    for m, e in r["metrics"].items():
+        assert {"tau_w_mean", "tau_w_probe_mean", "regret_mean", "per_target"} <= set(e)
+        assert set(e["per_target"]) == {"task-a", "task-b"}
+        for row in e["per_target"].values():
+            assert {"tau_w", "tau_w_probe", "regret"} <= set(row)
+    # the distill numbers are the fake's, through the cache (a rerun trains nothing)
+    n = len(fake_distill)
+    assert n == 2 * (5 + 1)
+    args2 = p.parse_args(["--zoo", zoo, "--targets", uris[0], "--out", str(tmp_path / "cache")])
+    assert q.cmd_bench_quality(args2) == 0
+    assert len(fake_distill) == n
+
+
+def test_scores_match_the_engine(tiny):
+    """score_pair's SPEC 2-3 scores are the scan engine's numbers (assess_teacher)."""
+    from sctd_ray.assess.engine import assess_teacher, batches_from_arrays
+
+    zoo, uris = tiny
+    t = gtm.zoo_teachers(zoo)[0]
+    tg = gtm.load_target_ref(uris[0])
+    s = tg.task.splits["train"]
+    ref = assess_teacher(t.get(), batches_from_arrays(tg.name, s.images, s.labels, 3), device="cpu")[tg.name]
+    got = q.score_pair(t, tg)
+    for m, v in ref.items():
+        assert got[m] == pytest.approx(v, rel=1e-9, abs=1e-12)
