@@ -116,8 +116,23 @@ def read_config(uri: str) -> dict:
     return data
 
 
-def _given(argv: list[str], action: argparse.Action) -> bool:
-    return any(a == s or a.startswith(s + "=") for a in argv for s in action.option_strings)
+def _given(argv: list[str], sub: argparse.ArgumentParser, action: argparse.Action) -> bool:
+    """Whether `argv` sets the destination of `action` (by it, or by a paired --no-x)."""
+    strings = [s for a in sub._actions if a.dest == action.dest for s in a.option_strings]
+    return any(a == s or a.startswith(s + "=") for a in argv for s in strings)
+
+
+def _flag_tokens(sub: argparse.ArgumentParser, action: argparse.Action, value: bool) -> list[str]:
+    """Tokens that leave `action.dest` as `key: value` in the YAML means (--x or --no-x)."""
+    if not isinstance(action.const, bool):  # store_const: true = give the flag
+        return [action.option_strings[-1]] if value else []
+    want = action.const if value else not action.const
+    for a in sub._actions:
+        if a.dest == action.dest and a.nargs == 0 and a.const is want and a.option_strings:
+            return [next((s for s in a.option_strings if s.startswith("--")), a.option_strings[0])]
+    if sub.get_default(action.dest) == want:
+        return []
+    raise JobConfigError(f"`{sub.prog}` has no option that sets {action.dest} to {want}")
 
 
 def config_argv(sub: argparse.ArgumentParser, config: dict, argv: list[str], source: str) -> list[str]:
@@ -140,7 +155,7 @@ def config_argv(sub: argparse.ArgumentParser, config: dict, argv: list[str], sou
         if action is None:
             known = ", ".join(sorted(by_name))
             raise JobConfigError(f"unknown key {key!r} in {source}: the options of `{sub.prog}` are {known}")
-        if value is None or (action.option_strings and _given(argv, action)):
+        if value is None or (action.option_strings and _given(argv, sub, action)):
             continue
         flag = f"--{name}"
         if not action.option_strings:
@@ -149,8 +164,7 @@ def config_argv(sub: argparse.ArgumentParser, config: dict, argv: list[str], sou
             if not isinstance(value, bool):
                 raise JobConfigError(f"key {key!r} in {source} is a flag: expected true or false, "
                                      f"got {value!r}")
-            if value == (action.const is not False):
-                tokens.append(flag)
+            tokens += _flag_tokens(sub, action, value)
         elif isinstance(value, list):
             if isinstance(action, argparse._AppendAction):
                 for v in value:
@@ -261,7 +275,8 @@ class _StderrTee:
         return getattr(self._stream, name)
 
 
-_MEANING = {1: "finished, but some results are error rows (see above)",
+_MEANING = {1: "finished, but not everything succeeded (teachers that are error rows, or no "
+               "student within the budget): see the lines above",
             2: "stopped on a problem you can fix",
             15: "stopped by SIGTERM (`ray job stop`?); results written so far are kept, resubmit to resume",
             130: "interrupted; results written so far are kept, resubmit to resume"}
@@ -300,9 +315,9 @@ def run(command: str, argv: list[str] | None = None) -> int:
     tee = _StderrTee(sys.stderr)
     sys.stderr = tee
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
-        pass
+        previous = None
     code, message, gpus = 0, "", 0
     try:
         full, job = build_job(command, argv)
@@ -330,6 +345,8 @@ def run(command: str, argv: list[str] | None = None) -> int:
         if gpus:
             release_gpus()
         sys.stderr = tee._stream
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     took = f"{time.time() - t0:.1f}s"
     if code == 0:
         log(f"sctd {command} finished in {took} (exit 0)")

@@ -168,17 +168,6 @@ def test_rayjob_creates_the_same_cluster_and_runs_scan_from_jobs(rayjob, rayclus
                    for e in env["excludes"])
 
 
-def _has_scan() -> bool:
-    from sctd_ray.cli import build_parser
-
-    try:
-        sctd_job._subparser(build_parser(), "scan")
-        return True
-    except sctd_job.JobConfigError:
-        return False
-
-
-@pytest.mark.xfail(not _has_scan(), reason="`sctd scan` is not in sctd_ray/cli.py yet", strict=False)
 def test_rayjob_entrypoint_options_are_scan_options(rayjob):
     from sctd_ray.cli import build_parser
 

@@ -45,19 +45,6 @@ import sctd_job  # noqa: E402
 TARGET = "fm-mix5"
 
 
-def _has_command(name: str) -> bool:
-    try:
-        sctd_job._subparser(build_parser(), name)
-        return True
-    except sctd_job.JobConfigError:
-        return False
-
-
-HAS_SCAN = _has_command("scan")
-needs_scan = pytest.mark.xfail(not HAS_SCAN, reason="`sctd scan` is not in sctd_ray/cli.py yet",
-                               strict=False)
-
-
 # ------------------------------------------------------------------ options -> argv (no Ray)
 def _write(tmp_path, data, name="job.yaml") -> str:
     path = tmp_path / name
@@ -89,6 +76,18 @@ def test_false_flag_is_left_out(tmp_path):
         ["assess", "--zoo", "z", "--target", "t", "--out", "o", "--resume"]
 
 
+def test_false_flag_with_a_true_default_uses_its_no_option(tmp_path):
+    """`export: false` for `sctd distill` (--export is on by default) must give --no-export."""
+    cfg = _write(tmp_path, {"run": "s3://b/run", "target": "t", "export": False, "quiet": True})
+    argv = sctd_job.build_argv("distill", ["--config", cfg])
+    assert "--no-export" in argv and "--export" not in argv
+    assert build_parser().parse_args(argv).export is False
+    argv = sctd_job.build_argv("distill", ["--config", cfg, "--export"])  # command line wins
+    assert "--no-export" not in argv and build_parser().parse_args(argv).export is True
+    cfg = _write(tmp_path, {"run": "r", "target": "t", "no-export": True})
+    assert build_parser().parse_args(sctd_job.build_argv("distill", ["--config", cfg])).export is False
+
+
 def test_job_only_options_are_not_passed_to_the_cli(tmp_path):
     argv = ["--zoo", "z", "--target", "t", "--out", "o"]
     full, job = sctd_job.build_job("assess", ["--request-gpus", "4", *argv, "--request-gpus-timeout=60"])
@@ -114,30 +113,40 @@ def test_bad_config_is_one_clear_error(tmp_path, data, expected):
         sctd_job.build_argv("assess", ["--config", cfg])
 
 
-def test_job_script_reports_errors_in_its_last_line_and_exit_status(tmp_path):
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "{tmp}/job.yaml"], "unknown key 'bogus'"),
+    (["--config", "{tmp}/missing.yaml"], "cannot read job file"),
+    (["--zoo", "z"], "the following arguments are required"),
+    (["--request-gpus"], "--request-gpus needs a value"),
+])
+def test_job_reports_errors_in_its_last_line_and_exit_status(tmp_path, capsys, monkeypatch, argv, expected):
     """What `ray job logs` ends with: one [sctd-job] FAILED line with the reason, no traceback."""
-    cfg = _write(tmp_path, {"zoo": "z", "target": "t", "out": "o", "bogus": 1})
-    for argv, expected in (
-        (["--config", cfg], "unknown key 'bogus'"),
-        (["--config", str(tmp_path / "missing.yaml")], "cannot read job file"),
-        (["--zoo", str(tmp_path / "no-zoo"), "--target", "t", "--out", str(tmp_path / "run")],
-         "no-zoo"),
-        (["--zoo", "z"], "the following arguments are required"),
-    ):
-        p = subprocess.run([sys.executable, str(JOBS / "assess.py"), *argv], capture_output=True,
-                           text=True, cwd=tmp_path, timeout=120)
-        last = p.stdout.strip().splitlines()[-1]
-        assert p.returncode == 2, p.stdout + p.stderr
-        assert last.startswith("[sctd-job]") and "FAILED" in last and expected in last, last
-        assert "Traceback" not in p.stderr
+    for name in ("TQDM_MININTERVAL", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # run() sets them for the job's process
+    _write(tmp_path, {"zoo": "z", "target": "t", "out": "o", "bogus": 1})
+    code = sctd_job.run("assess", [a.format(tmp=tmp_path) for a in argv])
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1]
+    assert code == 2, out + err
+    assert last.startswith("[sctd-job]") and "FAILED" in last and expected in last, last
+    assert "Traceback" not in err
+
+
+def test_job_script_exits_with_the_cli_status(tmp_path):
+    """The script itself (as `ray job submit` runs it): a user error in the CLI -> exit 2, last line."""
+    p = subprocess.run([sys.executable, str(JOBS / "assess.py"), "--zoo", str(tmp_path / "no-zoo"),
+                        "--target", "t", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    last = p.stdout.strip().splitlines()[-1]
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "FAILED" in last and "sctd: error:" in last and "no-zoo" in last, last
+    assert "Traceback" not in p.stderr
 
 
 def test_example_job_files_are_valid_cli_options():
     examples = sorted((JOBS / "examples").glob("*.yaml"))
     assert {p.stem for p in examples} >= {"assess", "scan"}
     for path in examples:
-        if path.stem == "scan" and not HAS_SCAN:
-            continue
         argv = sctd_job.build_argv(path.stem, ["--config", str(path)])
         build_parser().parse_args(argv)
 
@@ -414,43 +423,49 @@ def test_head_requires_the_token(ray_head):
 
 
 @pytest.mark.integration
-def test_assess_job_writes_to_s3_and_resubmission_resumes(ray_head, zoo_on_s3, s3):
+def test_scan_job_writes_its_outputs_to_s3_and_a_resubmitted_job_resumes(ray_head, zoo_on_s3, s3):
     bucket, env = zoo_on_s3
-    out = f"{bucket}/runs/assess"
-    args = ["--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}", "--out", out]
-    job_id = submit(ray_head, env, "assess.py", *args)
-    status, code, logs = finish(ray_head, job_id)
-    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
+    name = bucket.removeprefix("s3://")
     teachers = {k.split("/")[2] for k in _s3_keys(s3, bucket, "zoo/teachers/")}
-    assert f"job {job_id} on" in logs and "running: sctd assess" in logs  # the job's own lines
+    args = ["--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}", "--out", f"{bucket}/runs/scan",
+            "--top-k", "1", "--samples", "1", "--budget", "60"]  # 2 short trials: the teacher's and ce's
+    job_id = submit(ray_head, env, "scan.py", *args)
+    status, code, logs = finish(ray_head, job_id, timeout=600)
+    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
+    assert f"job {job_id} on" in logs and "running: sctd scan" in logs  # the job's own lines
     assert "teachers to score" in logs and f"{len(teachers)}/{len(teachers)}" in logs  # the scan's progress
     assert logs.strip().splitlines()[-1].endswith("(exit 0)")
-    ranking = _read_parquet(env, f"{out}/ranking.parquet")
+    keys = set(_s3_keys(s3, bucket, "runs/scan/"))
+    assert {"runs/scan/ranking.parquet", "runs/scan/run.json", "runs/scan/report.html",
+            "runs/scan/distill/summary.json"} <= keys, sorted(keys)
+    ranking = _read_parquet(env, f"{bucket}/runs/scan/ranking.parquet")
     assert set(ranking.teacher_id) == teachers and (ranking.status == "ok").all()
-    assert len(_s3_keys(s3, bucket, "runs/assess/results/")) == len(teachers)
+    students = {k.split("/")[2] for k in _s3_keys(s3, bucket, "zoo/teachers/")} - teachers
+    assert students, "no student exported to the zoo"
 
-    # As if the job had died after the others: drop two teachers' results, submit the same job
-    # again. It scores only those two and keeps the rest.
-    results = sorted(_s3_keys(s3, bucket, "runs/assess/results/"))
+    # As if the job had died after the others: drop two teachers' results and submit the same
+    # job again. It scores what is missing (those two, and the zoo's new student) and keeps the rest.
+    results = sorted(k for k in keys if k.startswith("runs/scan/results/"))
     for key in results[:2]:
-        s3.client().delete_object(Bucket=bucket.removeprefix("s3://"), Key=key)
-    status, code, logs = finish(ray_head, submit(ray_head, env, "assess.py", *args))
+        s3.client().delete_object(Bucket=name, Key=key)
+    status, code, logs = finish(ray_head, submit(ray_head, env, "scan.py", *args), timeout=600)
     assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
-    assert "; 2 teachers to score" in logs and f"; {len(teachers) - 2} pairs already done" in logs, logs[-3000:]
-    again = _read_parquet(env, f"{out}/ranking.parquet")
+    assert f"; {len(teachers) - 2} pairs already done" in logs, logs[-3000:]
+    assert set(results) <= set(_s3_keys(s3, bucket, "runs/scan/results/"))
+    again = _read_parquet(env, f"{bucket}/runs/scan/ranking.parquet")
     key = ["teacher_id", "sctd", "status"]
     pd.testing.assert_frame_equal(ranking[key].sort_values("teacher_id").reset_index(drop=True),
-                                  again[key].sort_values("teacher_id").reset_index(drop=True))
+                                  again[again.teacher_id.isin(teachers)][key].sort_values("teacher_id")
+                                  .reset_index(drop=True))
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("script", ["assess.py", pytest.param("scan.py", marks=needs_scan)])
-def test_job_with_bad_zoo_fails_with_a_clear_message(ray_head, zoo_on_s3, script):
+def test_job_with_bad_zoo_fails_with_a_clear_message(ray_head, zoo_on_s3):
     bucket, env = zoo_on_s3
     bad = f"{bucket}/no-such-zoo"
     status, code, logs = finish(ray_head, submit(
-        ray_head, env, script, "--zoo", bad, "--target", f"{bucket}/zoo/targets/{TARGET}",
-        "--out", f"{bucket}/runs/bad-{script}"))
+        ray_head, env, "scan.py", "--zoo", bad, "--target", f"{bucket}/zoo/targets/{TARGET}",
+        "--out", f"{bucket}/runs/bad"))
     assert (status, code) == ("FAILED", 2), logs[-3000:]
     last = logs.strip().splitlines()[-1]
     assert "FAILED" in last and bad in last, logs[-3000:]
@@ -492,18 +507,3 @@ def test_stopped_job_says_so_in_its_last_line(ray_head, zoo_on_s3):
     assert str(status) == "STOPPED"
     last = logs.strip().splitlines()[-1]
     assert "STOPPED" in last and "resubmit to resume" in last, logs[-3000:]
-
-
-@needs_scan
-@pytest.mark.integration
-def test_scan_job_on_the_demo_zoo_on_s3(ray_head, zoo_on_s3, s3):
-    bucket, env = zoo_on_s3
-    out = f"{bucket}/runs/scan"
-    status, code, logs = finish(ray_head, submit(
-        ray_head, env, "scan.py", "--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}",
-        "--out", out), timeout=600)
-    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
-    assert "running: sctd scan" in logs and logs.strip().splitlines()[-1].endswith("(exit 0)")
-    keys = _s3_keys(s3, bucket, "runs/scan/")
-    assert any(k.endswith("ranking.parquet") for k in keys), keys
-    assert any(k.endswith(".html") for k in keys), keys  # the report
