@@ -11,7 +11,8 @@ import torch
 from sctd_ray.data.preprocess import Preprocessing
 from sctd_ray.data.targets import TargetSplit, TargetTask
 from sctd_ray.distill import train as train_mod
-from sctd_ray.distill.recipe import DEFAULT_HP, Recipe, check_hp, make_views
+from sctd_ray.distill.recipe import DEFAULT_HP, Recipe, check_hp
+from sctd_ray.distill.views import make_views
 from sctd_ray.distill.search import SEARCH_SPACE, parse_budget, plan_trials
 from sctd_ray.distill.train import kd_index, train_student
 from sctd_ray.errors import SctdError
@@ -19,6 +20,15 @@ from sctd_ray.zoo.loading import LoadedTeacher
 from sctd_ray.zoo.teacher import TeacherConfig
 
 TINY = Recipe(epochs=2, steps_per_epoch=3, batch_size=8, warmup_steps=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_target(classes=("a", "b", "c"), per=6, size=12, seed=0) -> TargetTask:
@@ -152,7 +162,7 @@ def test_bad_hyper_parameters_and_recipe_are_user_errors():
 
 def test_same_seed_same_student_and_checkpoint_resume_is_exact(tmp_path):
     target, teacher = make_target(), make_teacher()
-    rec = Recipe(epochs=3, steps_per_epoch=3, batch_size=8, warmup_steps=2)
+    rec = Recipe(epochs=3, steps_per_epoch=2, batch_size=8, warmup_steps=2)
     full = train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, device="cpu")
     again = train_student(target, teacher, "ot", {"lam": 1.0}, rec, seed=7, device="cpu")
     assert full.val_curve == again.val_curve and full.history[-1]["train_loss"] == again.history[-1]["train_loss"]

@@ -34,7 +34,7 @@ SUMMARY_FILE = "summary.json"
 SEARCH_FILE = "search.json"
 EXPERIMENT = "tune"
 # (low, high) of each hyper-parameter; all but tau drawn log-uniformly.
-SEARCH_SPACE = {"lam": (0.3, 3.0), "tau": (1.0, 4.0), "eps": (0.02, 0.2), "lr": (1e-3, 6e-3)}
+SEARCH_SPACE = {"lam": (2.0, 30.0), "tau": (0.5, 2.0), "eps": (0.05, 0.3), "lr": (1e-3, 1e-2)}
 LOG_UNIFORM = {"lam", "eps", "lr"}
 RESULT_COLUMNS = ["trial_id", "teacher_id", "method", "lam", "tau", "eps", "lr", "epochs",
                   "val_acc", "test_acc", "seconds", "status", "error", "best_epoch",
@@ -309,7 +309,9 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                 trainable,
                 param_space={"trial": tune.grid_search([{**p, **common} for p in plans])},
                 tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=tr.scheduler(recipe.epochs),
-                                            time_budget_s=max(1.0, remaining - tr.END_RESERVE_S),
+                                            reuse_actors=True,
+                                            time_budget_s=max(1.0, live["deadline"] - time.time()
+                                                              - tr.END_RESERVE_S - tr.FORCE_STOP_S),
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
@@ -318,7 +320,9 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                     failure_config=tune.FailureConfig(max_failures=0)))
             log(f"distill {name}: {len(plans)} trials ({len(teachers)} teacher(s) x {s.samples} draw(s) "
                 f"+ ce baseline) on {resources}, budget {budget:.0f}s")
-        if remaining - (time.time() - t_start) > tr.END_RESERVE_S + 1:
+        if previous and previous.get("complete"):
+            log(f"distill {name}: the search in {out.uri} is already complete")
+        elif live["deadline"] - time.time() > tr.END_RESERVE_S + 1:
             with tr.quiet_tune():
                 tuner.fit()
         else:
@@ -334,7 +338,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     best, ce = _pick(results), _pick(results[results["method"] == "ce"])
     export = None
     if best is not None and s.export and not interrupted:
-        export = _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, s)
+        export = _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, search["settings"])
     summary = _summary(name, target_uri, out.uri, run_store, zoo, teachers, ranking, results, best, ce, budget,
                        used(), interrupted, live["budget_hit"], export, search["settings"], restored)
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
@@ -378,8 +382,11 @@ def _collect(tune, exp_path, storage_path, storage_fs):
     path = exp_path if storage_fs is None else f"{storage_path}/{EXPERIMENT}"
     from .trial import quiet_tune
 
-    with quiet_tune():
-        ea = ExperimentAnalysis(path, storage_filesystem=storage_fs)
+    try:
+        with quiet_tune():
+            ea = ExperimentAnalysis(path, storage_filesystem=storage_fs)
+    except ValueError:  # no experiment state: the budget ran out before Tune started
+        return [], False
     trials = []
     interrupted = False
     for t in ea.trials:
@@ -458,7 +465,7 @@ def _pick(df: pd.DataFrame) -> dict | None:
         .drop("_l").to_dict()
 
 
-def _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, s) -> dict:
+def _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, settings) -> dict:
     from .export import export_student, student_id
     from .train import BEST_FILE, STUDENT_FILE
 
@@ -484,7 +491,7 @@ def _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used,
                                                 "test_acc": _num(ce["test_acc"])},
         "budget_s": budget, "used_s": round(used(), 3), "search": out.uri,
         "student": {"architecture": cfg.get("architecture"), "model_args": cfg.get("model_args")},
-        "recipe": Recipe.from_dict(s.recipe).to_dict() if s.recipe is not None else None,
+        "recipe": settings.get("recipe"),
     }
     uri = export_student(zoo, sid, config_json, weights, card)
     return {"teacher_id": sid, "uri": uri}

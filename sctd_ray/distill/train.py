@@ -237,7 +237,8 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
             idx = sampler.next()
             v = make_views(x_train[idx].to(device), y_train[idx], recipe, gen, mix=mix)
             logits = model(pre(v.x))
-            loss = _loss(method, logits, v, runner, m_cost, kd_cols, tau, lam, eps, smoothing)
+            loss = _loss(method, logits, v, runner, m_cost, kd_cols, tau, lam, eps, smoothing,
+                         recipe.sinkhorn_iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -279,7 +280,7 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
                        val_curve=curve, seconds=seconds, model=model, config=cfg, history=history)
 
 
-def _loss(method, logits, v, runner, m_cost, kd_cols, tau, lam, eps, smoothing):
+def _loss(method, logits, v, runner, m_cost, kd_cols, tau, lam, eps, smoothing, iters):
     """SPEC 4: CE on labelled views + lam * distillation term on all views."""
     from .losses import kd_loss, ot_distill_loss
 
@@ -299,4 +300,4 @@ def _loss(method, logits, v, runner, m_cost, kd_cols, tau, lam, eps, smoothing):
     if method == "kd":
         return ce + lam * kd_loss(logits, t_logits[:, kd_cols], tau)
     p_t = torch.softmax(t_logits / tau, dim=1)
-    return ce + lam * ot_distill_loss(logits, p_t, m_cost, tau, eps)
+    return ce + lam * ot_distill_loss(logits, p_t, m_cost, tau, eps, max_iter=iters)

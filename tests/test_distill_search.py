@@ -1,0 +1,191 @@
+"""`sctd distill`: the budgeted Ray Tune search (SPEC 5) on the small demo zoo, real Ray.
+
+The run folder is what a scan writes (ranking.parquet + run.json), scored in-process by the
+assessment engine over three teachers to keep the test short. Trials use a short recipe.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from sctd_ray.assess.engine import assess_teacher, batches_from_arrays
+from sctd_ray.assess.results import RANKING_FILE, RUN_FILE, ranking_table, write_table
+from sctd_ray.data.preprocess import Preprocessing
+from sctd_ray.data.targets import load_target
+from sctd_ray.distill.search import main, run_distill_for_scan
+from sctd_ray.zoo.loading import load_teacher
+from sctd_ray.zoo.manifest import read_manifest
+from sctd_ray.zoo.store import open_store
+
+pytestmark = pytest.mark.integration
+
+TARGET = "fm-mix5"
+TEACHERS = ("fm-all-resnet", "fm-misc-byob", "dg-all-resnet")
+FAST = {"epochs": 4, "steps_per_epoch": 8, "batch_size": 32, "warmup_steps": 4}
+COLUMNS = {"trial_id", "teacher_id", "method", "lam", "tau", "eps", "lr", "epochs", "val_acc",
+           "test_acc", "seconds", "status", "val_curve"}
+CARD_FIELDS = {"teacher_id", "teacher_scores", "val_acc", "test_acc", "ce_baseline", "budget_s",
+               "used_s", "target", "class_names", "method", "hp"}
+
+
+@pytest.fixture(scope="session")
+def demo_zoo_dir(demo_zoo, tmp_path_factory) -> str:
+    """A private copy of the session's small demo zoo: these tests export students into it."""
+    dst = tmp_path_factory.mktemp("distill") / "zoo"
+    shutil.copytree(demo_zoo, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_zoo_dir, tmp_path_factory) -> str:
+    """An assessed run for fm-mix5 over TEACHERS, in the files `sctd assess` writes."""
+    zoo = open_store(demo_zoo_dir)
+    uri = str(Path(demo_zoo_dir) / "targets" / TARGET)
+    task = load_target(uri, splits=("train",))
+    tb = batches_from_arrays(task.name, task.splits["train"].images, task.splits["train"].labels,
+                             task.num_classes)
+    rows = []
+    for tid in TEACHERS:
+        scores = assess_teacher(load_teacher(zoo, tid), tb, device="cpu")[task.name]
+        rows.append({"target": task.name, "teacher_id": tid, "architecture": "?", "status": "ok",
+                     "error": "", **scores, "samples": 50, "seconds": 0.0, "worker": "test"})
+    run = open_store(str(tmp_path_factory.mktemp("run") / "run"))
+    write_table(run, RANKING_FILE, ranking_table(rows))
+    run.write_bytes(RUN_FILE, json.dumps({"zoo": zoo.uri, "targets": {
+        task.name: {"uri": uri, "classes": task.class_names, "samples": 50}}}).encode())
+    return run.uri
+
+
+def _copy_run(run_dir, dst: Path) -> str:
+    shutil.copytree(run_dir, dst)
+    return str(dst)
+
+
+def _ranked(run):
+    df = pd.read_parquet(Path(run) / RANKING_FILE)
+    return list(df.sort_values("rank")["teacher_id"])
+
+
+def test_search_exports_the_best_student_within_budget(run_dir, demo_zoo_dir, ray_local, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path / "run")
+    out = tmp_path / "out"
+    rc = main(["--run", run, "--target", TARGET, "--out", str(out), "--top-k", "2", "--samples", "2",
+               "--budget", "60", "--recipe", json.dumps(FAST), "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    res = pd.read_parquet(out / "results.parquet")
+    assert COLUMNS <= set(res.columns)
+    assert len(res) == 6 and set(res["method"]) == {"ce", "ot"}
+    assert set(res["teacher_id"].dropna()) == set(_ranked(run)[:2])
+    assert set(res["status"]) <= {"ok", "stopped", "not_run"}
+    for _, r in res[res.status == "ok"].iterrows():
+        assert r["epochs"] == FAST["epochs"] and len(r["val_curve"]) == FAST["epochs"]
+        assert max(r["val_curve"]) == pytest.approx(r["val_acc"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["target"] == TARGET
+    assert summary["budget_s"] == 60 and 0 < summary["used_s"] <= 1.1 * 60
+    best = res[res.trial_id == summary["best_trial_id"]].iloc[0]
+    assert best["val_acc"] == res["val_acc"].max()
+    assert summary["ce_baseline"]["method"] == "ce"
+    assert "best student" in printed and "ce baseline" in printed and "exported student" in printed
+
+    # the exported student: timm layout, strict safetensors, the target's label names
+    sid = summary["export"]["teacher_id"]
+    folder = Path(demo_zoo_dir) / "teachers" / sid
+    cfg = json.loads((folder / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"],
+                              **cfg["model_args"])
+    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    task = load_target(str(Path(demo_zoo_dir) / "targets" / TARGET))
+    assert cfg["label_names"] == task.class_names == cfg["pretrained_cfg"]["label_names"]
+    card = json.loads((folder / "card.json").read_text())
+    assert CARD_FIELDS <= set(card)
+    assert card["teacher_id"] == (None if pd.isna(best["teacher_id"]) else best["teacher_id"])
+    assert card["val_acc"] == pytest.approx(best["val_acc"]) and card["budget_s"] == 60
+    assert card["ce_baseline"]["trial_id"] == summary["ce_baseline"]["trial_id"]
+    if card["teacher_id"]:
+        assert "sctd" in card["teacher_scores"] and card["teacher_scores"]["rank"] >= 1
+    # ... and it is the best-validation checkpoint: its test accuracy is the recorded one
+    pre = Preprocessing.from_pretrained_cfg(cfg["pretrained_cfg"])
+    with torch.no_grad():
+        pred = model.eval()(pre(torch.from_numpy(task.splits["test"].images))).argmax(1).numpy()
+    assert np.mean(pred == task.splits["test"].labels) == pytest.approx(card["test_acc"])
+    assert sid in set(read_manifest(open_store(demo_zoo_dir))["id"])
+
+    # the same --out again needs --resume
+    rc = main(["--run", run, "--target", TARGET, "--out", str(out), "--budget", "60", "--quiet"])
+    assert rc == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_budget_stops_long_trials(run_dir, ray_local, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path / "run")
+    out = tmp_path / "out"
+    main(["--run", run, "--target", TARGET, "--out", str(out), "--top-k", "1", "--samples", "1",
+          "--budget", "25", "--no-export", "--quiet",
+          "--recipe", json.dumps({**FAST, "epochs": 400})])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_budget"] and summary["complete"]
+    assert summary["used_s"] <= 1.1 * 25
+    res = pd.read_parquet(out / "results.parquet")
+    assert len(res) == 2 and set(res["status"]) <= {"stopped", "not_run"}
+    assert not (Path(out) / "card.json").exists() and summary["export"] is None
+
+
+def _finished(out: Path) -> int:
+    n = 0
+    for f in (out / "tune").glob("*/result.json"):
+        if '"done": true' in f.read_text():
+            n += 1
+    return n
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, ray_local, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    out = Path(run) / "distill"
+    cmd = [sys.executable, "-m", "sctd_ray.distill.search", "--run", run, "--target", TARGET,
+           "--top-k", "2", "--samples", "2", "--budget", "240", "--no-export", "--quiet",
+           "--recipe", json.dumps({**FAST, "epochs": 6})]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and _finished(out) < 2 and p.poll() is None:
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment and the driver stops
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stdout + stderr
+    assert "INTERRUPTED" in stdout
+    before = pd.read_parquet(out / "results.parquet").set_index("trial_id")
+    first = json.loads((out / "summary.json").read_text())
+    assert not first["complete"] and first["export"] is None
+    done = before[before.status == "ok"]
+    assert len(done) >= 2 and (before.status == "interrupted").any()
+
+    summaries = run_distill_for_scan(run, budget=240, top_k=2, samples=2, resume=True, export=False,
+                                     progress=False, log=lambda *_: None)
+    summary = summaries[TARGET]
+    assert summary["complete"] and summary["resumed"]
+    after = pd.read_parquet(out / "results.parquet").set_index("trial_id")
+    assert set(after.index) == set(before.index) and not (after.status == "interrupted").any()
+    for tid, row in done.iterrows():  # finished trials are kept as they were, not trained again
+        for col in ("val_acc", "test_acc", "seconds", "epochs", "resumed_epoch"):
+            assert after.loc[tid, col] == row[col], (tid, col)
+        assert list(after.loc[tid, "val_curve"]) == list(row["val_curve"])
+    # trials cut mid-way continue from their checkpoint instead of starting over
+    cut = before[(before.status == "interrupted") & (before.epochs > 0)]
+    for tid, row in cut.iterrows():
+        assert after.loc[tid, "resumed_epoch"] >= row["epochs"] > 0
+    assert summary["used_s"] > first["used_s"] and summary["used_s"] <= 1.1 * 240
