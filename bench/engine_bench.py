@@ -26,10 +26,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_teacher(teacher, images, labels, num_classes, device, batch_size, repeats):
+def time_teacher(teacher, images, labels, num_classes, device, batch_size, repeats, metrics=NAMES):
     runner = TeacherRunner(teacher, device)
     dtype = torch.float32 if runner.cuda else torch.float64
-    x = torch.from_numpy(images)
+    x = torch.from_numpy(np.ascontiguousarray(images).copy())
     y = torch.from_numpy(labels)
     if runner.cuda:  # the scan keeps the target on the device when it fits
         x, y = x.to(device), y.to(device)
@@ -42,7 +42,7 @@ def time_teacher(teacher, images, labels, num_classes, device, batch_size, repea
         _sync(device)
 
     def engine():
-        s = collect_stats(runner, tb, NAMES, dtype)
+        s = collect_stats(runner, tb, metrics, dtype)
         out = finalise(teacher.teacher_id, s)
         _sync(device)
         return out
@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--classes", type=int, default=10, help="target classes")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--metrics", default=",".join(NAMES), help="scores to compute (default: all seven)")
     args = ap.parse_args()
 
     if args.zoo or args.device == "cpu":
@@ -107,12 +108,13 @@ def main():
         images = rng.integers(0, 256, (args.samples, 64, 64, 3), dtype=np.uint8)
         labels = np.arange(args.samples) % args.classes
     torch.set_grad_enabled(False)
-    print(f"device={args.device} samples={len(labels)} batch={args.batch_size} metrics={','.join(NAMES)}"
+    metrics = tuple(args.metrics.split(","))
+    print(f"device={args.device} samples={len(labels)} batch={args.batch_size} metrics={','.join(metrics)}"
           + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else f" threads={torch.get_num_threads()}"))
     print(f"{'teacher':28s} {'forward s':>10s} {'engine s':>10s} {'ratio':>7s} {'engine img/s':>13s}")
     tf = te = 0.0
     for t in teachers:
-        f, e = time_teacher(t, images, labels, args.classes, args.device, args.batch_size, args.repeats)
+        f, e = time_teacher(t, images, labels, args.classes, args.device, args.batch_size, args.repeats, metrics)
         tf, te = tf + f, te + e
         print(f"{t.teacher_id:28s} {f:10.4f} {e:10.4f} {e / f:7.3f} {len(labels) / e:13.0f}")
     print(f"{'TOTAL':28s} {tf:10.4f} {te:10.4f} {te / tf:7.3f}   "
