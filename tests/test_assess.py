@@ -202,3 +202,18 @@ def test_existing_run_needs_resume(demo_zoo, ray_local, tmp_path):
                           teachers=["fm-all-resnet"]))
     with pytest.raises(SctdError, match="--resume"):
         run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=str(tmp_path / "r"), progress=False))
+
+
+def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
+    student = zoo / "teachers" / "student-fm-mix5"
+    shutil.copytree(zoo / "teachers" / "fm-all-resnet", student)
+    cfg = json.loads((student / "config.json").read_text())
+    cfg["source_task"] = {"distilled": {"target": "fm-mix5", "teacher_id": "fm-all-resnet"}}
+    (student / "config.json").write_text(json.dumps(cfg))
+    res = run_scan(ScanSettings(zoo=str(zoo), targets=_targets(demo_zoo), out=str(tmp_path / "r"),
+                                progress=False, teachers=["fm-all-resnet", "student-fm-mix5"]))
+    pairs = set(zip(res.ranking["target"], res.ranking["teacher_id"]))
+    assert ("fm-mix5", "student-fm-mix5") not in pairs  # it has seen fm-mix5's labels
+    assert {("dg-high5", "student-fm-mix5"), ("fm-mix5", "fm-all-resnet")} <= pairs

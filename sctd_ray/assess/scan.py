@@ -129,7 +129,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     done = done_pairs(previous)
     todo: dict[str, list[str]] = {}
     for _, r in manifest.iterrows():
-        missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done]
+        own = _distilled_for(r)  # a student exported for a target has seen its labels: not scored on it
+        missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done and t.name != own]
         if not missing_targets:
             continue
         if r["status"] != "ok":  # the manifest already knows it is broken
@@ -177,6 +178,15 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if fatal is not None:
         raise fatal
     return ScanResult(ranking, run)
+
+
+def _distilled_for(row) -> str | None:
+    """The target a zoo entry was distilled for (students written back by `sctd distill`)."""
+    try:
+        task = json.loads(row.get("source_task") or "{}")
+    except (TypeError, ValueError):
+        return None
+    return (task.get("distilled") or {}).get("target") if isinstance(task, dict) else None
 
 
 def _versions() -> dict:
@@ -274,7 +284,7 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
             n_done += 1
             bar.update(1)
             elapsed = time.time() - t0
-            bar.set_postfix_str(f"{n_done * samples / max(elapsed, 1e-9):.0f} samples/s")
+            bar.set_postfix_str(f"{n_done * samples / max(elapsed, 1e-9):.0f} samples/s", refresh=False)
             while busy[i] < IN_FLIGHT_PER_WORKER and submit(i):
                 pass
     finally:
