@@ -1,28 +1,25 @@
 """Improved OT-based scores of the ``sctd`` family (SPEC 2: new names; ``metrics.sctd`` and
-``metrics.sctd_cost`` keep their definitions). Reasoning and benchmark: docs/method.md,
-"Improved score", and docs/benchmarks.md (quality).
+``metrics.sctd_cost`` keep their definitions). Reasoning and benchmark numbers: docs/method.md,
+"Improved score: sctd_fused", and the quality benchmark (SPEC 6, ``sctd bench quality``).
 
 Notation (SPEC 1-2): ``p_i`` teacher prediction, ``M[k,c] = 1 - cos(w_k, mu_c)`` the proto-cos
 cost, ``A = P M`` the closed-form cost of transporting ``p_i`` to the one-hot label ``e_c``.
 ``sctd`` is the log-likelihood of the labels under ``softmax(-A/T)`` with a fixed ``T = 0.1``.
 
-The variants here share two changes and differ in which transport costs they use:
+``sctd_fused``: the transported measure is a mixture. Sample i is represented by
+``nu_i = a * sum_k p_ik delta(w_k) + (1 - a) * delta(phi_i)``: mass ``a`` on the teacher's label
+anchors as it predicts them (SPEC 2's route through the teacher's label space) and ``1 - a`` on
+the sample's own feature point. With the same ground cost to the target prototypes,
+``1 - cos(., mu_c)``, the one-hot transport of ``nu_i`` to ``e_c`` costs (closed form, SPEC 1)
+``a A[i,c] + (1 - a) F[i,c]``, ``F[i,c] = 1 - cos(phi_i, mu_c)``. The score is SPEC 2's
+``mean_i log softmax_c(-cost_i / T)[y_i]`` with ``(a, T)`` fitted by maximum likelihood
+(equivalently ``beta_A, beta_F >= 0`` on ``-(beta_A A + beta_F F)``: concave, unique
+maximum), reported as nats of label information, ``+ log C`` (0 = no information, log C = all).
+Prototypes are leave-one-out: ``mu_c^{-i}`` excludes sample i, so with 5-20 shots a
+prototype cannot explain its own sample.
 
-- **calibrated temperature**: ``T`` is not fixed but fitted by maximum likelihood (the
-  log-likelihood of a softmax is concave in ``1/T``, so the fit is unique); the score is the
-  information the costs carry about the label, ``max_beta mean_i log softmax(-beta A_i)[y_i] +
-  log C`` (nats, >= 0). A fixed T mixes two things: how well costs order the labels and how
-  their scale (which depends on K, D, the head's norms) happens to match T.
-- **leave-one-out prototypes**: sample i's own features are removed from its class prototype
-  ``mu_{y_i}``, so with 5-20 shots a prototype cannot "explain" its own sample.
-
-``sctd_cal``:   the SPEC 2 costs ``A`` with a calibrated temperature.
-``sctd_loo``:   leave-one-out costs ``A^loo`` with a calibrated temperature.
-``sctd_fused``: two transport routes to the same target prototypes ``mu_c`` fitted jointly:
-    through the teacher's label space, ``A^loo[i,c] = sum_k p_ik (1 - cos(w_k, mu_c^{-i}))``, and
-    directly from the sample's features, ``F^loo[i,c] = 1 - cos(phi_i, mu_c^{-i})`` (the one-hot
-    transport of the point mass at phi_i); logits ``-(beta_a A^loo + beta_f F^loo)`` with
-    ``beta >= 0`` fitted by maximum likelihood (concave), score = log-likelihood + log C.
+``sctd_cal``: ablation: SPEC 2's costs ``A`` alone with the maximum-likelihood temperature
+(no feature route, no leave-one-out).
 """
 
 from __future__ import annotations
@@ -31,8 +28,11 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
-EXTRA_NAMES = ("sctd_cal", "sctd_loo", "sctd_fused")
-BETA_MAX = 1e4
+EXTRA_NAMES = ("sctd_cal", "sctd_fused")
+# 1/T is fitted in [0, BETA_MAX]: T >= 0.01, a tenth of SPEC 2's default T. On targets whose
+# costs separate the labels perfectly the likelihood keeps rising as T -> 0 and every such
+# teacher would tie at log C; with the bound they are still ordered by their cost margins.
+BETA_MAX = 100.0
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -54,14 +54,13 @@ def _loo_cos(vecs: np.ndarray, features: np.ndarray, labels: np.ndarray, sums: n
     return np.divide(dots, den, out=np.zeros_like(dots), where=den > 1e-12)
 
 
-def cost_terms(features, logits, labels, weight, num_classes: int, loo: bool = True,
-               tau_a: float = 1.0) -> dict[str, np.ndarray]:
+def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = True) -> dict[str, np.ndarray]:
     """Per-sample transport costs to every target label (N, C): ``A`` (SPEC 2, through the
     teacher's label space) and ``F`` (feature point mass to the prototype), with or without
     leave-one-out prototypes."""
     x = np.asarray(features, np.float64)
     y = np.asarray(labels, np.int64)
-    p = softmax(np.asarray(logits, np.float64) / tau_a, axis=1)
+    p = np.asarray(probs, np.float64)
     wu = _unit(np.asarray(weight, np.float64))
     sums = np.zeros((num_classes, x.shape[1]))
     np.add.at(sums, y, x)
@@ -97,27 +96,24 @@ def calibrated_loglik(costs: list[np.ndarray], labels: np.ndarray) -> tuple[floa
     return float(-r.fun + np.log(c)), r.x
 
 
-def sctd_cal(features, logits, labels, weight, num_classes: int) -> float:
+def sctd_cal(features, probs, labels, weight, num_classes: int) -> float:
     """SPEC 2 costs ``A = P M`` with a maximum-likelihood temperature (nats of label info)."""
-    t = cost_terms(features, logits, labels, weight, num_classes, loo=False)
+    t = cost_terms(features, probs, labels, weight, num_classes, loo=False)
     return calibrated_loglik([t["A"]], labels)[0]
 
 
-def sctd_loo(features, logits, labels, weight, num_classes: int) -> float:
-    """Leave-one-out costs ``A^loo`` with a maximum-likelihood temperature."""
-    t = cost_terms(features, logits, labels, weight, num_classes, loo=True)
-    return calibrated_loglik([t["A"]], labels)[0]
-
-
-def sctd_fused(features, logits, labels, weight, num_classes: int) -> float:
+def sctd_fused(features, probs, labels, weight, num_classes: int) -> float:
     """``A^loo`` and ``F^loo`` to the same prototypes, jointly calibrated (see module doc)."""
-    t = cost_terms(features, logits, labels, weight, num_classes, loo=True)
+    t = cost_terms(features, probs, labels, weight, num_classes, loo=True)
     return calibrated_loglik([t["A"], t["F"]], labels)[0]
 
 
-SCORES = {"sctd_cal": sctd_cal, "sctd_loo": sctd_loo, "sctd_fused": sctd_fused}
+SCORES = {"sctd_cal": sctd_cal, "sctd_fused": sctd_fused}
 
 
-def compute_extra(features, logits, labels, weight, num_classes: int, names=EXTRA_NAMES) -> dict[str, float]:
-    """Every requested variant of one teacher on one target {name: value}."""
-    return {n: float(SCORES[n](features, logits, labels, weight, num_classes)) for n in names}
+def compute_extra(features, logits, labels, weight, num_classes: int, names=EXTRA_NAMES,
+                  tau_a: float = 1.0) -> dict[str, float]:
+    """Every requested variant of one teacher on one target from its pre-logits, logits
+    (``p_i = softmax(z_i / tau_a)``, SPEC 0) and head weight: {name: value}."""
+    probs = softmax(np.asarray(logits, np.float64) / tau_a, axis=1)
+    return {n: float(SCORES[n](features, probs, labels, weight, num_classes)) for n in names}

@@ -233,3 +233,60 @@ def test_scores_match_the_engine(tiny):
     got = q.score_pair(t, tg)
     for m, v in ref.items():
         assert got[m] == pytest.approx(v, rel=1e-9, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- sctd_* variants
+
+def _toy(seed=0, informative=True, n=24, d=12, k=5, c=3):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % c
+    mu = rng.normal(size=(c, d)) * (2.0 if informative else 0.0)
+    x = mu[y] + rng.normal(size=(n, d))
+    w = rng.normal(size=(k, d))
+    if informative:
+        w[:c] = mu
+    z = x @ w.T
+    p = np.exp(z - z.max(1, keepdims=True))
+    return x, p / p.sum(1, keepdims=True), y, w, c
+
+
+def test_loo_costs_match_brute_force():
+    from sctd_ray import scores_extra as se
+
+    x, p, y, w, c = _toy(informative=False)
+    t = se.cost_terms(x, p, y, w, c, loo=True)
+    wu = w / np.linalg.norm(w, axis=1, keepdims=True)
+    for i in (0, 5, 17):
+        for k in range(c):
+            keep = (y == k) & (np.arange(len(y)) != i)
+            mu = x[keep].mean(0)
+            mu /= np.linalg.norm(mu)
+            assert t["A"][i, k] == pytest.approx(p[i] @ (1 - wu @ mu), abs=1e-12)
+            assert t["F"][i, k] == pytest.approx(1 - x[i] @ mu / np.linalg.norm(x[i]), abs=1e-12)
+    t0 = se.cost_terms(x, p, y, w, c, loo=False)
+    from sctd_ray.metrics import sctd
+    from scipy.special import log_softmax
+
+    want = sctd(p, y, x, w, temperature=0.1)
+    got = np.mean(log_softmax(-t0["A"] / 0.1, axis=1)[np.arange(len(y)), y])
+    assert got == pytest.approx(want, rel=1e-9)      # the non-LOO A is SPEC 2's A = P M
+
+
+def test_calibrated_loglik_is_the_maximum_and_zero_without_signal():
+    from scipy.special import log_softmax
+
+    from sctd_ray import scores_extra as se
+
+    x, p, y, w, c = _toy(seed=1, informative=False)
+    t = se.cost_terms(x, p, y, w, c)
+    val, beta = se.calibrated_loglik([t["A"], t["F"]], y)
+    assert val >= -1e-12 and np.all(beta >= 0)
+
+    def ll(b):
+        return np.mean(log_softmax(-(b[0] * t["A"] + b[1] * t["F"]), 1)[np.arange(len(y)), y]) + np.log(c)
+    assert val == pytest.approx(ll(beta), abs=1e-9)
+    for db in ([0.5, 0], [0, 0.5], [-0.3, 0.2]):
+        assert ll(np.clip(beta + np.array(db), 0, None)) <= val + 1e-7
+    xi, pi, yi, wi, _ = _toy(seed=1, informative=True)
+    assert se.sctd_fused(xi, pi, yi, wi, c) > se.sctd_fused(x, p, y, w, c)
+    assert se.sctd_fused(xi, pi, yi, wi, c) <= np.log(c) + 1e-12
