@@ -147,7 +147,7 @@ def test_budget_stops_long_trials(run_dir, ray_local, tmp_path, capsys):
 def _finished(out: Path) -> int:
     n = 0
     for f in (out / "tune").glob("*/result.json"):
-        if '"done": true' in f.read_text():
+        if '"finished": true' in f.read_text():
             n += 1
     return n
 
@@ -189,3 +189,22 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, r
     for tid, row in cut.iterrows():
         assert after.loc[tid, "resumed_epoch"] >= row["epochs"] > 0
     assert summary["used_s"] > first["used_s"] and summary["used_s"] <= 1.1 * 240
+
+
+def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_dir, ray_local, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo_dir, zoo)
+    shutil.copytree(zoo / "teachers" / "fm-all-resnet", zoo / "teachers" / "broken")
+    weights = zoo / "teachers" / "broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: loading fails inside the trial
+    run = _copy_run(run_dir, tmp_path / "run")
+    out = tmp_path / "out"
+    rc = main(["--run", run, "--target", TARGET, "--out", str(out), "--zoo", str(zoo),
+               "--teacher", "broken", "--teacher", "fm-all-resnet", "--samples", "1", "--budget", "60",
+               "--no-export", "--quiet", "--recipe", json.dumps({**FAST, "epochs": 2})])
+    assert rc == 0
+    res = pd.read_parquet(out / "results.parquet").set_index("teacher_id", drop=False)
+    assert res.loc["broken", "status"] == "error" and "broken" in res.loc["broken", "error"]
+    assert res.loc["fm-all-resnet", "status"] == "ok"
+    assert (res["method"] == "ce").sum() == 1 and set(res[res.method == "ce"]["status"]) == {"ok"}
+    assert json.loads((out / "summary.json").read_text())["trials_by_status"]["error"] == 1

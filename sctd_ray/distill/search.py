@@ -311,7 +311,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                 tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=tr.scheduler(recipe.epochs),
                                             reuse_actors=True,
                                             time_budget_s=max(1.0, live["deadline"] - time.time()
-                                                              - tr.END_RESERVE_S - tr.FORCE_STOP_S),
+                                                              - tr.END_RESERVE_S),
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
@@ -325,6 +325,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         elif live["deadline"] - time.time() > tr.END_RESERVE_S + 1:
             with tr.quiet_tune():
                 tuner.fit()
+            # Tune's own time_budget_s is the backstop of BudgetStopper: either one ended it
+            live["budget_hit"] |= time.time() >= live["deadline"] - tr.END_RESERVE_S - 0.5
         else:
             log(f"distill {name}: no budget left ({used():.0f}s of {budget:.0f}s used)")
     finally:
@@ -341,6 +343,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         export = _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, search["settings"])
     summary = _summary(name, target_uri, out.uri, run_store, zoo, teachers, ranking, results, best, ce, budget,
                        used(), interrupted, live["budget_hit"], export, search["settings"], restored)
+    if export and summary["best"]:
+        summary["best"]["student_uri"] = export["uri"]
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
     search["complete"] = not interrupted
     save()
@@ -385,19 +389,19 @@ def _collect(tune, exp_path, storage_path, storage_fs):
     try:
         with quiet_tune():
             ea = ExperimentAnalysis(path, storage_filesystem=storage_fs)
+            frames = ea.trial_dataframes
     except ValueError:  # no experiment state: the budget ran out before Tune started
         return [], False
     trials = []
     interrupted = False
     for t in ea.trials:
         p = t.config["trial"]
-        df = ea.trial_dataframes.get(t.trial_id)
+        df = frames.get(t.trial_id)
         curve = [float(v) for v in df["epoch_val_acc"].dropna()] if df is not None and "epoch_val_acc" in df else []
         if t.status not in ("TERMINATED", "ERROR"):
             interrupted = True
-        ckpt = t.checkpoint
         trials.append({"plan": p, "status": t.status, "result": dict(t.last_result or {}),
-                       "error": _error_line(t), "curve": curve, "checkpoint": ckpt})
+                       "error": _error_line(t), "curve": curve, "checkpoint": t.checkpoint})
     trials.sort(key=lambda x: x["plan"]["trial_id"])
     return trials, interrupted
 
@@ -427,7 +431,7 @@ def _results_table(trials, ranking) -> pd.DataFrame:
             status = "error"
         elif t["status"] != "TERMINATED":
             status = "interrupted"
-        elif r.get("done"):
+        elif r.get("finished"):
             status = "ok"
         else:
             status = "stopped" if has_val else "not_run"
@@ -609,6 +613,8 @@ def add_distill_args(p) -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1.0,
                    help="CPU share of one trial on CPU-only clusters (default 1)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3 or AWS's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -677,7 +683,6 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="sctd distill", description=__doc__.splitlines()[0])
     add_distill_args(p)
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL")
     args = p.parse_args(argv)
     try:
         return cmd_distill(args)

@@ -255,7 +255,7 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
         metrics = {"epoch": epoch + 1, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
                    "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epoch_val_acc": val_acc, "val_loss": val_loss,
                    "train_loss": float(np.mean(losses)), "seconds": round(seconds, 3),
-                   "resumed_epoch": start_epoch, "done": epoch + 1 == recipe.epochs}
+                   "resumed_epoch": start_epoch, "finished": epoch + 1 == recipe.epochs}
         history.append(metrics)
         if state_path:
             _atomic_save({"meta": json.dumps(meta), "epoch": epoch + 1, "model": model.state_dict(),

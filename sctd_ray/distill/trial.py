@@ -27,6 +27,8 @@ from ray import tune
 from ray.tune import Callback, Stopper
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from ..errors import SctdError
+
 FORCE_STOP_S = 10.0     # Tune kills a trial that has not stopped 10 s after being asked
 END_RESERVE_S = 3.0     # Tune teardown, results and export after the trials stopped
 PROGRESS_EVERY_S = 5.0
@@ -61,10 +63,13 @@ def distill_trial(config: dict) -> None:
 
     p = config["trial"]
     torch.set_num_threads(max(1, int(p["threads"])))
-    target = _target(p["target_uri"], p["s3_endpoint"])
-    teacher = None
-    if p["method"] != "ce":
-        teacher = load_teacher(open_store(p["zoo"], s3_endpoint=p["s3_endpoint"]), p["teacher_id"])
+    try:
+        target = _target(p["target_uri"], p["s3_endpoint"])
+        teacher = None
+        if p["method"] != "ce":
+            teacher = load_teacher(open_store(p["zoo"], s3_endpoint=p["s3_endpoint"]), p["teacher_id"])
+    except SctdError as e:  # re-raised as a plain error: Tune ships it to the driver by pickle
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None
     work = tempfile.mkdtemp(prefix="sctd-trial-")
     try:
         ckpt = tune.get_checkpoint()
@@ -75,9 +80,12 @@ def distill_trial(config: dict) -> None:
         def report(epoch: int, metrics: dict) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(work))
 
-        train_student(target, teacher, p["method"], p["hp"], Recipe.from_dict(p["recipe"]),
-                      seed=p["seed"], report=report, checkpoint_dir=work, student=p["student"],
-                      student_args=p.get("student_args"))
+        try:
+            train_student(target, teacher, p["method"], p["hp"], Recipe.from_dict(p["recipe"]),
+                          seed=p["seed"], report=report, checkpoint_dir=work, student=p["student"],
+                          student_args=p.get("student_args"))
+        except SctdError as e:
+            raise RuntimeError(f"{type(e).__name__}: {e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -132,7 +140,7 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         live, r = self._live(), trial.last_result or {}
-        if live is not None and live["progress"] and r.get("val_acc") is not None and not r.get("done"):
+        if live is not None and live["progress"] and r.get("val_acc") is not None and not r.get("finished"):
             p = trial.config["trial"]
             live["log"](f"  trial {p['trial_id']} stopped at epoch {r.get('epoch')}: val {r['val_acc']:.3f}")
 
@@ -168,7 +176,7 @@ class ProtectedASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and trial.config["trial"].get("protected") \
-                and not result.get("done"):
+                and not result.get("finished"):
             return TrialScheduler.CONTINUE
         return decision
 
