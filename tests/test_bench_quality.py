@@ -290,3 +290,12 @@ def test_calibrated_loglik_is_the_maximum_and_zero_without_signal():
     xi, pi, yi, wi, _ = _toy(seed=1, informative=True)
     assert se.sctd_fused(xi, pi, yi, wi, c) > se.sctd_fused(x, p, y, w, c)
     assert se.sctd_fused(xi, pi, yi, wi, c) <= np.log(c) + 1e-12
+
+
+def test_code_version_ignores_docs_and_layout_not_code():
+    a = 'def f(x):\n    """Doc."""\n    # comment\n    return x + 1\n'
+    b = 'def f(x):\n    """Other doc,\n    longer."""\n    return (x\n            + 1)\n'
+    c = 'def f(x):\n    """Doc."""\n    return x + 2\n'
+    assert gtm.normalised_source(a) == gtm.normalised_source(b)
+    assert gtm.normalised_source(a) != gtm.normalised_source(c)
+    assert gtm.recipe_code_version() == gtm.recipe_code_version()
