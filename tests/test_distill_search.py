@@ -208,3 +208,11 @@ def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_d
     assert res.loc["fm-all-resnet", "status"] == "ok"
     assert (res["method"] == "ce").sum() == 1 and set(res[res.method == "ce"]["status"]) == {"ok"}
     assert json.loads((out / "summary.json").read_text())["trials_by_status"]["error"] == 1
+
+
+def test_kd_across_label_spaces_is_refused_before_any_trial(run_dir, tmp_path, capsys):
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), "--method", "kd",
+               "--top-k", "1", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "kd needs the teacher's label names" in err and "--method ot" in err
+    assert not (tmp_path / "out" / "tune").exists()

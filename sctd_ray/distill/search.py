@@ -341,14 +341,12 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     export = None
     if best is not None and s.export and not interrupted:
         export = _export(zoo, out, trials, best, ce, name, target_uri, ranking, budget, used, search["settings"])
+    search["complete"] = not interrupted
+    save()
     summary = _summary(name, target_uri, out.uri, run_store, zoo, teachers, ranking, results, best, ce, budget,
                        used(), interrupted, live["budget_hit"], export, search["settings"], restored)
     if export and summary["best"]:
         summary["best"]["student_uri"] = export["uri"]
-    out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
-    search["complete"] = not interrupted
-    save()
-    summary["used_s"] = round(used(), 3)
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
     return DistillResult(results, summary)
 
@@ -545,9 +543,10 @@ def _summary(name, target_uri, out_uri, run_store, zoo, teachers, ranking, resul
         gain = round(100 * (float(best["test_acc"]) - float(ce["test_acc"])), 2)
     return {
         "target": name, "target_uri": target_uri, "run": run_store.uri if run_store else None, "zoo": zoo.uri,
-        "out": out_uri, "complete": not interrupted, "resumed": restored, "budget_s": budget, "used_s": round(used_s, 3),
-        "stopped_by_budget": bool(budget_hit),
-        "best_trial_id": best["trial_id"] if best else None, "best_teacher": _str(best["teacher_id"]) if best else None,
+        "out": out_uri, "complete": not interrupted, "resumed": restored, "budget_s": budget,
+        "used_s": round(used_s, 3), "stopped_by_budget": bool(budget_hit),
+        "best_trial_id": best["trial_id"] if best else None,
+        "best_teacher": _str(best["teacher_id"]) if best else None,
         "best": brief(best), "ce_baseline": brief(ce), "gain_vs_ce_points": gain,
         "teacher_scores": _scores(ranking, _str(best["teacher_id"])) if best else {},
         "teachers": per_teacher, "trials": int(len(results)),
@@ -601,7 +600,8 @@ def add_distill_args(p) -> None:
     p.add_argument("--budget", default="600", help="wall-clock budget: seconds, or 90s, 10m, 1h (default 600)")
     p.add_argument("--samples", type=int, default=3,
                    help="hyper-parameter draws per teacher and for the ce baseline (default 3)")
-    p.add_argument("--student", default=DEFAULT_STUDENT, help=f"timm architecture of the student (default {DEFAULT_STUDENT})")
+    p.add_argument("--student", default=DEFAULT_STUDENT,
+                   help=f"timm architecture of the student (default {DEFAULT_STUDENT})")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the recipe's)")
     p.add_argument("--recipe", default=None, metavar="JSON",
                    help='override recipe settings, e.g. \'{"steps_per_epoch": 20, "hflip": true}\'')

@@ -1,10 +1,10 @@
 """Train one student on a target task (SPEC 4), with or without a teacher; no Ray here.
 
-    L = CE(s(x), y)  [labelled views]  +  lam * mean_i W_eps(p_t(x_i; tau), softmax(s(x_i)/tau); M)  [all views]
+    L = CE(s(x), y) [labelled views] + lam * mean_i W_eps(p_t(x_i; tau), softmax(s(x_i)/tau); M) [all views]
 
 ``M`` is the teacher's proto-cos cost (SPEC 1) from its features on the non-augmented training
 images and its classifier weight, computed once. On every step the teacher runs online on the
-same augmented views as the student (``recipe.make_views``). ``kd`` replaces the OT term by
+same augmented views as the student (``views.make_views``). ``kd`` replaces the OT term by
 Hinton KD and needs the teacher's label names to equal the target's; ``ce`` uses no teacher.
 
 Validation accuracy is measured after every epoch; the student with the best validation
@@ -170,8 +170,10 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
     ("ot", "kd", "ce"; SPEC 4) with hyper-parameters ``hp`` (lam, tau, eps, lr).
 
     ``report(epoch, metrics)`` is called after every epoch (after the checkpoint is written),
-    with ``val_acc``/``test_acc`` of the best-validation student so far, ``epoch_val_acc``,
-    ``val_loss``, ``train_loss``, ``best_epoch``, ``seconds`` and ``resumed_epoch``.
+    with ``val_acc``/``test_acc`` of the best-validation student so far, ``best_epoch``,
+    ``best_val_loss``, ``epoch_val_acc``, ``val_loss``, ``train_loss``, ``seconds`` (training
+    time over all sessions), ``resumed_epoch`` (where this session started) and ``finished``.
+    A run resumed from its final checkpoint reports its last epoch again and trains no more.
     """
     from ..assess.engine import TeacherRunner
 
@@ -253,7 +255,8 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
                 _save_weights(model, os.path.join(checkpoint_dir, BEST_FILE))
         seconds += time.time() - t0
         metrics = {"epoch": epoch + 1, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
-                   "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epoch_val_acc": val_acc, "val_loss": val_loss,
+                   "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                   "epoch_val_acc": val_acc, "val_loss": val_loss,
                    "train_loss": float(np.mean(losses)), "seconds": round(seconds, 3),
                    "resumed_epoch": start_epoch, "finished": epoch + 1 == recipe.epochs}
         history.append(metrics)
