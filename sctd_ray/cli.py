@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(func=cmd_scan)
 
+    from .bench.quality import add_bench_quality_args, cmd_bench_quality
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bs = b.add_subparsers(dest="bench_cmd", required=True)
+    bq = bs.add_parser("quality", help="rank quality of every score vs the distill/probe ground truths (SPEC 6)")
+    add_bench_quality_args(bq)
+    bq.set_defaults(func=cmd_bench_quality)
+
     from .report import add_report_args, cmd_report
 
     r = sub.add_parser("report", help="write the run's self-contained HTML report (RUN/report.html)")
