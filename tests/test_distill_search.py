@@ -4,6 +4,7 @@ The run folder is what a scan writes (ranking.parquet + run.json), scored in-pro
 assessment engine over three teachers to keep the test short. Trials use a short recipe.
 """
 
+import io
 import json
 import os
 import shutil
@@ -216,3 +217,19 @@ def test_kd_across_label_spaces_is_refused_before_any_trial(run_dir, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and "kd needs the teacher's label names" in err and "--method ot" in err
     assert not (tmp_path / "out" / "tune").exists()
+
+
+def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_bucket, capsys):
+    out = f"{s3_bucket}/runs/distill"
+    argv = ["--run", run_dir, "--target", TARGET, "--out", out, "--top-k", "1", "--samples", "1",
+            "--budget", "90", "--no-export", "--quiet", "--recipe", json.dumps({**FAST, "epochs": 2})]
+    assert main(argv) == 0, capsys.readouterr()
+    store = open_store(out)
+    assert store.exists("results.parquet") and store.exists("summary.json") and store.exists("search.json")
+    assert any(k.endswith("/checkpoint_000001/state.pt") for k in store.list("tune/"))  # Tune stored on S3
+    first = pd.read_parquet(io.BytesIO(store.read_bytes("results.parquet")))
+    assert main(argv + ["--resume"]) == 0  # a resubmitted job: the finished search is read back
+    summary = json.loads(store.read_bytes("summary.json"))
+    assert summary["complete"] and summary["resumed"] and summary["used_s"] <= 1.1 * 90
+    again = pd.read_parquet(io.BytesIO(store.read_bytes("results.parquet")))
+    pd.testing.assert_frame_equal(first, again)

@@ -269,7 +269,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     ray = ensure_ray(s.address)
     resources, threads = _resources(ray, s)
     storage_path, storage_fs = _storage(out, s.s3_endpoint)
-    exp_path = out.join(EXPERIMENT)
+    exp_path = f"{storage_path}/{EXPERIMENT}"  # local path, or bucket/key with storage_fs
     plans = plan_trials(teachers, s.method, s.samples, s.seed)
     common = {"zoo": zoo.uri, "target_uri": target_uri, "s3_endpoint": s.s3_endpoint,
               "recipe": recipe.to_dict(), "seed": s.seed, "student": s.student, "threads": threads}
@@ -298,9 +298,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     restored = False
     try:
         if previous and _can_restore(tune, exp_path, storage_fs):
-            tuner = tune.Tuner.restore(exp_path if storage_fs is None else f"{storage_path}/{EXPERIMENT}",
-                                       trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                       storage_filesystem=storage_fs)
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=storage_fs)
             restored = True
             log(f"distill {name}: resuming the search in {out.uri} ({used_before:.0f}s of "
                 f"{budget:.0f}s used before)")
@@ -332,7 +331,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     finally:
         tr.LIVE.pop(key, None)
 
-    trials, interrupted = _collect(tune, exp_path, storage_path, storage_fs)
+    trials, interrupted = _collect(exp_path, storage_fs)
     results = _results_table(trials, ranking)
     from ..assess.results import write_table
 
@@ -357,8 +356,7 @@ def _trial_name(trial) -> str:
 
 def _can_restore(tune, exp_path, storage_fs) -> bool:
     try:
-        return tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs) if storage_fs else \
-            tune.Tuner.can_restore(exp_path)
+        return tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
     except Exception:  # a half-written experiment folder: start afresh
         return False
 
@@ -376,17 +374,16 @@ def _check_kd(zoo, teachers, target_uri, s3_endpoint) -> None:
                             f"teacher {t!r} has {names}, the target has {classes}; use --method ot")
 
 
-def _collect(tune, exp_path, storage_path, storage_fs):
+def _collect(exp_path, storage_fs):
     """Every trial of the experiment with its state, last result, curve and checkpoint;
     ``interrupted`` when some trial is neither finished nor failed (Ctrl-C: resume it)."""
     from ray.tune import ExperimentAnalysis
 
-    path = exp_path if storage_fs is None else f"{storage_path}/{EXPERIMENT}"
     from .trial import quiet_tune
 
     try:
         with quiet_tune():
-            ea = ExperimentAnalysis(path, storage_filesystem=storage_fs)
+            ea = ExperimentAnalysis(exp_path, storage_filesystem=storage_fs)
             frames = ea.trial_dataframes
     except ValueError:  # no experiment state: the budget ran out before Tune started
         return [], False
