@@ -674,21 +674,12 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sctd_ray.distill.search ...`` (the same options as ``sctd distill``)."""
-    import argparse
+    """``python -m sctd_ray.distill.search ...``: the same as ``sctd distill ...``."""
     import sys
 
-    p = argparse.ArgumentParser(prog="sctd distill", description=__doc__.splitlines()[0])
-    add_distill_args(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_distill(args)
-    except SctdError as e:
-        print(f"sctd: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("sctd: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+    from ..cli import main as sctd_main
+
+    return sctd_main(["distill", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
