@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 sys.path.insert(0, str(JOBS))
 import sctd_job  # noqa: E402
+from s3server import _die_with_parent  # noqa: E402
 
 TARGET = "fm-mix5"
 
@@ -195,15 +196,6 @@ def _free_range(n: int = 200) -> int:
         if ok:
             return base
     raise RuntimeError("no free port range for Ray workers")
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class RayHead:
