@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import SctdError
 
 METHODS = ("ot", "kd", "ce")
-DEFAULT_HP = {"lam": 10.0, "tau": 1.0, "eps": 0.1, "lr": 3e-3}
+DEFAULT_HP = {"lam": 100.0, "tau": 1.0, "eps": 0.1, "lr": 3e-3}
 DEFAULT_STUDENT = "test_resnet"   # a small timm CNN that trains fast on a CPU
 
 

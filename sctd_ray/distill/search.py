@@ -34,7 +34,7 @@ SUMMARY_FILE = "summary.json"
 SEARCH_FILE = "search.json"
 EXPERIMENT = "tune"
 # (low, high) of each hyper-parameter; all but tau drawn log-uniformly.
-SEARCH_SPACE = {"lam": (2.0, 30.0), "tau": (0.5, 2.0), "eps": (0.05, 0.3), "lr": (1e-3, 1e-2)}
+SEARCH_SPACE = {"lam": (10.0, 300.0), "tau": (0.5, 2.0), "eps": (0.05, 0.3), "lr": (1e-3, 1e-2)}
 LOG_UNIFORM = {"lam", "eps", "lr"}
 RESULT_COLUMNS = ["trial_id", "teacher_id", "method", "lam", "tau", "eps", "lr", "epochs",
                   "val_acc", "test_acc", "seconds", "status", "error", "best_epoch",
