@@ -89,7 +89,7 @@ def main():
     ap.add_argument("--classes", type=int, default=10, help="target classes")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--metrics", default=",".join(NAMES), help="scores to compute (default: all seven)")
+    ap.add_argument("--metrics", default=",".join(NAMES), help="scores to compute (default: all of metrics.NAMES)")
     args = ap.parse_args()
 
     if args.zoo or args.device == "cpu":

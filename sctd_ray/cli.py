@@ -164,7 +164,7 @@ def add_assess_args(a) -> None:
                    help="shard workers (default: one per GPU, else one per CPU)")
     a.add_argument("--batch-size", type=int, default=256)
     a.add_argument("--metrics", default=None,
-                   help="comma-separated scores to compute (default: sctd,sctd_cost,leep,nce,logme,hscore,transrate)")
+                   help="comma-separated scores to compute (default: all: sctd,sctd_cost,sctd_fused,leep,nce,logme,hscore,transrate)")
     a.add_argument("--rank-by", default="sctd", help="score that ranks the teachers (default sctd)")
     a.add_argument("--split", default="train", help="target split to score on (default train)")
     a.add_argument("--teachers", default=None, help="only these teacher ids (comma-separated)")

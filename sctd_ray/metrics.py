@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from . import scores_extra
 from .errors import ScoreInputError
 from .ot import cost_from_prototypes
 
-NAMES = ("sctd", "sctd_cost", "leep", "nce", "logme", "hscore", "transrate")
-PROB_SCORES = frozenset({"sctd", "sctd_cost", "leep", "nce"})       # need probs
-FEATURE_SCORES = frozenset({"sctd", "sctd_cost", "logme", "hscore", "transrate"})  # need features
-WEIGHT_SCORES = frozenset({"sctd", "sctd_cost"})                     # need the teacher head
+NAMES = ("sctd", "sctd_cost", "sctd_fused", "leep", "nce", "logme", "hscore", "transrate")
+PROB_SCORES = frozenset({"sctd", "sctd_cost", "sctd_fused", "leep", "nce"})   # need probs
+FEATURE_SCORES = frozenset({"sctd", "sctd_cost", "sctd_fused", "logme", "hscore", "transrate"})
+WEIGHT_SCORES = frozenset({"sctd", "sctd_cost", "sctd_fused"})             # need the teacher head
 
 PROBS_SUM_ATOL = 1e-3          # tolerance on the row sums of probs
 LOGME_MAX_ITER = 11            # authors' LogME.py: at most 11 fixed-point steps
@@ -287,6 +288,15 @@ def sctd_cost(probs, labels, features, weight, num_classes: int | None = None) -
                        num_classes=num_classes)["sctd_cost"]
 
 
+def sctd_fused(probs, labels, features, weight, num_classes: int | None = None) -> float:
+    """``sctd_fused`` (SPEC 2 variant; docs/method.md "Improved score"): the transported measure
+    mixes the teacher's label anchors (as it predicts them) with the sample's own feature point;
+    leave-one-out prototypes, mixture weight and temperature fitted by maximum likelihood.
+    Nats of label information in [0, log C]. Formula: ``scores_extra``."""
+    return compute_all(probs, labels, features, weight, names=("sctd_fused",),
+                       num_classes=num_classes)["sctd_fused"]
+
+
 def leep(probs, labels, num_classes: int | None = None) -> float:
     """SPEC 3 LEEP (Nguyen et al., 2020)."""
     return compute_all(probs, labels, None, None, names=("leep",), num_classes=num_classes)["leep"]
@@ -363,6 +373,8 @@ def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int |
             v = sctd_from_costs(p @ cost, y, temperature)
         elif name == "sctd_cost":
             v = sctd_cost_from_joint(joint, cost, n)
+        elif name == "sctd_fused":
+            v = scores_extra.fused_from_rows(p @ scores_extra.unit_rows(w), x, y, sums)
         elif name == "leep":
             v = leep_from_joint(p, y, joint)
         elif name == "nce":

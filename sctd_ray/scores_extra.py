@@ -25,9 +25,11 @@ prototype cannot explain its own sample.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
+# scores of the benchmark only; ``sctd_fused`` is also one of ``metrics.NAMES`` (scans, streaming)
 EXTRA_NAMES = ("sctd_cal", "sctd_fused")
 # 1/T is fitted in [0, BETA_MAX]: T >= 0.01, a tenth of SPEC 2's default T. On targets whose
 # costs separate the labels perfectly the likelihood keeps rising as T -> 0 and every such
@@ -35,23 +37,36 @@ EXTRA_NAMES = ("sctd_cal", "sctd_fused")
 BETA_MAX = 100.0
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return np.divide(x, n, out=np.zeros_like(x), where=n > 1e-12)
 
 
-def _loo_cos(vecs: np.ndarray, features: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> np.ndarray:
+def _loo_cos(vecs: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+             sums: torch.Tensor) -> torch.Tensor:
     """cos(v_i, mu_c^{-i}) for every i, c: ``mu_c^{-i} = S_c - [y_i = c] phi_i`` (N, C)."""
-    n = len(labels)
-    dots = vecs @ sums.T                                     # v_i . S_c
-    norms2 = np.tile((sums ** 2).sum(1), (n, 1))             # |S_c|^2
-    own = np.arange(n), labels
-    s_own = sums[labels]                                     # S_{y_i}
+    n = labels.shape[0]
+    own = torch.arange(n, device=labels.device), labels
+    dots = vecs @ sums.T                                              # v_i . S_c
+    norms2 = (sums ** 2).sum(1).expand(n, -1).clone()                 # |S_c|^2
     dots[own] -= (vecs * features).sum(1)
-    norms2[own] += -2 * (s_own * features).sum(1) + (features ** 2).sum(1)
-    vn = np.linalg.norm(vecs, axis=1, keepdims=True)
-    den = np.sqrt(np.clip(norms2, 0, None)) * vn
-    return np.divide(dots, den, out=np.zeros_like(dots), where=den > 1e-12)
+    norms2[own] += -2 * (sums[labels] * features).sum(1) + (features ** 2).sum(1)
+    den = norms2.clamp_min(0).sqrt() * vecs.norm(dim=1, keepdim=True)
+    return torch.where(den > 1e-12, dots / den.clamp_min(1e-300), torch.zeros_like(dots))
+
+
+def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out costs of SPEC 1-2 to every target label, (N, C) each, on the inputs'
+    device in float64: ``A[i,c] = 1 - h_i . unit(mu_c^{-i})`` with ``h_i = sum_k p_ik unit(w_k)``
+    (= ``sum_k p_ik M^{-i}[k,c]``: rows of P sum to 1) and ``F[i,c] = 1 - cos(phi_i, mu_c^{-i})``.
+    ``sums`` (C, D) are the class feature sums ``S_c`` of all samples. Shared by the in-memory
+    score and ``stats.TeacherStats`` (which keeps ``h`` and ``phi`` per sample)."""
+    t = lambda a: (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))).double()  # noqa: E731
+    h, x, s = t(h), t(features), t(sums)
+    y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels,
+                        device=x.device).long()
+    cos_h = _loo_cos(h, x, y, s) * h.norm(dim=1, keepdim=True)       # h . unit(mu^{-i}) (h is not unit)
+    return 1 - cos_h, 1 - _loo_cos(x, x, y, s)
 
 
 def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = True) -> dict[str, np.ndarray]:
@@ -61,18 +76,15 @@ def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = Tr
     x = np.asarray(features, np.float64)
     y = np.asarray(labels, np.int64)
     p = np.asarray(probs, np.float64)
-    wu = _unit(np.asarray(weight, np.float64))
+    wu = unit_rows(np.asarray(weight, np.float64))
     sums = np.zeros((num_classes, x.shape[1]))
     np.add.at(sums, y, x)
     if not loo:
-        m = np.clip(1 - wu @ _unit(sums).T, 0, 2)
-        return {"A": p @ m, "F": 1 - _unit(x) @ _unit(sums).T}
-    # A^loo[i,c] = sum_k p_ik (1 - cos(w_k, mu_c^{-i})) = 1 - (P W_unit)_i . mu_c^{-i} / |mu_c^{-i}|
-    # (the clip of M at [0, 2] is a no-op for cosines)
-    h = p @ wu
-    hn = np.linalg.norm(h, axis=1, keepdims=True)
-    cos_h = _loo_cos(h, x, y, sums) * hn                     # h . unit(mu^{-i}) (h is not unit)
-    return {"A": 1 - cos_h, "F": 1 - _loo_cos(x, x, y, sums)}
+        m = np.clip(1 - wu @ unit_rows(sums).T, 0, 2)
+        return {"A": p @ m, "F": 1 - unit_rows(x) @ unit_rows(sums).T}
+    # the clip of M at [0, 2] is a no-op for cosines
+    a, f = loo_costs(p @ wu, x, y, sums)
+    return {"A": a.numpy(), "F": f.numpy()}
 
 
 def calibrated_loglik(costs: list[np.ndarray], labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -106,6 +118,14 @@ def sctd_fused(features, probs, labels, weight, num_classes: int) -> float:
     """``A^loo`` and ``F^loo`` to the same prototypes, jointly calibrated (see module doc)."""
     t = cost_terms(features, probs, labels, weight, num_classes, loo=True)
     return calibrated_loglik([t["A"], t["F"]], labels)[0]
+
+
+def fused_from_rows(h, features, labels, sums) -> float:
+    """``sctd_fused`` from per-sample ``h_i = P W_unit`` rows, features, labels and the class
+    sums (what ``stats.TeacherStats`` keeps); the costs are built on the rows' device."""
+    a, f = loo_costs(h, features, labels, sums)
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return calibrated_loglik([a.cpu().numpy(), f.cpu().numpy()], y)[0]
 
 
 SCORES = {"sctd_cal": sctd_cal, "sctd_fused": sctd_fused}

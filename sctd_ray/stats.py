@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import metrics as _m
+from . import scores_extra as _scores_extra
 from .errors import ScoreInputError
 from .ot import _unit_rows, cost_from_prototypes
 
@@ -39,6 +40,8 @@ class TeacherStats:
     mean + centred scatter    D + D x D (batched Welford; Chan to merge)  logme, hscore, transrate
     per-sample P              N x K  (+ N int64 labels)                  leep, or sctd if K <= D
     per-sample P W_unit       N x D  (+ N int64 labels)                  sctd when D < K and no leep
+    per-sample P W_unit and   2 N x D (+ N int64 labels); the feature     sctd_fused
+    features                  rows are shared with the transrate buffer
     transrate buffer          raw features, <= ``transrate_buffer`` rows transrate
                               (default max(C D, 2^23 / D): the rows
                               outweigh the scatters, or 2^23 numbers),
@@ -48,6 +51,8 @@ class TeacherStats:
 
     ``sctd`` needs ``A = P M`` with M known only at the end; since ``M = 1 - W_unit mu_unit^T``
     and rows of P sum to 1, ``A = 1 - (P W_unit) mu_unit^T``, so N x min(K, D) numbers suffice.
+    ``sctd_fused`` needs leave-one-out prototypes ``S_c - phi_i``, so it keeps each sample's
+    ``h_i = P W_unit`` and feature row; its costs are built at the end on the stats' device.
     TransRate's per-class terms keep raw features while they are fewer than the per-class
     scatters would be (few-shot targets never fold), so its memory is about
     min(N D, max(2 C D^2, 2^23)) numbers.
@@ -95,6 +100,7 @@ class TeacherStats:
         self._nce = "nce" in want
         self._scatter = bool(want & {"logme", "hscore", "transrate"})
         self._transrate = "transrate" in want
+        self._fused = "sctd_fused" in want
         if "leep" in want or ("sctd" in want and k <= d):
             self._rows_kind = "probs"
         elif "sctd" in want:
@@ -120,13 +126,16 @@ class TeacherStats:
         self._sums = z(c, d, t=acc) if self._feats else None
         self._mean = z(d, t=acc) if self._scatter else None
         self._scat = z(d, d, t=acc) if self._scatter else None
-        self._w_unit = _unit_rows(self.weight) if self._rows_kind == "h" else None
+        self._w_unit = _unit_rows(self.weight) if self._rows_kind == "h" or self._fused else None
         self._rows: list[torch.Tensor] = []        # per-sample P or P W_unit
         self._rows_y: list[torch.Tensor] = []
         self._tr_x: list[torch.Tensor] = []        # transrate buffer of raw features
         self._tr_y: list[torch.Tensor] = []
         self._tr_rows = 0
         self._tr_counts = self._tr_sums = self._tr_scat = None   # folded part (class-centred)
+        self._fh: list[torch.Tensor] = []          # sctd_fused: per-sample P W_unit ...
+        self._fx: list[torch.Tensor] = []          # ... features ...
+        self._fy: list[torch.Tensor] = []          # ... and labels
         self._ready = True
 
     # ------------------------------------------------------------------ update
@@ -165,9 +174,13 @@ class TeacherStats:
                 self._joint_t.index_add_(1, y, p.T.double())
             if self._nce:
                 self._nce_t.view(-1).index_add_(0, p.argmax(1) * c + y, ones)
+            h = p @ self._w_unit if self._w_unit is not None else None
             if self._rows_kind is not None:
-                self._rows.append(p if self._rows_kind == "probs" else p @ self._w_unit)
+                self._rows.append(p if self._rows_kind == "probs" else h)
                 self._rows_y.append(y)
+            if self._fused:
+                self._fh.append(h)
+                self._fy.append(y)
 
         if self._feats:
             x = _tensor(features, dev, dt)
@@ -177,11 +190,15 @@ class TeacherStats:
                 xa = x64 - self._mean
                 self._mean.add_(xa.sum(0), alpha=1.0 / (self.n + b))
                 self._scat.addmm_(xa.T, x64 - self._mean)
-            if self._transrate:
+            if self._transrate or self._fused:
                 aliased = isinstance(features, torch.Tensor) and x.data_ptr() == features.data_ptr()
-                self._tr_x.append(x.clone() if aliased else x)   # the caller may reuse its buffer
+                x = x.clone() if aliased else x         # the caller may reuse its buffer
+            if self._transrate:
+                self._tr_x.append(x)
                 self._tr_y.append(y)
                 self._tr_rows += b
+            if self._fused:
+                self._fx.append(x)                      # the same tensor: no extra memory
         self.n += b
         if self._transrate and self._tr_rows > self.transrate_buffer:
             self._fold()
@@ -251,6 +268,10 @@ class TeacherStats:
                 self._mean.add_(delta, alpha=other.n / tot)
         self._rows += [mv(t) for t in other._rows]
         self._rows_y += [mv(t) for t in other._rows_y]
+        if self._fused:
+            self._fh += [mv(t) for t in other._fh]
+            self._fx += [mv(t) for t in other._fx]
+            self._fy += [mv(t) for t in other._fy]
         if self._transrate:
             self._tr_x += [mv(t) for t in other._tr_x]
             self._tr_y += [mv(t) for t in other._tr_y]
@@ -290,7 +311,7 @@ class TeacherStats:
             raise ScoreInputError(f"every one of the {self.num_classes} target classes needs at "
                                   f"least one sample; classes without samples: {shown}")
         for t in (self._joint_t, self._sums, self._mean, self._scat, self._tr_sums, self._tr_scat,
-                  *self._rows, *self._tr_x):
+                  *self._rows, *self._tr_x, *self._fh):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ScoreInputError("features and logits must be finite; the statistics contain "
                                       "NaN or inf")
@@ -321,6 +342,9 @@ class TeacherStats:
                 v = _m.sctd_from_costs(a.cpu().numpy(), row_y.cpu().numpy(), self.temperature)
             elif name == "sctd_cost":
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
+            elif name == "sctd_fused":
+                v = _scores_extra.fused_from_rows(torch.cat(self._fh), torch.cat(self._fx),
+                                                  torch.cat(self._fy), self._sums)
             elif name == "leep":
                 cond = on_dev(_m.leep_conditional(host(self._joint_t)))
                 eyz = (rows @ cond).gather(1, row_y[:, None])[:, 0]
@@ -387,6 +411,9 @@ class TeacherStats:
             st["rows"], st["row_labels"] = np_(torch.cat(self._rows)), np_(torch.cat(self._rows_y))
         if self._tr_x:
             st["tr_x"], st["tr_y"] = np_(torch.cat(self._tr_x)), np_(torch.cat(self._tr_y))
+        if self._fh:
+            st["fused_h"], st["fused_x"] = np_(torch.cat(self._fh)), np_(torch.cat(self._fx))
+            st["fused_y"] = np_(torch.cat(self._fy))
         return st
 
     @classmethod
@@ -418,6 +445,8 @@ class TeacherStats:
         if "tr_x" in state:
             self._tr_x, self._tr_y = [t("tr_x")], [t("tr_y").long()]
             self._tr_rows = int(self._tr_x[0].shape[0])
+        if "fused_h" in state:
+            self._fh, self._fx, self._fy = [t("fused_h")], [t("fused_x")], [t("fused_y").long()]
         self.n = n
         return self
 

@@ -175,6 +175,7 @@ def test_compute_all_matches_single_scores_and_accepts_torch():
     assert tuple(all_) == metrics.NAMES
     single = {"sctd": metrics.sctd(probs, y, feats, weight),
               "sctd_cost": metrics.sctd_cost(probs, y, feats, weight),
+              "sctd_fused": metrics.sctd_fused(probs, y, feats, weight),
               "leep": metrics.leep(probs, y), "nce": metrics.nce(probs, y),
               "logme": metrics.logme(feats, y), "hscore": metrics.hscore(feats, y),
               "transrate": metrics.transrate(feats, y)}

@@ -102,6 +102,7 @@ def test_only_what_the_metrics_need_is_kept():
     assert {"scatter", "rows", "tr_x"}.isdisjoint(cost_only.to_state())
     no_transrate = feed(TeacherStats(5, weight, metrics=("logme", "hscore")), feats, logits, y, [203])
     assert {"tr_x", "tr_scatter", "rows", "joint"}.isdisjoint(no_transrate.to_state())
+    assert {"fused_h", "fused_x"}.isdisjoint(cost_only.to_state())
     # features are not even needed when only probability scores are requested
     TeacherStats(5, weight, metrics=("nce",)).update(None, logits, y)
 
@@ -112,6 +113,19 @@ def test_sctd_keeps_p_times_unit_weights_when_that_is_smaller():
     st = feed(TeacherStats(5, weight, metrics=("sctd", "sctd_cost")), feats, logits, y, [64, 64, 75])
     assert st.to_state()["rows"].shape == (203, 6)
     assert_close(st.compute(), reference(feats, logits, y, weight, names=("sctd", "sctd_cost")), 1e-10)
+
+
+def test_sctd_fused_keeps_h_and_feature_rows_sharing_them_with_transrate():
+    """sctd_fused needs leave-one-out prototypes: N x D rows of P W_unit and of features; the
+    feature rows are the very tensors of the transrate buffer (no second copy)."""
+    feats, logits, y, weight = teacher_outputs(seed=12)
+    names = ("sctd_fused", "transrate")
+    st = feed(TeacherStats(5, weight, metrics=names), feats, logits, y, [50, 153])
+    assert all(a is b for a, b in zip(st._fx, st._tr_x))
+    state = st.to_state()
+    assert state["fused_h"].shape == state["fused_x"].shape == (203, feats.shape[1])
+    assert_close(st.compute(), reference(feats, logits, y, weight, names=names), 1e-10)
+    assert_close(TeacherStats.from_state(state).compute(), st.compute(), 1e-12)
 
 
 def test_teacher_temperature():

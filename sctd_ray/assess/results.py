@@ -84,7 +84,7 @@ def read_table(store, key: str) -> pd.DataFrame:
     return pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
 
 
-def format_ranking(df: pd.DataFrame, top: int = 10, metrics=("sctd", "sctd_cost", "leep", "nce", "logme")) -> str:
+def format_ranking(df: pd.DataFrame, top: int = 10, metrics=("sctd", "sctd_fused", "sctd_cost", "leep", "nce", "logme")) -> str:
     """Per target: the top teachers, then every error row."""
     out = []
     for target, g in df.groupby("target", sort=True):

@@ -85,7 +85,8 @@ def spread(truth: dict[str, float]) -> float:
 
 def score_pair(teacher, target, metrics=None) -> dict[str, float]:
     """Every score of one teacher on one target's train split: SPEC 2-3 scores through the
-    scan's statistics (``assess.engine``) and the ``scores_extra`` variants."""
+    scan's statistics (``assess.engine``, ``sctd_fused`` included) and the other
+    ``scores_extra`` variants."""
     import torch
 
     from .. import scores_extra
@@ -97,9 +98,12 @@ def score_pair(teacher, target, metrics=None) -> dict[str, float]:
     runner = TeacherRunner(teacher.get(), "cpu")
     tb = batches_from_arrays(target.name, split.images, split.labels, target.task.num_classes)
     out = finalise(teacher.teacher_id, collect_stats(runner, tb, names, torch.float64))
-    feats, logits = gtm.teacher_outputs(teacher, target, "train")
-    weight = runner.weight.double().numpy()
-    out.update(scores_extra.compute_extra(feats, logits, split.labels, weight, target.task.num_classes))
+    extra = tuple(n for n in scores_extra.EXTRA_NAMES if n not in out)   # sctd_cal (ablation)
+    if extra:
+        feats, logits = gtm.teacher_outputs(teacher, target, "train")
+        weight = runner.weight.double().numpy()
+        out.update(scores_extra.compute_extra(feats, logits, split.labels, weight,
+                                              target.task.num_classes, names=extra))
     return out
 
 
