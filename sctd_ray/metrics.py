@@ -201,9 +201,7 @@ def sym_eigh(matrix: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
     ``device`` (e.g. CUDA) the decomposition runs there, which is what makes finalising a
     D = 2048 teacher fast on a GPU."""
     m = (matrix + matrix.T) / 2
-    if device is None or torch.device(device).type == "cpu":
-        return np.linalg.eigh(m)
-    w, v = torch.linalg.eigh(torch.from_numpy(m).to(device))
+    w, v = torch.linalg.eigh(torch.from_numpy(m).to(device or "cpu"))
     return w.cpu().numpy(), v.cpu().numpy()
 
 
@@ -269,8 +267,22 @@ def coding_rate(gram: np.ndarray | None, n: int, eps: float = TRANSRATE_EPS,
                 eigvals: np.ndarray | None = None) -> float:
     """``R = 1/2 logdet(I + Z^T Z / (n eps))`` from either Gram of the centred samples Z
     (or from that Gram's eigenvalues)."""
-    ev = eigvals if eigvals is not None else np.linalg.eigvalsh((gram + gram.T) / 2)
-    return 0.5 * float(np.sum(np.log1p(np.clip(ev, 0.0, None) / (n * eps))))
+    if eigvals is not None:
+        return 0.5 * float(np.sum(np.log1p(np.clip(eigvals, 0.0, None) / (n * eps))))
+    return 0.5 * logdet_identity_plus(torch.as_tensor(gram, dtype=torch.float64), 1.0 / (n * eps))
+
+
+def logdet_identity_plus(gram: torch.Tensor, scale: float) -> float:
+    """``logdet(I + scale * G)`` for a PSD Gram G (torch, any device): a Cholesky factor of a
+    matrix whose eigenvalues are all >= 1 (several times cheaper than an eigendecomposition);
+    eigenvalues if round-off made the factorisation fail."""
+    m = (gram + gram.T) * (scale / 2)
+    m.diagonal().add_(1.0)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return 2.0 * float(torch.log(chol.diagonal()).sum())
+    ev = torch.linalg.eigvalsh(m).clamp_min(1.0)
+    return float(torch.log(ev).sum())
 
 
 # --------------------------------------------------------------------------- public scores
