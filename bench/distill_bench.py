@@ -1,7 +1,7 @@
 """Distillation benchmarks (SPEC 4 recipe, SPEC 6 `distill` ground truth). Results and the exact
 commands are recorded in docs/distill.md.
 
-    python bench/distill_bench.py quality --zoo ZOO [--run RUN] [--targets a,b] [--seeds 0,1]
+    python bench/distill_bench.py quality --zoo ZOO [--run RUN] [--targets a,b] [--seeds 0,1] [--rank-by sctd_fused]
     python bench/distill_bench.py cost --zoo ZOO [--target fm-mix5] [--teacher fm-all-resnet]
 
 quality: for every target of the zoo (ZOO/targets/*), test accuracy of students trained with the
@@ -9,7 +9,7 @@ fixed recipe by OT distillation from the top-ranked teacher, from a random teach
 among the others, seeded), from the lowest-ranked teacher, and by ce, each over the seeds;
 prints per-target accuracies and the mean differences. The ranking is the run's
 ranking.parquet when given (and it has the target), else computed here by the assessment
-engine (``sctd`` score, SPEC 2).
+engine (``--rank-by``, default ``sctd_fused`` like the scan).
 
 cost: one training step of the same student on the same batch of views: ce, OT with the
 teacher's probabilities precomputed (isolates the loss), and OT with the online teacher
@@ -48,8 +48,8 @@ def _targets(zoo: str, names: list[str] | None) -> list[str]:
     return found
 
 
-def _ranking(zoo: str, target: str, run: str | None) -> list[str]:
-    """Teacher ids of the zoo, best first by the `sctd` score."""
+def _ranking(zoo: str, target: str, run: str | None, rank_by: str = "sctd_fused") -> list[str]:
+    """Teacher ids of the zoo, best first by the ``rank_by`` score."""
     import pandas as pd
 
     if run:
@@ -68,7 +68,7 @@ def _ranking(zoo: str, target: str, run: str | None) -> list[str]:
     tb = batches_from_arrays(task.name, task.splits["train"].images, task.splits["train"].labels,
                              task.num_classes)
     ids = [r["id"] for _, r in read_manifest(store).iterrows() if r["status"] == "ok"]
-    scores = {t: assess_teacher(load_teacher(store, t), tb, metrics=("sctd",), device="cpu")[task.name]["sctd"]
+    scores = {t: assess_teacher(load_teacher(store, t), tb, metrics=(rank_by,), device="cpu")[task.name][rank_by]
               for t in ids}
     return sorted(ids, key=lambda t: -scores[t])
 
@@ -94,9 +94,9 @@ def _job(args) -> dict:
             "val_acc": res.val_acc, "seconds": time.time() - t0, "tag": rest[1] if len(rest) > 1 else None}
 
 
-def _roles(zoo: str, target: str, run: str | None, random_seed: int) -> dict:
-    """Teacher of each role: top and lowest by `sctd`, random drawn among the others (seeded)."""
-    ranked = _ranking(zoo, target, run)
+def _roles(zoo: str, target: str, run: str | None, random_seed: int, rank_by: str = "sctd_fused") -> dict:
+    """Teacher of each role: top and lowest by ``rank_by``, random drawn among the others (seeded)."""
+    ranked = _ranking(zoo, target, run, rank_by)
     others = ranked[1:-1]
     rng = np.random.default_rng(zlib.crc32(f"{random_seed}:{target}".encode()))
     rand = others[int(rng.integers(len(others)))] if others else ranked[-1]
@@ -111,7 +111,7 @@ def sweep(a) -> None:
 
     variants = json.loads(Path(a.variants).read_text())
     targets = _targets(a.zoo, a.targets.split(",") if a.targets else None)
-    roles = {t: _roles(a.zoo, t, a.run, a.random_seed) for t in targets}
+    roles = {t: _roles(a.zoo, t, a.run, a.random_seed, a.rank_by) for t in targets}
     plan = []
     for v in variants:
         recipe = Recipe.from_dict(v.get("recipe", {})).to_dict()
@@ -139,7 +139,7 @@ def quality(a) -> None:
     targets = _targets(a.zoo, a.targets.split(",") if a.targets else None)
     plan, roles = [], {}
     for t in targets:
-        roles[t] = _roles(a.zoo, t, a.run, a.random_seed)
+        roles[t] = _roles(a.zoo, t, a.run, a.random_seed, a.rank_by)
         for tid in roles[t].values():
             for s in seeds:
                 plan.append((a.zoo, t, tid, s, recipe, hp))
@@ -157,7 +157,7 @@ def quality(a) -> None:
         for role, tid in roles[t].items():
             vals = [r["test_acc"] for r in rows if r["target"] == t and r["teacher"] == tid]
             acc[(t, role)] = 100 * float(np.mean(vals))
-    print(f"\ntest accuracy (%), mean over seeds {seeds}; teachers: top / random / lowest by sctd")
+    print(f"\ntest accuracy (%), mean over seeds {seeds}; teachers: top / random / lowest by {a.rank_by}")
     print(f"{'target':14s} {'ce':>6s} {'top':>6s} {'random':>7s} {'lowest':>7s}   top-ce  top-rand  top-low   teachers")
     diffs = {"top-ce": [], "top-random": [], "top-lowest": []}
     for t in targets:
@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     q.add_argument("--recipe", default=None, help="recipe overrides (JSON)")
     q.add_argument("--hp", default=None, help="hyper-parameter overrides (JSON)")
     q.add_argument("--random-seed", type=int, default=0, help="seed of the random-teacher draw")
+    q.add_argument("--rank-by", default="sctd_fused", help="score that ranks the teachers (default: the scan's)")
     q.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     q.add_argument("--out", default=None, help="write all runs as JSON here")
     q.set_defaults(func=quality)
@@ -269,6 +270,7 @@ def main(argv=None) -> int:
     w.add_argument("--run", default=None)
     w.add_argument("--targets", default=None)
     w.add_argument("--random-seed", type=int, default=0)
+    w.add_argument("--rank-by", default="sctd_fused")
     w.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     w.add_argument("--out", required=True)
     w.set_defaults(func=sweep)

@@ -19,7 +19,7 @@ from sctd_ray.assess.scan import ScanSettings, run_scan
 from sctd_ray.cli import main
 from sctd_ray.data.targets import load_target
 from sctd_ray.errors import SctdError
-from sctd_ray.metrics import NAMES
+from sctd_ray.metrics import DEFAULT_RANK_BY, NAMES
 from sctd_ray.zoo.loading import load_teacher
 from sctd_ray.zoo.store import open_store
 
@@ -69,10 +69,11 @@ def test_scan_from_s3_equals_engine(demo_zoo, s3_bucket, reference, ray_local, t
     assert len(out.list("results/")) == len(reference)
     run = json.loads(out.read_bytes("run.json"))
     assert run["complete"] and run["timings"]["teachers_scored"] == 8
-    for _, g in res.ranking.groupby("target"):  # rank 1 = highest sctd
+    assert run["settings"]["rank_by"] == DEFAULT_RANK_BY == "sctd_fused"
+    for _, g in res.ranking.groupby("target"):  # rank 1 = highest sctd_fused (the default)
         g = g.sort_values("rank")
         assert list(g["rank"]) == list(range(1, len(g) + 1))
-        assert g["sctd"].is_monotonic_decreasing
+        assert g["sctd_fused"].is_monotonic_decreasing
 
 
 def test_two_targets_equal_two_scans(demo_zoo, reference, ray_local, tmp_path):

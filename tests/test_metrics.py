@@ -220,3 +220,10 @@ def test_unknown_name_and_tiny_inputs():
         metrics.compute_all(probs, y, feats, weight, names=("auc",))
     with pytest.raises(ScoreInputError, match="at least 2 samples"):
         metrics.hscore(feats[:1], [0])
+
+
+def test_default_rank_by_is_a_score_and_the_cli_agrees():
+    from sctd_ray import cli
+
+    assert metrics.DEFAULT_RANK_BY in metrics.NAMES
+    assert cli.DEFAULT_RANK_BY == metrics.DEFAULT_RANK_BY

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound
-from ..metrics import NAMES
+from ..metrics import DEFAULT_RANK_BY, NAMES
 
 RESULTS_PREFIX = "results"
 RANKING_FILE = "ranking.parquet"
@@ -55,7 +55,7 @@ def done_pairs(rows: list[dict]) -> set[tuple[str, str]]:
     return {(r["target"], r["teacher_id"]) for r in rows}
 
 
-def ranking_table(rows: list[dict], rank_by: str = "sctd", metrics=NAMES) -> pd.DataFrame:
+def ranking_table(rows: list[dict], rank_by: str = DEFAULT_RANK_BY, metrics=NAMES) -> pd.DataFrame:
     """One row per (target, teacher); rank 1 = highest ``rank_by`` within the target;
     error rows come last without a rank."""
     extra = sorted({k for r in rows for k in r} - set(BASE_COLUMNS) - set(TAIL_COLUMNS) - set(metrics))

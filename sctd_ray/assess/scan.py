@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..errors import SctdError, StoreAuthError, StoreUnreachable, ZooError
-from ..metrics import NAMES
+from ..metrics import DEFAULT_RANK_BY, NAMES
 from .plan import estimate_seconds, plan_shards
 from .results import (RANKING_FILE, RUN_FILE, done_pairs, format_ranking, ranking_table,
                       read_results, write_result, write_table)
@@ -34,7 +34,7 @@ class ScanSettings:
     workers: int | None = None
     batch_size: int = 256
     metrics: tuple[str, ...] = NAMES
-    rank_by: str = "sctd"
+    rank_by: str = DEFAULT_RANK_BY
     resume: bool = False
     address: str | None = None
     s3_endpoint: str | None = None
