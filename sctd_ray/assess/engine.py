@@ -7,6 +7,8 @@ device in float32 (float64 on CPU), so no per-batch host synchronisation happens
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -31,8 +33,12 @@ class TargetBatches:
 
 def batches_from_arrays(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
                         batch_size: int = 256) -> TargetBatches:
-    """In-memory target (e.g. a TargetSplit) as TargetBatches."""
-    x, y = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    """In-memory target (e.g. a TargetSplit) as TargetBatches. The images are shared, not
+    copied (they may be a read-only Ray object; batches are only ever read)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(np.ascontiguousarray(images))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
     def it():
         for i in range(0, len(y), batch_size):
