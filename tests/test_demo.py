@@ -1,0 +1,36 @@
+"""`sctd demo`: README's first command, end to end on the embedded default (local Ray, a
+local folder zoo). The demo zoo of the test session is copied into the demo's home, so no
+teacher is trained here (the build itself is tested in test_cli_zoo.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sctd_ray.cli import DEMO_TARGET
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_the_whole_pipeline(demo_zoo, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(demo_zoo, home / "demo-zoo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "demo", "--home", str(home), "--budget", "60",
+                        "--quiet"], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "trained now" in p.stdout and "0 trained now" in p.stdout   # the copied zoo was reused
+    run = home / "runs" / "demo"
+    ranking = pd.read_parquet(run / "ranking.parquet")
+    assert set(ranking["target"]) == {DEMO_TARGET} and (ranking["status"] == "ok").all()
+    summary = json.loads((run / "distill" / "summary.json").read_text())
+    assert summary["used_s"] <= 1.1 * 60
+    student = Path(summary["export"]["uri"])
+    assert (student / "model.safetensors").is_file() and (student / "card.json").is_file()
+    assert f"report:  {run / 'report.html'}" in p.stdout and (run / "report.html").stat().st_size > 10_000
+    assert str(student) in p.stdout
