@@ -41,31 +41,35 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, n, out=np.zeros_like(x), where=n > 1e-12)
 
 
-def _loo_cos(vecs: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-             sums: torch.Tensor) -> torch.Tensor:
-    """cos(v_i, mu_c^{-i}) for every i, c: ``mu_c^{-i} = S_c - [y_i = c] phi_i`` (N, C)."""
-    n = labels.shape[0]
-    own = torch.arange(n, device=labels.device), labels
-    dots = vecs @ sums.T                                              # v_i . S_c
-    norms2 = (sums ** 2).sum(1).expand(n, -1).clone()                 # |S_c|^2
-    dots[own] -= (vecs * features).sum(1)
-    norms2[own] += -2 * (sums[labels] * features).sum(1) + (features ** 2).sum(1)
-    den = norms2.clamp_min(0).sqrt() * vecs.norm(dim=1, keepdim=True)
-    return torch.where(den > 1e-12, dots / den.clamp_min(1e-300), torch.zeros_like(dots))
-
-
 def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
     """Leave-one-out costs of SPEC 1-2 to every target label, (N, C) each, on the inputs'
     device in float64: ``A[i,c] = 1 - h_i . unit(mu_c^{-i})`` with ``h_i = sum_k p_ik unit(w_k)``
     (= ``sum_k p_ik M^{-i}[k,c]``: rows of P sum to 1) and ``F[i,c] = 1 - cos(phi_i, mu_c^{-i})``.
-    ``sums`` (C, D) are the class feature sums ``S_c`` of all samples. Shared by the in-memory
-    score and ``stats.TeacherStats`` (which keeps ``h`` and ``phi`` per sample)."""
+    ``sums`` (C, D) are the class feature sums ``S_c`` of all samples, and
+    ``mu_c^{-i} = S_c - [y_i = c] phi_i`` (a scale of the prototype does not change a cosine).
+    Two (N, D) x (D, C) products and three row dot products: every leave-one-out term is a
+    correction of ``phi_i . S_c`` on the sample's own class. Shared by the in-memory score and
+    ``stats.TeacherStats`` (which keeps ``h`` and ``phi`` per sample)."""
     t = lambda a: (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))).double()  # noqa: E731
     h, x, s = t(h), t(features), t(sums)
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels,
                         device=x.device).long()
-    cos_h = _loo_cos(h, x, y, s) * h.norm(dim=1, keepdim=True)       # h . unit(mu^{-i}) (h is not unit)
-    return 1 - cos_h, 1 - _loo_cos(x, x, y, s)
+    n = y.shape[0]
+    own = torch.arange(n, device=x.device), y
+    xs, hs = x @ s.T, h @ s.T                                         # phi_i . S_c, h_i . S_c
+    xx, hx = (x * x).sum(1), (h * x).sum(1)
+    norms2 = (s * s).sum(1).expand(n, -1).clone()                     # |mu_c^{-i}|^2
+    norms2[own] += xx - 2 * xs[own]
+    xs[own] -= xx                                                     # phi_i . mu_c^{-i}
+    hs[own] -= hx                                                     # h_i . mu_c^{-i}
+    mu = norms2.clamp_min(0).sqrt()
+
+    def cos(dots, vec_norm):
+        den = mu * vec_norm[:, None]
+        return torch.where(den > 1e-12, dots / den.clamp_min(1e-300), torch.zeros_like(dots))
+
+    hn = h.norm(dim=1)
+    return 1 - cos(hs, hn) * hn[:, None], 1 - cos(xs, xx.sqrt())
 
 
 def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = True) -> dict[str, np.ndarray]:
