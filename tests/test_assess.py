@@ -76,6 +76,26 @@ def test_scan_from_s3_equals_engine(demo_zoo, s3_bucket, reference, ray_local, t
         assert g["sctd_fused"].is_monotonic_decreasing
 
 
+def test_done_pairs_needs_every_requested_metric():
+    from sctd_ray.assess.results import done_pairs
+
+    rows = [{"target": "t", "teacher_id": "a", "status": "ok", "sctd": 1.0, "sctd_fused": 0.5},
+            {"target": "t", "teacher_id": "b", "status": "ok", "sctd": 1.0},   # older file
+            {"target": "t", "teacher_id": "c", "status": "error", "error": "corrupt"}]
+    assert done_pairs(rows, ("sctd",)) == {("t", "a"), ("t", "b"), ("t", "c")}
+    assert done_pairs(rows, ("sctd", "sctd_fused")) == {("t", "a"), ("t", "c")}
+
+
+def test_resume_with_more_metrics_scores_the_missing_ones(demo_zoo, reference, ray_local, tmp_path):
+    target = _targets(demo_zoo)[0]
+    out = str(tmp_path / "run")
+    run_scan(ScanSettings(zoo=demo_zoo, targets=[target], out=out, metrics=("sctd",), rank_by="sctd",
+                          progress=False))
+    res = run_scan(ScanSettings(zoo=demo_zoo, targets=[target], out=out, resume=True, progress=False))
+    assert res.errors == 0 and res.ranking[list(NAMES)].notna().all().all()
+    _close(_scores(res.ranking), {k: v for k, v in reference.items() if k[0] == Path(target).name})
+
+
 def test_two_targets_equal_two_scans(demo_zoo, reference, ray_local, tmp_path):
     t1, t2 = _targets(demo_zoo)
     both = run_scan(ScanSettings(zoo=demo_zoo, targets=[t1, t2], out=str(tmp_path / "both"), progress=False))

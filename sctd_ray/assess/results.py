@@ -50,9 +50,13 @@ def read_results(store) -> list[dict]:
     return rows
 
 
-def done_pairs(rows: list[dict]) -> set[tuple[str, str]]:
-    """Pairs already finished (ok or with a teacher error): never scored again on --resume."""
-    return {(r["target"], r["teacher_id"]) for r in rows}
+def done_pairs(rows: list[dict], metrics=()) -> set[tuple[str, str]]:
+    """Pairs already finished (ok or with a teacher error): never scored again on --resume.
+    An ok row that lacks one of ``metrics`` (written by an older version, or with fewer
+    --metrics) is not finished: the pair is scored again and its file rewritten."""
+    def complete(r):
+        return r.get("status") != "ok" or all(r.get(m) is not None for m in metrics)
+    return {(r["target"], r["teacher_id"]) for r in rows if complete(r)}
 
 
 def ranking_table(rows: list[dict], rank_by: str = DEFAULT_RANK_BY, metrics=NAMES) -> pd.DataFrame:

@@ -126,7 +126,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         raise SctdError(f"two targets share a name: {names}")
     data_seconds = time.time() - t_data
 
-    done = done_pairs(previous)
+    done = done_pairs(previous, s.metrics)
     todo: dict[str, list[str]] = {}
     for _, r in manifest.iterrows():
         own = _distilled_for(r)  # a student exported for a target has seen its labels: not scored on it
