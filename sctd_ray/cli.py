@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import SctdError
-
-# = metrics.DEFAULT_RANK_BY, spelled out so that parsing arguments does not import torch
-DEFAULT_RANK_BY = "sctd_fused"
+from .metrics import DEFAULT_RANK_BY
 
 
 def default_home() -> Path:

@@ -63,15 +63,12 @@ def distill_trial(config: dict) -> None:
 
     p = config["trial"]
     torch.set_num_threads(max(1, int(p["threads"])))
+    work = tempfile.mkdtemp(prefix="sctd-trial-")
     try:
         target = _target(p["target_uri"], p["s3_endpoint"])
         teacher = None
         if p["method"] != "ce":
             teacher = load_teacher(open_store(p["zoo"], s3_endpoint=p["s3_endpoint"]), p["teacher_id"])
-    except SctdError as e:  # re-raised as a plain error: Tune ships it to the driver by pickle
-        raise RuntimeError(f"{type(e).__name__}: {e}") from None
-    work = tempfile.mkdtemp(prefix="sctd-trial-")
-    try:
         ckpt = tune.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -80,12 +77,11 @@ def distill_trial(config: dict) -> None:
         def report(epoch: int, metrics: dict) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(work))
 
-        try:
-            train_student(target, teacher, p["method"], p["hp"], Recipe.from_dict(p["recipe"]),
-                          seed=p["seed"], report=report, checkpoint_dir=work, student=p["student"],
-                          student_args=p.get("student_args"))
-        except SctdError as e:
-            raise RuntimeError(f"{type(e).__name__}: {e}") from None
+        train_student(target, teacher, p["method"], p["hp"], Recipe.from_dict(p["recipe"]),
+                      seed=p["seed"], report=report, checkpoint_dir=work, student=p["student"],
+                      student_args=p.get("student_args"))
+    except SctdError as e:  # re-raised as a plain error: Tune ships it to the driver by pickle
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
