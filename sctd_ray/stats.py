@@ -337,9 +337,6 @@ class TeacherStats:
         cost = None
         if set(self.metrics) & _m.WEIGHT_SCORES:
             cost = cost_from_prototypes(host(self.weight), sums, counts)
-        eig_scatter = None
-        if set(self.metrics) & {"hscore", "transrate"}:  # one decomposition serves both
-            eig_scatter = _m.sym_eigh(host(self._scat), dev)
         rows = torch.cat(self._rows).double() if self._rows else None
         row_y = torch.cat(self._rows_y) if self._rows else None
         on_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
@@ -367,17 +364,18 @@ class TeacherStats:
                 gram = host(self._scat) + n * np.outer(mean, mean)
                 v = _m.logme_from_gram(gram, sums, counts, n, eig=_m.sym_eigh(gram, dev))
             elif name == "hscore":
-                v = _m.hscore_from_scatter(host(self._scat), sums, counts, n, eig=eig_scatter)
+                v = _m.hscore_from_scatter(host(self._scat), sums, counts, n, device=dev)
             else:
-                v = self._transrate_value(counts, eig_scatter[0])
+                v = self._transrate_value(counts)
             out[name] = _m._finite(name, v)
         return out
 
-    def _transrate_value(self, counts: np.ndarray, scatter_eigvals: np.ndarray) -> float:
-        """R(f) from the global scatter's eigenvalues; each class term from the buffered raw
-        features (Gram of the smaller side, on the device) and/or the folded class scatters."""
+    def _transrate_value(self, counts: np.ndarray) -> float:
+        """R(f) from the global scatter (a Cholesky log-determinant); each class term from the
+        buffered raw features (Gram of the smaller side, on the device) and/or the folded class
+        scatters."""
         eps, c = self.transrate_eps, self.num_classes
-        total = _m.coding_rate(None, self.n, eps, eigvals=scatter_eigvals)
+        total = 0.5 * _m.logdet_identity_plus(self._scat, 1.0 / (self.n * eps))
         mean = self._mean
         rates = []
         if self._tr_scat is None:                   # raw features only (few-shot targets)
