@@ -36,7 +36,7 @@ LOGME_RTOL = 1e-3              # ... stopping at relative change of alpha/beta <
 LOGME_DAMP = 1e-5              # ... and the 1e-5 in the alpha/beta denominators
 LOGME_RANK_RTOL = 1e-12        # singular directions with s^2 <= 1e-12 s_max^2 count as null
 HSCORE_RCOND = 1e-10           # pinv cutoff, relative to the largest eigenvalue of cov(f)
-HSCORE_CERTIFY = 1e-9          # Cholesky route when lambda_min / lambda_max is certified above
+HSCORE_CERTIFY = HSCORE_RCOND  # Cholesky route when lambda_min / lambda_max is certified above
 TRANSRATE_EPS = 1e-4
 
 

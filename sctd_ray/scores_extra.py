@@ -57,7 +57,9 @@ def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
     n = y.shape[0]
     own = torch.arange(n, device=x.device), y
     xs, hs = x @ s.T, h @ s.T                                         # phi_i . S_c, h_i . S_c
-    xx, hx = (x * x).sum(1), (h * x).sum(1)
+    xn = torch.linalg.vector_norm(x, dim=1)
+    xx = xn * xn
+    hx = torch.linalg.vecdot(h, x)
     norms2 = (s * s).sum(1).expand(n, -1).clone()                     # |mu_c^{-i}|^2
     norms2[own] += xx - 2 * xs[own]
     xs[own] -= xx                                                     # phi_i . mu_c^{-i}
@@ -68,8 +70,8 @@ def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
         den = mu * vec_norm[:, None]
         return torch.where(den > 1e-12, dots / den.clamp_min(1e-300), torch.zeros_like(dots))
 
-    hn = h.norm(dim=1)
-    return 1 - cos(hs, hn) * hn[:, None], 1 - cos(xs, xx.sqrt())
+    hn = torch.linalg.vector_norm(h, dim=1)
+    return 1 - cos(hs, hn) * hn[:, None], 1 - cos(xs, xn)
 
 
 def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = True) -> dict[str, np.ndarray]:
@@ -104,19 +106,26 @@ def calibrated_loglik(costs: list[np.ndarray], labels: np.ndarray) -> tuple[floa
     z = np.stack([-np.asarray(a, np.float64) for a in costs])   # (J, N, C) logits per unit beta
     zy_mean = z[:, np.arange(n), y].mean(1)                       # (J,)
     z_flat = z.reshape(j, n * c)
+    z_cols = np.ascontiguousarray(z_flat.T)
+    z_max = np.abs(z_flat).max(1)
+    ones = np.ones(c)                                             # row sums as products: fast
 
     def evaluate(beta):
-        logits = beta @ z_flat
-        logits = logits.reshape(n, c)
-        top = logits.max(1, keepdims=True)
-        e = np.exp(logits - top)
-        s = e.sum(1)
-        val = float(beta @ zy_mean - np.mean(np.log(s) + top[:, 0]))
-        q = (e / s[:, None]).reshape(1, n * c)
-        zq = z_flat * q                                           # (J, N*C)
-        ez = zq.reshape(j, n, c).sum(2)                           # E_q z per sample, (J, N)
+        logits = (beta @ z_flat).reshape(n, c)
+        if beta @ z_max < 600:                                    # exp cannot overflow
+            e = np.exp(logits)
+            s = e @ ones
+            lse = np.log(s)
+        else:
+            top = logits.max(1, keepdims=True)
+            e = np.exp(logits - top)
+            s = e @ ones
+            lse = np.log(s) + top[:, 0]
+        val = float(beta @ zy_mean - lse.mean())
+        zq = z_flat * (e / s[:, None]).reshape(1, n * c)          # z q, (J, N*C)
+        ez = (zq.reshape(j * n, c) @ ones).reshape(j, n)          # E_q z per sample
         grad = zy_mean - ez.mean(1)
-        cov = (zq @ z_flat.T - ez @ ez.T) / n                     # mean_i Cov_q(z_i)
+        cov = (zq @ z_cols - ez @ ez.T) / n                       # mean_i Cov_q(z_i)
         return val, grad, -cov
 
     beta = np.zeros(j)

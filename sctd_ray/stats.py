@@ -39,7 +39,8 @@ class TeacherStats:
     argmax x label counts     K x C (int64)                              nce
     class feature sums        C x D                                      sctd*, logme, hscore,
                                                                          transrate
-    mean + centred scatter    D + D x D (batched Welford; Chan to merge)  logme, hscore, transrate
+    mean + centred scatter    D + D x D (batched Welford; Chan to merge)  logme, hscore (with
+                                                                         transrate: derived)
     per-sample P              N x K  (+ N int64 labels)                  leep, or sctd if K <= D
     per-sample P W_unit       N x D  (+ N int64 labels)                  sctd when D < K and no leep
     per-sample P W_unit and   2 N x D (+ N int64 labels); the feature     sctd_fused
@@ -57,11 +58,13 @@ class TeacherStats:
     ``h_i = P W_unit`` and feature row; its costs are built at the end on the stats' device.
     TransRate's per-class terms keep raw features while they are fewer than the per-class
     scatters would be (few-shot targets never fold), so its memory is about
-    min(N D, max(2 C D^2, 2^23)) numbers.
+    min(N D, max(2 C D^2, 2^23)) numbers. When transrate is requested the global scatter is not
+    accumulated per batch: ``S = sum_k Z_k^T Z_k`` is built at ``compute`` from the same class
+    statistics (``_scatter_and_class_rates``), which saves one N x D^2 product.
 
     (Accumulated in float32, the scatter's round-off, ~1e-6 of its largest eigenvalue, passes for
     real directions when D >= N and turns LogME into NaN; float64 costs one ``B x D x D``
-    float64 product per batch.)
+    float64 product per batch, or the class Grams at the end with transrate.)
 
     Bad labels and NaN/inf are detected without syncing: labels outside [0, C) are counted (and
     clamped), non-finite inputs make the statistics non-finite; ``compute`` raises
@@ -102,6 +105,8 @@ class TeacherStats:
         self._nce = "nce" in want
         self._scatter = bool(want & {"logme", "hscore", "transrate"})
         self._transrate = "transrate" in want
+        # with transrate the global scatter comes from its class statistics at compute time
+        self._welford = self._scatter and not self._transrate
         self._fused = "sctd_fused" in want
         if "leep" in want or ("sctd" in want and k <= d):
             self._rows_kind = "probs"
@@ -122,12 +127,13 @@ class TeacherStats:
         z = lambda *s, t=dt: torch.zeros(*s, dtype=t, device=device)  # noqa: E731
         self._counts = z(c, t=torch.int64)
         self._bad = z((), t=torch.int64)
+        self._prob_sum = z((), t=torch.float64)   # non-finite iff some probability is (NaN/inf check)
         acc = torch.float64          # accumulators are small: always float64
         self._joint_t = z(k, c, t=acc) if self._joint else None
         self._nce_t = z(k, c, t=torch.int64) if self._nce else None
         self._sums = z(c, d, t=acc) if self._feats else None
-        self._mean = z(d, t=acc) if self._scatter else None
-        self._scat = z(d, d, t=acc) if self._scatter else None
+        self._mean = z(d, t=acc) if self._welford else None
+        self._scat = z(d, d, t=acc) if self._welford else None
         self._w_unit = _unit_rows(self.weight) if self._rows_kind == "h" or self._fused else None
         self._rows: list[torch.Tensor] = []        # per-sample P or P W_unit
         self._rows_y: list[torch.Tensor] = []
@@ -172,6 +178,7 @@ class TeacherStats:
         if self._probs:
             z = _tensor(logits, dev, dt)
             p = torch.softmax(z if self.tau_a == 1.0 else z / self.tau_a, dim=1)
+            self._prob_sum += p.sum()
             if self._joint:
                 self._joint_t.index_add_(1, y, p.T.double())
             if self._nce:
@@ -188,7 +195,7 @@ class TeacherStats:
             x = _tensor(features, dev, dt)
             x64 = x.double()
             self._sums.index_add_(0, y, x64)
-            if self._scatter:   # batched Welford: S += (x - m_old)^T (x - m_new), exact
+            if self._welford:   # batched Welford: S += (x - m_old)^T (x - m_new), exact
                 xa = x64 - self._mean
                 self._mean.add_(xa.sum(0), alpha=1.0 / (self.n + b))
                 self._scat.addmm_(xa.T, x64 - self._mean)
@@ -253,13 +260,14 @@ class TeacherStats:
         mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
         self._counts += mv(other._counts)
         self._bad += mv(other._bad)
+        self._prob_sum += mv(other._prob_sum)
         if self._joint:
             self._joint_t += mv(other._joint_t)
         if self._nce:
             self._nce_t += mv(other._nce_t)
         if self._feats:
             self._sums += mv(other._sums)
-        if self._scatter:
+        if self._welford:
             if self.n == 0:
                 self._mean.copy_(mv(other._mean))
                 self._scat.copy_(mv(other._scat))
@@ -321,8 +329,9 @@ class TeacherStats:
             shown = ", ".join(map(str, empty[:10])) + (" ..." if empty.size > 10 else "")
             raise ScoreInputError(f"every one of the {self.num_classes} target classes needs at "
                                   f"least one sample; classes without samples: {shown}")
-        for t in (self._joint_t, self._sums, self._mean, self._scat, self._tr_sums, self._tr_scat,
-                  *self._rows, *self._tr_x, *self._fh):
+        # every feature row is in the class sums, every probability in their running sum
+        for t in (self._prob_sum, self._joint_t, self._sums, self._mean, self._scat, self._tr_sums,
+                  self._tr_scat):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ScoreInputError("features and logits must be finite; the statistics contain "
                                       "NaN or inf")
@@ -340,6 +349,13 @@ class TeacherStats:
         rows = torch.cat(self._rows).double() if self._rows else None
         row_y = torch.cat(self._rows_y) if self._rows else None
         on_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        tr_x = torch.cat(self._tr_x) if self._tr_x else None
+        same = len(self._fx) == len(self._tr_x) and all(a is b for a, b in zip(self._fx, self._tr_x))
+        mean = scat = class_rates = None
+        if self._transrate:
+            mean, scat, class_rates = self._scatter_and_class_rates(counts, tr_x)
+        elif self._welford:
+            mean, scat = self._mean, self._scat
         out = {}
         for name in self.metrics:
             if name == "sctd":   # A = P M, or 1 - (P W_unit) mu_unit^T (class docstring)
@@ -351,8 +367,9 @@ class TeacherStats:
             elif name == "sctd_cost":
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "sctd_fused":
-                v = _scores_extra.fused_from_rows(torch.cat(self._fh), torch.cat(self._fx),
-                                                  torch.cat(self._fy), self._sums)
+                fx = tr_x if same and tr_x is not None else torch.cat(self._fx)
+                v = _scores_extra.fused_from_rows(torch.cat(self._fh), fx, torch.cat(self._fy),
+                                                  self._sums)
             elif name == "leep":
                 cond = on_dev(_m.leep_conditional(host(self._joint_t)))
                 eyz = (rows @ cond).gather(1, row_y[:, None])[:, 0]
@@ -360,41 +377,60 @@ class TeacherStats:
             elif name == "nce":
                 v = _m.nce_from_counts(self._nce_t.cpu().numpy())
             elif name == "logme":
-                mean = host(self._mean)
-                gram = host(self._scat) + n * np.outer(mean, mean)
+                mean_h = host(mean)
+                gram = host(scat) + n * np.outer(mean_h, mean_h)
                 v = _m.logme_from_gram(gram, sums, counts, n, eig=_m.sym_eigh(gram, dev))
             elif name == "hscore":
-                v = _m.hscore_from_scatter(host(self._scat), sums, counts, n, device=dev)
-            else:
-                v = self._transrate_value(counts)
+                v = _m.hscore_from_scatter(host(scat), sums, counts, n, device=dev)
+            else:   # TransRate: R(Z) from the global scatter, minus the mean class rate
+                total = 0.5 * _m.logdet_identity_plus(scat, 1.0 / (n * self.transrate_eps))
+                v = total - float(np.mean(class_rates))
             out[name] = _m._finite(name, v)
         return out
 
-    def _transrate_value(self, counts: np.ndarray) -> float:
-        """R(f) from the global scatter (a Cholesky log-determinant); each class term from the
-        buffered raw features (Gram of the smaller side, on the device) and/or the folded class
-        scatters."""
-        eps, c = self.transrate_eps, self.num_classes
-        total = 0.5 * _m.logdet_identity_plus(self._scat, 1.0 / (self.n * eps))
-        mean = self._mean
+    def _scatter_and_class_rates(self, counts: np.ndarray, tr_x: torch.Tensor | None):
+        """Global mean and centred scatter (D, D) and TransRate's class coding rates
+        ``R(Z_k) = 1/2 logdet(I + Z_k^T Z_k / (n_k eps))``, Z centred by the global mean.
+
+        ``S = sum_k Z_k^T Z_k``, so the class Grams give the scatter: from the folded class
+        scatters (``scat_k + n_k (m_k - mu)(m_k - mu)^T``), or from the raw buffered rows, where
+        a class takes its D x D Gram (which is its share of S) when that is cheaper than the
+        Gram of the smaller side plus its share of one ``Z^T Z`` product."""
+        eps, d = self.transrate_eps, self.weight.shape[1]
+        mean = self._sums.sum(0) / self.n
         rates = []
         if self._tr_scat is None:                   # raw features only (few-shot targets)
-            z, y = torch.cat(self._tr_x).double() - mean, torch.cat(self._tr_y)
-            order = torch.argsort(y)
+            y = torch.cat(self._tr_y)
+            order = torch.argsort(y, stable=True)
+            z = tr_x.double()[order]                # one N x D copy: sorted by class ...
+            z -= mean                               # ... and centred in place
+            scat = torch.zeros(d, d, dtype=torch.float64, device=z.device)
+            rest = []                               # row ranges whose part of S is still missing
             start = 0
-            for k, nk in enumerate(counts.astype(int).tolist()):
-                zk = z[order[start:start + nk]]
-                start += nk
-                gram = zk @ zk.T if zk.shape[0] < zk.shape[1] else zk.T @ zk
+            for nk in counts.astype(int).tolist():
+                zk = z[start:start + nk]
+                # GEMM-equivalent costs: a Cholesky flop is ~3.6 GEMM flops on 1-2 CPU threads
+                if 1.2 * d ** 3 < 2 * nk * nk * d + 1.2 * nk ** 3:
+                    gram = zk.T @ zk
+                    scat += gram
+                else:
+                    gram = zk @ zk.T if nk < d else zk.T @ zk
+                    rest.append(zk)
                 rates.append(0.5 * _m.logdet_identity_plus(gram, 1.0 / (nk * eps)))
-            return total - float(np.mean(rates))
+                start += nk
+            if rest:
+                zr = z if len(rest) == len(rates) else torch.cat(rest)
+                scat += zr.T @ zr
+            return mean, scat, rates
         self._fold()                                # the rest of the buffer, then per-class D x D
-        scat, sums, cnt = self._tr_scat, self._tr_sums, self._tr_counts.double()
-        for k in range(c):
-            dev_k = sums[k] / cnt[k] - mean
-            gram = scat[k] + cnt[k] * torch.outer(dev_k, dev_k)
+        tr_scat, tr_sums, cnt = self._tr_scat, self._tr_sums, self._tr_counts.double()
+        scat = torch.zeros(d, d, dtype=torch.float64, device=tr_scat.device)
+        for k in range(self.num_classes):
+            dev_k = tr_sums[k] / cnt[k] - mean
+            gram = tr_scat[k] + cnt[k] * torch.outer(dev_k, dev_k)
+            scat += gram
             rates.append(0.5 * _m.logdet_identity_plus(gram, 1.0 / (float(cnt[k]) * eps)))
-        return total - float(np.mean(rates))
+        return mean, scat, rates
 
     # ------------------------------------------------------------------ shipping
 
@@ -410,6 +446,7 @@ class TeacherStats:
             return st
         np_ = lambda t: t.cpu().numpy()  # noqa: E731
         st["counts"], st["bad_labels"] = np_(self._counts), np_(self._bad)
+        st["prob_sum"] = np_(self._prob_sum)
         for key, t in (("joint", self._joint_t), ("nce_counts", self._nce_t), ("sums", self._sums),
                        ("mean", self._mean), ("scatter", self._scat), ("tr_counts", self._tr_counts),
                        ("tr_sums", self._tr_sums), ("tr_scatter", self._tr_scat)):
@@ -443,6 +480,8 @@ class TeacherStats:
         self._init_state(torch.device(device) if device is not None else torch.device("cpu"))
         t = lambda key: torch.as_tensor(np.asarray(state[key])).to(self.device)  # noqa: E731
         self._counts, self._bad = t("counts").long(), t("bad_labels").long()
+        if "prob_sum" in state:
+            self._prob_sum = t("prob_sum").double()
         for key, attr in (("joint", "_joint_t"), ("nce_counts", "_nce_t"), ("sums", "_sums"),
                           ("mean", "_mean"), ("scatter", "_scat"), ("tr_counts", "_tr_counts"),
                           ("tr_sums", "_tr_sums"), ("tr_scatter", "_tr_scat")):

@@ -56,6 +56,24 @@ def test_any_batching_equals_metrics(buffer):
         assert_close(st.compute(), ref, 1e-9)
 
 
+@pytest.mark.parametrize("class_sizes, d", [((100, 60, 8, 5), 30),   # D x D and small Grams mixed
+                                             ((10, 12, 9), 60),        # every class below D
+                                             ((80, 90, 70), 12)])      # every class D x D
+def test_scatter_from_transrate_class_grams_equals_metrics(class_sizes, d):
+    """With transrate requested the global scatter (LogME, H-score, TransRate's total) is built
+    from the class Grams at compute; every route gives the in-memory scores."""
+    rng = np.random.default_rng(d)
+    y = np.concatenate([np.full(m, i) for i, m in enumerate(class_sizes)])
+    rng.shuffle(y)
+    feats = rng.normal(size=(len(y), d)) * rng.uniform(0.2, 5, d) + 4.0
+    weight = rng.normal(size=(6, d))
+    logits = feats @ weight.T / 5 + rng.normal(size=(len(y), 6))
+    t = [torch.from_numpy(a) for a in (feats, logits, y, weight)]
+    st = feed(TeacherStats(len(class_sizes), t[3]), t[0], t[1], t[2], random_sizes(len(y), rng))
+    assert "scatter" not in st.to_state()
+    assert_close(st.compute(), reference(*t), 1e-9)
+
+
 def test_split_among_workers_merges_in_any_order_and_survives_shipping():
     feats, logits, y, weight = teacher_outputs(seed=2)
     ref = reference(feats, logits, y, weight)
@@ -86,9 +104,15 @@ def test_float32_accumulation():
     feed(st, feats.float(), logits.float(), y, random_sizes(len(y), np.random.default_rng(5)))
     state = st.to_state()
     assert state["rows"].dtype == np.float32 and state["tr_x"].dtype == np.float32
-    assert state["scatter"].dtype == np.float64 and state["sums"].dtype == np.float64
+    assert state["sums"].dtype == np.float64
+    assert "scatter" not in state      # with transrate, S comes from its class statistics
     assert_close(st.compute(), reference(feats.float(), logits.float(), y, weight.float()), 1e-4)
     assert_close(st.compute(), ref, 1e-4)
+    no_tr = ("logme", "hscore")        # without it, a float64 Welford scatter
+    st = TeacherStats(5, weight.float(), metrics=no_tr, dtype=torch.float32)
+    feed(st, feats.float(), logits.float(), y, random_sizes(len(y), np.random.default_rng(5)))
+    assert st.to_state()["scatter"].dtype == np.float64
+    assert_close(st.compute(), reference(feats, logits, y, weight, names=no_tr), 1e-4)
 
 
 def test_only_what_the_metrics_need_is_kept():
