@@ -301,12 +301,8 @@ def _hscore_cholesky(scatter: np.ndarray, dev: np.ndarray, counts: np.ndarray, d
     return float(((proj * proj).sum(0) * torch.from_numpy(counts).to(s.device)).sum())
 
 
-def coding_rate(gram: np.ndarray | None, n: int, eps: float = TRANSRATE_EPS,
-                eigvals: np.ndarray | None = None) -> float:
-    """``R = 1/2 logdet(I + Z^T Z / (n eps))`` from either Gram of the centred samples Z
-    (or from that Gram's eigenvalues)."""
-    if eigvals is not None:
-        return 0.5 * float(np.sum(np.log1p(np.clip(eigvals, 0.0, None) / (n * eps))))
+def coding_rate(gram: np.ndarray, n: int, eps: float = TRANSRATE_EPS) -> float:
+    """``R = 1/2 logdet(I + Z^T Z / (n eps))`` from either Gram of the centred samples Z."""
     return 0.5 * logdet_identity_plus(torch.as_tensor(gram, dtype=torch.float64), 1.0 / (n * eps))
 
 
