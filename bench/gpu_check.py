@@ -30,14 +30,16 @@ from engine_bench import synthetic_teacher, time_teacher  # noqa: E402
 from sctd_ray import ot  # noqa: E402
 
 
-def check_engine(samples: int, repeats: int) -> dict:
-    teacher = synthetic_teacher("resnet50", 1000, 224)
+def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "resnet50",
+                 size: int = 224) -> dict:
+    teacher = synthetic_teacher(arch, 1000, size)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (samples, 64, 64, 3), dtype=np.uint8)
     labels = np.arange(samples) % 100
-    f, e = time_teacher(teacher, images, labels, 100, "cuda", 512, repeats)
+    f, e, upd, fin = time_teacher(teacher, images, labels, 100, device, 512, repeats)
     return {"samples": samples, "forward_s": f, "engine_s": e, "forward_img_s": samples / f,
-            "engine_img_s": samples / e, "engine_vs_forward": f / e}
+            "engine_img_s": samples / e, "engine_vs_forward": f / e,
+            "update_s": upd, "finalise_s": fin}
 
 
 def check_sinkhorn(repeats: int) -> dict:
