@@ -409,7 +409,7 @@ class TeacherStats:
             start = 0
             for nk in counts.astype(int).tolist():
                 zk = z[start:start + nk]
-                # GEMM-equivalent costs: a Cholesky flop is ~3.6 GEMM flops on 1-2 CPU threads
+                # GEMM-equivalent costs: a Cholesky flop costs ~4 GEMM flops on 1-2 CPU threads
                 if 1.2 * d ** 3 < 2 * nk * nk * d + 1.2 * nk ** 3:
                     gram = zk.T @ zk
                     scat += gram
