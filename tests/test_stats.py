@@ -169,6 +169,14 @@ def test_bad_data_is_reported_at_compute():
     st = feed(TeacherStats(5, weight), nan, logits, y, [203])
     with pytest.raises(ScoreInputError, match="finite"):
         st.compute()
+    bad_logits = logits.clone()
+    bad_logits[7, 1] = float("inf")                         # softmax row becomes NaN
+    for names in [metrics.NAMES, ("nce",), ("sctd",), ("sctd_fused",), ("leep",)]:
+        st = feed(TeacherStats(5, weight, metrics=names), feats, bad_logits, y, [100, 103])
+        with pytest.raises(ScoreInputError, match="finite"):   # never a silent score
+            st.compute()
+        with pytest.raises(ScoreInputError, match="finite"):   # nor after shipping
+            TeacherStats.from_state(st.to_state()).compute()
     st = TeacherStats(5, weight)
     st.update(feats[y < 4], logits[y < 4], y[y < 4])
     with pytest.raises(ScoreInputError, match="classes without samples: 4"):
