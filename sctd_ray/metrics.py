@@ -308,14 +308,15 @@ def coding_rate(gram: np.ndarray, n: int, eps: float = TRANSRATE_EPS) -> float:
 
 def logdet_identity_plus(gram: torch.Tensor, scale: float) -> float:
     """``logdet(I + scale * G)`` for a PSD Gram G (torch, any device): a Cholesky factor of a
-    matrix whose eigenvalues are all >= 1 (several times cheaper than an eigendecomposition);
-    eigenvalues if round-off made the factorisation fail."""
-    m = (gram + gram.T) * (scale / 2)
+    matrix whose eigenvalues are all >= 1 (several times cheaper than an eigendecomposition; it
+    reads the lower triangle only); eigenvalues of the symmetrised matrix if round-off made the
+    factorisation fail."""
+    m = gram * scale
     m.diagonal().add_(1.0)
     chol, info = torch.linalg.cholesky_ex(m)
     if int(info) == 0:
         return 2.0 * float(torch.log(chol.diagonal()).sum())
-    ev = torch.linalg.eigvalsh(m).clamp_min(1.0)
+    ev = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(1.0)
     return float(torch.log(ev).sum())
 
 

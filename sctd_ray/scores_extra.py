@@ -59,7 +59,7 @@ def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
     xs, hs = x @ s.T, h @ s.T                                         # phi_i . S_c, h_i . S_c
     xn = torch.linalg.vector_norm(x, dim=1)
     xx = xn * xn
-    hx = torch.linalg.vecdot(h, x)
+    hx = (h * x).sum(1)
     norms2 = (s * s).sum(1).expand(n, -1).clone()                     # |mu_c^{-i}|^2
     norms2[own] += xx - 2 * xs[own]
     xs[own] -= xx                                                     # phi_i . mu_c^{-i}
