@@ -174,10 +174,15 @@ def test_runtime_env_yaml_is_valid_and_ships_the_package(tmp_path):
 
 
 # ------------------------------------------------------------------ a real Ray head
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(avoid=()) -> int:
+    """A free loopback port not in ``avoid`` (Ray refuses a component port inside the worker
+    port range, or one that another component uses)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def _free_range(n: int = 200) -> int:
@@ -205,10 +210,13 @@ class RayHead:
     def __init__(self):
         self.token = uuid.uuid4().hex
         self.temp_dir = Path(tempfile.mkdtemp(prefix="sctdj-", dir="/tmp"))  # short: unix sockets
-        self.ports = {k: _free_port() for k in (
-            "port", "dashboard-port", "ray-client-server-port", "object-manager-port",
-            "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "runtime-env-agent-port", "metrics-export-port")}
+        self.worker_base = _free_range()
+        workers = range(self.worker_base, self.worker_base + 200)
+        self.ports = {}
+        for k in ("port", "dashboard-port", "ray-client-server-port", "object-manager-port",
+                  "node-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                  "runtime-env-agent-port", "metrics-export-port"):
+            self.ports[k] = _free_port(avoid=set(workers) | set(self.ports.values()))
         self.proc = None
 
     @property
@@ -230,7 +238,7 @@ class RayHead:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
 
     def start(self, timeout: float = 120) -> "RayHead":
-        base = _free_range()
+        base = self.worker_base
         cmd = ["ray", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
                "--object-store-memory=300000000", "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
