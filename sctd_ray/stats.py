@@ -41,10 +41,10 @@ class TeacherStats:
                                                                          transrate
     mean + centred scatter    D + D x D (batched Welford; Chan to merge)  logme, hscore (with
                                                                          transrate: derived)
-    per-sample P              N x K  (+ N int64 labels)                  leep, or sctd if K <= D
-    per-sample P W_unit       N x D  (+ N int64 labels)                  sctd when D < K and no leep
-    per-sample P W_unit and   2 N x D (+ N int64 labels); the feature     sctd_fused
-    features                  rows are shared with the transrate buffer
+    per-sample P, or P W_unit N x min(K, D) (+ N int64 labels); P when  sctd, sctd_fused, leep
+                              leep is requested (it needs P)
+    per-sample features       N x D, the very rows of the transrate       sctd_fused
+                              buffer when transrate is requested
     transrate buffer          raw features, <= ``transrate_buffer`` rows transrate
                               (default max(C D, 2^23 / D): the rows
                               outweigh the scatters, or 2^23 numbers),
@@ -55,7 +55,8 @@ class TeacherStats:
     ``sctd`` needs ``A = P M`` with M known only at the end; since ``M = 1 - W_unit mu_unit^T``
     and rows of P sum to 1, ``A = 1 - (P W_unit) mu_unit^T``, so N x min(K, D) numbers suffice.
     ``sctd_fused`` needs leave-one-out prototypes ``S_c - phi_i``, so it keeps each sample's
-    ``h_i = P W_unit`` and feature row; its costs are built at the end on the stats' device.
+    feature row and ``h_i = P W_unit`` (as that, or as the row of P, from which ``P W_unit`` is
+    one product at the end); its costs are built at the end on the stats' device.
     TransRate's per-class terms keep raw features while they are fewer than the per-class
     scatters would be (few-shot targets never fold), so its memory is about
     min(N D, max(2 C D^2, 2^23)) numbers. When transrate is requested the global scatter is not
@@ -108,9 +109,10 @@ class TeacherStats:
         # with transrate the global scatter comes from its class statistics at compute time
         self._welford = self._scatter and not self._transrate
         self._fused = "sctd_fused" in want
-        if "leep" in want or ("sctd" in want and k <= d):
+        # one per-sample row buffer serves sctd, sctd_fused (both need P W_unit) and leep (P)
+        if "leep" in want or (want & {"sctd", "sctd_fused"} and k <= d):
             self._rows_kind = "probs"
-        elif "sctd" in want:
+        elif want & {"sctd", "sctd_fused"}:
             self._rows_kind = "h"
         else:
             self._rows_kind = None
@@ -134,16 +136,14 @@ class TeacherStats:
         self._sums = z(c, d, t=acc) if self._feats else None
         self._mean = z(d, t=acc) if self._welford else None
         self._scat = z(d, d, t=acc) if self._welford else None
-        self._w_unit = _unit_rows(self.weight) if self._rows_kind == "h" or self._fused else None
+        self._w_unit = _unit_rows(self.weight) if self._rows_kind is not None else None
         self._rows: list[torch.Tensor] = []        # per-sample P or P W_unit
         self._rows_y: list[torch.Tensor] = []
         self._tr_x: list[torch.Tensor] = []        # transrate buffer of raw features
         self._tr_y: list[torch.Tensor] = []
         self._tr_rows = 0
         self._tr_counts = self._tr_sums = self._tr_scat = None   # folded part (class-centred)
-        self._fh: list[torch.Tensor] = []          # sctd_fused: per-sample P W_unit ...
-        self._fx: list[torch.Tensor] = []          # ... features ...
-        self._fy: list[torch.Tensor] = []          # ... and labels
+        self._fx: list[torch.Tensor] = []          # sctd_fused: per-sample features
         self._ready = True
 
     # ------------------------------------------------------------------ update
@@ -183,13 +183,9 @@ class TeacherStats:
                 self._joint_t.index_add_(1, y, p.T.double())
             if self._nce:
                 self._nce_t.view(-1).index_add_(0, p.argmax(1) * c + y, ones)
-            h = p @ self._w_unit if self._w_unit is not None else None
             if self._rows_kind is not None:
-                self._rows.append(p if self._rows_kind == "probs" else h)
+                self._rows.append(p if self._rows_kind == "probs" else p @ self._w_unit)
                 self._rows_y.append(y)
-            if self._fused:
-                self._fh.append(h)
-                self._fy.append(y)
 
         if self._feats:
             x = _tensor(features, dev, dt)
@@ -279,9 +275,7 @@ class TeacherStats:
         self._rows += [mv(t) for t in other._rows]
         self._rows_y += [mv(t) for t in other._rows_y]
         if self._fused:
-            self._fh += [mv(t) for t in other._fh]
             self._fx += [mv(t) for t in other._fx]
-            self._fy += [mv(t) for t in other._fy]
         if self._transrate:
             self._tr_x += [mv(t) for t in other._tr_x]
             self._tr_y += [mv(t) for t in other._tr_y]
@@ -368,8 +362,8 @@ class TeacherStats:
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "sctd_fused":
                 fx = tr_x if same and tr_x is not None else torch.cat(self._fx)
-                v = _scores_extra.fused_from_rows(torch.cat(self._fh), fx, torch.cat(self._fy),
-                                                  self._sums)
+                h = rows @ self._w_unit.double() if self._rows_kind == "probs" else rows
+                v = _scores_extra.fused_from_rows(h, fx, row_y, self._sums)
             elif name == "leep":
                 cond = on_dev(_m.leep_conditional(host(self._joint_t)))
                 eyz = (rows @ cond).gather(1, row_y[:, None])[:, 0]
@@ -456,9 +450,8 @@ class TeacherStats:
             st["rows"], st["row_labels"] = np_(torch.cat(self._rows)), np_(torch.cat(self._rows_y))
         if self._tr_x:
             st["tr_x"], st["tr_y"] = np_(torch.cat(self._tr_x)), np_(torch.cat(self._tr_y))
-        if self._fh:
-            st["fused_h"], st["fused_x"] = np_(torch.cat(self._fh)), np_(torch.cat(self._fx))
-            st["fused_y"] = np_(torch.cat(self._fy))
+        if self._fx:
+            st["fused_x"] = np_(torch.cat(self._fx))
         return st
 
     @classmethod
@@ -492,8 +485,8 @@ class TeacherStats:
         if "tr_x" in state:
             self._tr_x, self._tr_y = [t("tr_x")], [t("tr_y").long()]
             self._tr_rows = int(self._tr_x[0].shape[0])
-        if "fused_h" in state:
-            self._fh, self._fx, self._fy = [t("fused_h")], [t("fused_x")], [t("fused_y").long()]
+        if "fused_x" in state:
+            self._fx = [t("fused_x")]
         self.n = n
         return self
 

@@ -126,7 +126,7 @@ def test_only_what_the_metrics_need_is_kept():
     assert {"scatter", "rows", "tr_x"}.isdisjoint(cost_only.to_state())
     no_transrate = feed(TeacherStats(5, weight, metrics=("logme", "hscore")), feats, logits, y, [203])
     assert {"tr_x", "tr_scatter", "rows", "joint"}.isdisjoint(no_transrate.to_state())
-    assert {"fused_h", "fused_x"}.isdisjoint(cost_only.to_state())
+    assert {"fused_x", "rows"}.isdisjoint(cost_only.to_state())
     # features are not even needed when only probability scores are requested
     TeacherStats(5, weight, metrics=("nce",)).update(None, logits, y)
 
@@ -139,17 +139,28 @@ def test_sctd_keeps_p_times_unit_weights_when_that_is_smaller():
     assert_close(st.compute(), reference(feats, logits, y, weight, names=("sctd", "sctd_cost")), 1e-10)
 
 
-def test_sctd_fused_keeps_h_and_feature_rows_sharing_them_with_transrate():
-    """sctd_fused needs leave-one-out prototypes: N x D rows of P W_unit and of features; the
-    feature rows are the very tensors of the transrate buffer (no second copy)."""
-    feats, logits, y, weight = teacher_outputs(seed=12)
-    names = ("sctd_fused", "transrate")
+def test_sctd_fused_shares_its_rows_with_sctd_leep_and_transrate():
+    """sctd_fused needs leave-one-out prototypes: per sample P W_unit (kept as the row of P when
+    K <= D, the same rows sctd and leep use) and the features, which are the very tensors of the
+    transrate buffer (no second copy)."""
+    feats, logits, y, weight = teacher_outputs(seed=12)       # K = 7 <= D = 9: rows of P
+    names = ("sctd_fused", "transrate", "sctd", "leep")
     st = feed(TeacherStats(5, weight, metrics=names), feats, logits, y, [50, 153])
     assert all(a is b for a, b in zip(st._fx, st._tr_x))
     state = st.to_state()
-    assert state["fused_h"].shape == state["fused_x"].shape == (203, feats.shape[1])
+    assert state["rows"].shape == (203, 7) and state["fused_x"].shape == (203, 9)
+    assert {"fused_h", "fused_y"}.isdisjoint(state)
     assert_close(st.compute(), reference(feats, logits, y, weight, names=names), 1e-10)
     assert_close(TeacherStats.from_state(state).compute(), st.compute(), 1e-12)
+    # K = 30 > D = 6 without leep: rows of P W_unit, N x D
+    feats, logits, y, weight = teacher_outputs(d=6, k=30, seed=13)
+    names = ("sctd_fused", "sctd")
+    st = feed(TeacherStats(5, weight, metrics=names), feats, logits, y, [64, 139])
+    assert st.to_state()["rows"].shape == (203, 6)
+    assert_close(st.compute(), reference(feats, logits, y, weight, names=names), 1e-10)
+    merged = feed(TeacherStats(5, weight, metrics=names), feats[:80], logits[:80], y[:80], [80])
+    merged.merge(feed(TeacherStats(5, weight, metrics=names), feats[80:], logits[80:], y[80:], [123]))
+    assert_close(merged.compute(), st.compute(), 1e-12)
 
 
 def test_teacher_temperature():
