@@ -14,8 +14,11 @@ in [0, C), ``features`` (N, D) teacher pre-logits, ``weight`` (K, D) teacher hea
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from . import scores_extra
 from .errors import ScoreInputError
@@ -211,8 +214,45 @@ def sym_eigh(matrix: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
     return w.cpu().numpy(), v.cpu().numpy()
 
 
+def eigh_projections(matrix: np.ndarray, vectors: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) of a symmetric matrix A (D, D) and the projections ``V^T
+    vectors`` (D, m) on its eigenvectors, in float64, for m << D.
+
+    On the CPU the eigenvectors of A are never formed: A = Q T Q^T with T tridiagonal (LAPACK
+    sytrd), ``T = U diag(w) U^T`` (stevd), and ``V^T b = U^T (Q^T b)`` with Q applied as its
+    Householder reflectors (ormqr). That skips an eigendecomposition's D x D back-transformation:
+    3.5 ms instead of 5.3 ms at D = 256 on one thread here. With a torch ``device`` (e.g. CUDA)
+    an eigendecomposition there.
+    """
+    d = matrix.shape[0]
+    sym = (matrix + matrix.T) / 2
+    if device is not None and torch.device(device).type != "cpu":
+        w, v = torch.linalg.eigh(torch.from_numpy(sym).to(device))
+        return w.cpu().numpy(), (v.T @ torch.from_numpy(np.asarray(vectors, np.float64)).to(device)).cpu().numpy()
+    if d >= 3:
+        # sym is symmetric: its transpose is the same matrix in the Fortran order LAPACK reads
+        c, diag, off, tau, info = lapack.dsytrd(sym.T, lower=1, lwork=_sytrd_lwork(d), overwrite_a=1)
+        if info == 0:
+            w, u, info = lapack.dstevd(diag, off, compute_v=1)
+        if info == 0:
+            # Q = diag(1, Q'), Q' the reflectors below the subdiagonal in QR (geqrf) layout
+            qb = np.array(vectors, np.float64)
+            qb[1:] = torch.ormqr(torch.from_numpy(c[1:, :-1]), torch.from_numpy(tau),
+                                 torch.from_numpy(qb[1:]), left=True, transpose=True).numpy()
+            return w, u.T @ qb
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    return w, v.T @ vectors
+
+
+@lru_cache(maxsize=64)
+def _sytrd_lwork(d: int) -> int:
+    """LAPACK's optimal workspace for sytrd (its blocked code: ~30% faster than the minimum)."""
+    lwork, info = lapack.dsytrd_lwork(d, lower=1)
+    return max(int(lwork), d) if info == 0 else d
+
+
 def logme_from_gram(gram: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: int,
-                    eig: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+                    device=None) -> float:
     """SPEC 3 LogME from the raw Gram ``F^T F`` (D, D), class sums (C, D) and counts (C,).
 
     The authors' ``LogME._fit_fixed_point`` (arXiv:2110.10545) on the eigendecomposition of the
@@ -221,11 +261,11 @@ def logme_from_gram(gram: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: i
     dropped; D stays the full feature dimension, as in their evidence formula.
     """
     d = gram.shape[0]
-    lam, vec = eig if eig is not None else sym_eigh(gram)
-    lam, vec = lam[::-1], vec[:, ::-1]
+    lam, proj = eigh_projections(gram, sums.T, device)           # proj (D, C): V^T sums_c
+    lam, proj = lam[::-1], proj[::-1]
     keep = lam > max(lam[0] * LOGME_RANK_RTOL, 1e-20)
     sigma = lam[keep]                                             # squared singular values
-    x = (vec[:, keep].T @ sums.T) / np.sqrt(sigma)[:, None]       # (k, C): u^T y_c
+    x = proj[keep] / np.sqrt(sigma)[:, None]                      # (k, C): u^T y_c
     return float(np.mean(_logme_evidences(sigma, np.ascontiguousarray(x.T), counts, n, d)))
 
 

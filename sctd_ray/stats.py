@@ -373,7 +373,7 @@ class TeacherStats:
             elif name == "logme":
                 mean_h = host(mean)
                 gram = host(scat) + n * np.outer(mean_h, mean_h)
-                v = _m.logme_from_gram(gram, sums, counts, n, eig=_m.sym_eigh(gram, dev))
+                v = _m.logme_from_gram(gram, sums, counts, n, device=dev)
             elif name == "hscore":
                 v = _m.hscore_from_scatter(host(scat), sums, counts, n, device=dev)
             else:   # TransRate: R(Z) from the global scatter, minus the mean class rate

@@ -159,6 +159,22 @@ def test_logme_equals_the_authors_algorithm(n, d):
     assert metrics.logme(feats, y) == pytest.approx(authors_logme(feats, y), rel=1e-9)
 
 
+@pytest.mark.parametrize("d,rank", [(1, 1), (2, 2), (3, 3), (64, 64), (300, 40)])
+def test_eigh_projections_equal_an_eigendecomposition(d, rank):
+    """Eigenvalues and |V^T b| (eigenvectors are defined up to sign) from the tridiagonal route
+    equal numpy's eigendecomposition, also for a rank-deficient Gram (D > N)."""
+    rng = np.random.default_rng(d)
+    f = rng.normal(size=(rank, d)) + 2.0
+    gram, b = f.T @ f, rng.normal(size=(d, 4))
+    w, proj = metrics.eigh_projections(gram, b)
+    w0, v0 = np.linalg.eigh(gram)
+    scale = w0[-1]
+    assert np.max(np.abs(w - w0)) <= 1e-12 * scale
+    big = w0 > 1e-8 * scale        # the projections on well-separated eigenvalues are unique
+    np.testing.assert_allclose(np.abs(proj[big]), np.abs(v0[:, big].T @ b), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose((proj ** 2).sum(0), (b ** 2).sum(0), rtol=1e-12)   # V orthogonal
+
+
 def test_logme_prefers_separable_features():
     rng = np.random.default_rng(5)
     y = np.arange(200) % 2
