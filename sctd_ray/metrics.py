@@ -461,7 +461,8 @@ def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int |
         elif name == "sctd_cost":
             v = sctd_cost_from_joint(joint, cost, n)
         elif name == "sctd_fused":
-            v = scores_extra.fused_from_rows(p @ scores_extra.unit_rows(w), x, y, sums)
+            h, wu = scores_extra._h_rows(p, scores_extra.unit_rows(w))
+            v = scores_extra.fused_from_rows(h, x, y, sums, wu)
         elif name == "leep":
             v = leep_from_joint(p, y, joint)
         elif name == "nce":

@@ -41,25 +41,34 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, n, out=np.zeros_like(x), where=n > 1e-12)
 
 
-def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
+def loo_costs(h, features, labels, sums, w_unit=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Leave-one-out costs of SPEC 1-2 to every target label, (N, C) each, on the inputs'
     device in float64: ``A[i,c] = 1 - h_i . unit(mu_c^{-i})`` with ``h_i = sum_k p_ik unit(w_k)``
     (= ``sum_k p_ik M^{-i}[k,c]``: rows of P sum to 1) and ``F[i,c] = 1 - cos(phi_i, mu_c^{-i})``.
     ``sums`` (C, D) are the class feature sums ``S_c`` of all samples, and
     ``mu_c^{-i} = S_c - [y_i = c] phi_i`` (a scale of the prototype does not change a cosine).
-    Two (N, D) x (D, C) products and three row dot products: every leave-one-out term is a
-    correction of ``phi_i . S_c`` on the sample's own class. Shared by the in-memory score and
-    ``stats.TeacherStats`` (which keeps ``h`` and ``phi`` per sample)."""
+    Every leave-one-out term is a correction of ``phi_i . S_c`` on the sample's own class.
+
+    ``h`` holds the rows ``h_i`` (N, D), or, with ``w_unit`` (K, D) given, the rows ``p_i``
+    (N, K): then ``h_i . S_c = p_i . (W_unit S_c)``, ``h_i . phi_i = p_i . (W_unit phi_i)`` and
+    ``|h_i|^2 = p_i^T (W_unit W_unit^T) p_i``, and the N x D rows of h are never formed (for
+    K < D: less work). Shared by the in-memory score and ``stats.TeacherStats``."""
     t = lambda a: (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))).double()  # noqa: E731
     h, x, s = t(h), t(features), t(sums)
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels,
                         device=x.device).long()
     n = y.shape[0]
     own = torch.arange(n, device=x.device), y
-    xs, hs = x @ s.T, h @ s.T                                         # phi_i . S_c, h_i . S_c
+    xs = x @ s.T                                                      # phi_i . S_c
     xn = torch.linalg.vector_norm(x, dim=1)
     xx = xn * xn
-    hx = (h * x).sum(1)
+    if w_unit is None:
+        hs, hx, hn = h @ s.T, (h * x).sum(1), torch.linalg.vector_norm(h, dim=1)
+    else:
+        wu = t(w_unit).to(x.device)
+        hs = h @ (wu @ s.T)                                           # h_i . S_c
+        hx = ((x @ wu.T) * h).sum(1)                                  # h_i . phi_i
+        hn = ((h @ (wu @ wu.T)) * h).sum(1).clamp_min(0).sqrt()       # |h_i|
     norms2 = (s * s).sum(1).expand(n, -1).clone()                     # |mu_c^{-i}|^2
     norms2[own] += xx - 2 * xs[own]
     xs[own] -= xx                                                     # phi_i . mu_c^{-i}
@@ -70,7 +79,6 @@ def loo_costs(h, features, labels, sums) -> tuple[torch.Tensor, torch.Tensor]:
         den = mu * vec_norm[:, None]
         return torch.where(den > 1e-12, dots / den.clamp_min(1e-300), torch.zeros_like(dots))
 
-    hn = torch.linalg.vector_norm(h, dim=1)
     return 1 - cos(hs, hn) * hn[:, None], 1 - cos(xs, xn)
 
 
@@ -88,7 +96,8 @@ def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = Tr
         m = np.clip(1 - wu @ unit_rows(sums).T, 0, 2)
         return {"A": p @ m, "F": 1 - unit_rows(x) @ unit_rows(sums).T}
     # the clip of M at [0, 2] is a no-op for cosines
-    a, f = loo_costs(p @ wu, x, y, sums)
+    h, wu = _h_rows(p, wu)
+    a, f = loo_costs(h, x, y, sums, wu)
     return {"A": a.numpy(), "F": f.numpy()}
 
 
@@ -169,10 +178,16 @@ def sctd_fused(features, probs, labels, weight, num_classes: int) -> float:
     return calibrated_loglik([t["A"], t["F"]], labels)[0]
 
 
-def fused_from_rows(h, features, labels, sums) -> float:
-    """``sctd_fused`` from per-sample ``h_i = P W_unit`` rows, features, labels and the class
-    sums (what ``stats.TeacherStats`` keeps); the costs are built on the rows' device."""
-    a, f = loo_costs(h, features, labels, sums)
+def _h_rows(probs, w_unit):
+    """``loo_costs``'s first arguments: the rows of P with ``W_unit`` when K <= D, else P W_unit."""
+    return (probs, w_unit) if w_unit.shape[0] <= w_unit.shape[1] else (probs @ w_unit, None)
+
+
+def fused_from_rows(h, features, labels, sums, w_unit=None) -> float:
+    """``sctd_fused`` from per-sample rows (``h_i = P W_unit``, or ``p_i`` with ``w_unit``; see
+    ``loo_costs``), features, labels and the class sums (what ``stats.TeacherStats`` keeps); the
+    costs are built on the rows' device."""
+    a, f = loo_costs(h, features, labels, sums, w_unit)
     y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     return calibrated_loglik([a.cpu().numpy(), f.cpu().numpy()], y)[0]
 

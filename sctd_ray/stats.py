@@ -130,6 +130,7 @@ class TeacherStats:
         self._counts = z(c, t=torch.int64)
         self._bad = z((), t=torch.int64)
         self._prob_sum = z((), t=torch.float64)   # non-finite iff some probability is (NaN/inf check)
+        self._ones = torch.ones(0, dtype=torch.int64, device=device)
         acc = torch.float64          # accumulators are small: always float64
         self._joint_t = z(k, c, t=acc) if self._joint else None
         self._nce_t = z(k, c, t=torch.int64) if self._nce else None
@@ -170,15 +171,19 @@ class TeacherStats:
                                              else torch.device("cpu")))
         dev, dt, c = self.device, self.dtype, self.num_classes
         y = y.to(dev, non_blocking=dev.type == "cuda").long()
-        self._bad += ((y < 0) | (y >= c)).sum()
+        lo, hi = torch.aminmax(y) if dev.type == "cpu" else (None, None)   # no sync on CUDA
+        if lo is None or int(lo) < 0 or int(hi) >= c:
+            self._bad += ((y < 0) | (y >= c)).sum()
         y = y.clamp(0, c - 1)
-        ones = torch.ones(b, dtype=torch.int64, device=dev)
+        ones = self._ones if self._ones.shape[0] == b else torch.ones(b, dtype=torch.int64, device=dev)
+        self._ones = ones
         self._counts.index_add_(0, y, ones)
 
         if self._probs:
             z = _tensor(logits, dev, dt)
             p = torch.softmax(z if self.tau_a == 1.0 else z / self.tau_a, dim=1)
-            self._prob_sum += p.sum()
+            if not self._joint:     # the soft joint holds every probability too
+                self._prob_sum += p.sum()
             if self._joint:
                 self._joint_t.index_add_(1, y, p.T.double())
             if self._nce:
@@ -362,8 +367,9 @@ class TeacherStats:
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "sctd_fused":
                 fx = tr_x if same and tr_x is not None else torch.cat(self._fx)
-                h = rows @ self._w_unit.double() if self._rows_kind == "probs" else rows
-                v = _scores_extra.fused_from_rows(h, fx, row_y, self._sums)
+                h = (_scores_extra._h_rows(rows, self._w_unit.double()) if self._rows_kind == "probs"
+                     else (rows, None))
+                v = _scores_extra.fused_from_rows(h[0], fx, row_y, self._sums, h[1])
             elif name == "leep":
                 cond = on_dev(_m.leep_conditional(host(self._joint_t)))
                 eyz = (rows @ cond).gather(1, row_y[:, None])[:, 0]

@@ -272,6 +272,21 @@ def test_loo_costs_match_brute_force():
     assert got == pytest.approx(want, rel=1e-9)      # the non-LOO A is SPEC 2's A = P M
 
 
+def test_loo_costs_from_probability_rows_equal_those_from_h_rows():
+    """With W_unit given, loo_costs works on the rows of P (K < D) without forming h = P W_unit."""
+    from sctd_ray import scores_extra as se
+
+    x, p, y, w, c = _toy(informative=True)
+    assert w.shape[0] < w.shape[1]
+    wu = se.unit_rows(w)
+    sums = np.zeros((c, x.shape[1]))
+    np.add.at(sums, y, x)
+    a_h, f_h = se.loo_costs(p @ wu, x, y, sums)
+    a_p, f_p = se.loo_costs(p, x, y, sums, wu)
+    np.testing.assert_allclose(a_p.numpy(), a_h.numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(f_p.numpy(), f_h.numpy(), rtol=0, atol=0)
+
+
 def test_calibrated_loglik_is_the_maximum_and_zero_without_signal():
     from scipy.special import log_softmax
 
