@@ -220,17 +220,17 @@ def eigh_projections(matrix: np.ndarray, vectors: np.ndarray, device=None) -> tu
 
     On the CPU the eigenvectors of A are never formed: A = Q T Q^T with T tridiagonal (LAPACK
     sytrd), ``T = U diag(w) U^T`` (stevd), and ``V^T b = U^T (Q^T b)`` with Q applied as its
-    Householder reflectors (ormqr). That skips an eigendecomposition's D x D back-transformation:
-    3.5 ms instead of 5.3 ms at D = 256 on one thread here. With a torch ``device`` (e.g. CUDA)
-    an eigendecomposition there.
+    Householder reflectors (ormqr). That skips an eigendecomposition's D x D back-transformation
+    (``bench/linalg_bench.py``, one thread: 3.9 vs 5.4 ms at D = 256, 19 vs 33 ms at D = 512; no
+    gain below D ~ 100, where the full decomposition is used). With a torch ``device`` (e.g.
+    CUDA) an eigendecomposition there.
     """
     d = matrix.shape[0]
-    sym = (matrix + matrix.T) / 2
     if device is not None and torch.device(device).type != "cpu":
-        w, v = torch.linalg.eigh(torch.from_numpy(sym).to(device))
+        w, v = torch.linalg.eigh(torch.from_numpy((matrix + matrix.T) / 2).to(device))
         return w.cpu().numpy(), (v.T @ torch.from_numpy(np.asarray(vectors, np.float64)).to(device)).cpu().numpy()
-    if d >= 3:
-        # sym is symmetric: its transpose is the same matrix in the Fortran order LAPACK reads
+    if d >= 96:   # below that the full decomposition is as fast (bench/linalg_bench.py)
+        sym = (matrix + matrix.T) / 2   # its transpose is the same matrix, in LAPACK's order
         c, diag, off, tau, info = lapack.dsytrd(sym.T, lower=1, lwork=_sytrd_lwork(d), overwrite_a=1)
         if info == 0:
             w, u, info = lapack.dstevd(diag, off, compute_v=1)
