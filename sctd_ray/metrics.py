@@ -226,10 +226,8 @@ def eigh_projections(matrix: np.ndarray, vectors: np.ndarray, device=None) -> tu
     CUDA) an eigendecomposition there.
     """
     d = matrix.shape[0]
-    if device is not None and torch.device(device).type != "cpu":
-        w, v = torch.linalg.eigh(torch.from_numpy((matrix + matrix.T) / 2).to(device))
-        return w.cpu().numpy(), (v.T @ torch.from_numpy(np.asarray(vectors, np.float64)).to(device)).cpu().numpy()
-    if d >= 96:   # below that the full decomposition is as fast (bench/linalg_bench.py)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and d >= 96:   # below that the full decomposition is as fast (bench/linalg_bench.py)
         sym = (matrix + matrix.T) / 2   # its transpose is the same matrix, in LAPACK's order
         c, diag, off, tau, info = lapack.dsytrd(sym.T, lower=1, lwork=_sytrd_lwork(d), overwrite_a=1)
         if info == 0:
@@ -240,7 +238,7 @@ def eigh_projections(matrix: np.ndarray, vectors: np.ndarray, device=None) -> tu
             qb[1:] = torch.ormqr(torch.from_numpy(c[1:, :-1]), torch.from_numpy(tau),
                                  torch.from_numpy(qb[1:]), left=True, transpose=True).numpy()
             return w, u.T @ qb
-    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    w, v = sym_eigh(matrix, device)
     return w, v.T @ vectors
 
 
@@ -461,7 +459,7 @@ def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int |
         elif name == "sctd_cost":
             v = sctd_cost_from_joint(joint, cost, n)
         elif name == "sctd_fused":
-            h, wu = scores_extra._h_rows(p, scores_extra.unit_rows(w))
+            h, wu = scores_extra.h_rows(p, scores_extra.unit_rows(w))
             v = scores_extra.fused_from_rows(h, x, y, sums, wu)
         elif name == "leep":
             v = leep_from_joint(p, y, joint)

@@ -96,7 +96,7 @@ def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = Tr
         m = np.clip(1 - wu @ unit_rows(sums).T, 0, 2)
         return {"A": p @ m, "F": 1 - unit_rows(x) @ unit_rows(sums).T}
     # the clip of M at [0, 2] is a no-op for cosines
-    h, wu = _h_rows(p, wu)
+    h, wu = h_rows(p, wu)
     a, f = loo_costs(h, x, y, sums, wu)
     return {"A": a.numpy(), "F": f.numpy()}
 
@@ -178,7 +178,7 @@ def sctd_fused(features, probs, labels, weight, num_classes: int) -> float:
     return calibrated_loglik([t["A"], t["F"]], labels)[0]
 
 
-def _h_rows(probs, w_unit):
+def h_rows(probs, w_unit):
     """``loo_costs``'s first arguments: the rows of P with ``W_unit`` when K <= D, else P W_unit."""
     return (probs, w_unit) if w_unit.shape[0] <= w_unit.shape[1] else (probs @ w_unit, None)
 

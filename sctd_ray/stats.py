@@ -182,10 +182,10 @@ class TeacherStats:
         if self._probs:
             z = _tensor(logits, dev, dt)
             p = torch.softmax(z if self.tau_a == 1.0 else z / self.tau_a, dim=1)
-            if not self._joint:     # the soft joint holds every probability too
-                self._prob_sum += p.sum()
-            if self._joint:
+            if self._joint:     # the soft joint holds every probability: also the NaN/inf check
                 self._joint_t.index_add_(1, y, p.T.double())
+            else:
+                self._prob_sum += p.sum()
             if self._nce:
                 self._nce_t.view(-1).index_add_(0, p.argmax(1) * c + y, ones)
             if self._rows_kind is not None:
@@ -367,7 +367,7 @@ class TeacherStats:
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "sctd_fused":
                 fx = tr_x if same and tr_x is not None else torch.cat(self._fx)
-                h = (_scores_extra._h_rows(rows, self._w_unit.double()) if self._rows_kind == "probs"
+                h = (_scores_extra.h_rows(rows, self._w_unit.double()) if self._rows_kind == "probs"
                      else (rows, None))
                 v = _scores_extra.fused_from_rows(h[0], fx, row_y, self._sums, h[1])
             elif name == "leep":
