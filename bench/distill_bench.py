@@ -184,6 +184,7 @@ def cost(a) -> None:
     from sctd_ray.distill.recipe import DEFAULT_HP, DEFAULT_STUDENT, Recipe
     from sctd_ray.distill.train import build_student, teacher_cost
     from sctd_ray.distill.views import make_views
+    from sctd_ray.ot import prepare_cost
     from sctd_ray.zoo.loading import load_teacher
     from sctd_ray.zoo.store import open_store
 
@@ -193,7 +194,8 @@ def cost(a) -> None:
     task = load_target(str(Path(a.zoo) / "targets" / a.target))
     teacher = load_teacher(open_store(a.zoo), a.teacher)
     runner = TeacherRunner(teacher, device)
-    m = teacher_cost(runner, task).to(device)
+    hp = DEFAULT_HP
+    m = prepare_cost(teacher_cost(runner, task), hp["eps"], device=device)  # as training does
     model, _, pre = build_student(task, a.student, None, seed=0)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -202,7 +204,6 @@ def cost(a) -> None:
     idx = torch.arange(a.batch) % len(task.splits["train"])
     v = make_views(torch.from_numpy(task.splits["train"].images)[idx].to(device),
                    torch.from_numpy(task.splits["train"].labels)[idx], recipe, gen)
-    hp = DEFAULT_HP
     with torch.inference_mode():
         _, t_logits = runner.forward(v.x)
     p_pre = torch.softmax(t_logits.clone() / hp["tau"], 1)
@@ -218,12 +219,12 @@ def cost(a) -> None:
             F.cross_entropy(logits, v.labels, label_smoothing=0.1)
         if kind == "ot":
             loss = loss + hp["lam"] * ot_distill_loss(logits, p_pre, m, hp["tau"], hp["eps"],
-                                                      max_iter=recipe.sinkhorn_iters)
+                                                      max_iter=recipe.sinkhorn_iters, tol=0.0)
         elif kind == "ot+teacher":
             _, tl = runner.forward(v.x)
             p = torch.softmax(tl.clone() / hp["tau"], 1)
             loss = loss + hp["lam"] * ot_distill_loss(logits, p, m, hp["tau"], hp["eps"],
-                                                      max_iter=recipe.sinkhorn_iters)
+                                                      max_iter=recipe.sinkhorn_iters, tol=0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

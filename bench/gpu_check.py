@@ -142,20 +142,25 @@ def check_shard_loop(n_teachers: int, samples: int) -> dict:
 
 
 def check_distill_step(steps: int = 50) -> dict:
-    """One training step of a student: CE alone vs CE + OT distillation (SPEC 4) with the
-    teacher's probabilities precomputed, same student and batch; then with an online teacher."""
+    """One training step of a student: CE alone vs CE + OT distillation (SPEC 4) as training runs
+    it (cost prepared once, the recipe's fixed Sinkhorn iterations, tol=0), with the teacher's
+    probabilities precomputed, same student and batch; then with an online teacher. Also checks
+    that a real training step (views, student, teacher, loss, backward) never synchronises."""
     import timm
 
     from sctd_ray.distill.losses import ot_distill_loss
+    from sctd_ray.distill.recipe import Recipe
+    from sctd_ray.ot import prepare_cost
 
     torch.manual_seed(0)
     B, C, K = 256, 10, 1000
+    iters = Recipe().sinkhorn_iters
     student = timm.create_model("resnet18", num_classes=C).cuda().to(memory_format=torch.channels_last)
     teacher = timm.create_model("resnet50", num_classes=K).cuda().eval().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     x = torch.randn(B, 3, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.arange(B, device="cuda") % C
-    M = torch.rand(K, C, device="cuda") * 2
+    cost = prepare_cost(torch.rand(K, C, device="cuda") * 2, 0.1)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         p_t = torch.softmax(teacher(x).float() / 2.0, 1)
 
@@ -168,7 +173,8 @@ def check_distill_step(steps: int = 50) -> dict:
             if mode == "online":
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     pt = torch.softmax(teacher(x).float() / 2.0, 1)
-            loss = loss + 1.0 * ot_distill_loss(logits, pt, M, tau=2.0, eps=0.1, max_iter=100)
+            loss = loss + 1.0 * ot_distill_loss(logits, pt, cost, tau=2.0, eps=0.1,
+                                                max_iter=iters, tol=0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -185,8 +191,56 @@ def check_distill_step(steps: int = 50) -> dict:
         out[f"{mode}_ms"] = 1000 * (time.perf_counter() - t0) / steps
     out["ot_vs_ce"] = out["ot_ms"] / out["ce_ms"]
     out["online_teacher_vs_ce"] = out["online_ms"] / out["ce_ms"]
-    out.update(student="resnet18", teacher="resnet50", batch=B, image=112, K=K, C=C)
+    out.update(student="resnet18", teacher="resnet50", batch=B, image=112, K=K, C=C,
+               sinkhorn_iters=iters, train_step_syncs=_train_step_syncs())
     return out
+
+
+def _train_step_syncs(device: str = "cuda") -> str:
+    """A training step of the product's own code (distill.train) under CUDA's sync debug mode:
+    'none' when nothing in views, student, teacher, loss or backward synchronises."""
+    from sctd_ray.distill import train as train_mod
+    from sctd_ray.distill.recipe import Recipe
+    from sctd_ray.distill.views import make_views, to_device
+    from sctd_ray.ot import prepare_cost
+    from sctd_ray.data.preprocess import Preprocessing
+    from sctd_ray.zoo.loading import LoadedTeacher
+    from sctd_ray.zoo.teacher import TeacherConfig
+    from sctd_ray.assess.engine import TeacherRunner
+    from sctd_ray.data.targets import TargetSplit, TargetTask
+    import timm
+
+    rng = np.random.default_rng(0)
+    split = TargetSplit(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10)
+    target = TargetTask("syn", "/none", [f"c{i}" for i in range(10)], {"train": split})
+    pcfg = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.25] * 3}
+    teacher = LoadedTeacher(TeacherConfig("t", "resnet18", 100, [f"k{i}" for i in range(100)], pcfg),
+                            timm.create_model("resnet18", num_classes=100).eval(),
+                            Preprocessing.from_pretrained_cfg(pcfg))
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    runner = TeacherRunner(teacher, dev)
+    model, _, pre = train_mod.build_student(target, "resnet18", None, 0)
+    model.to(dev).train()
+    recipe = Recipe(batch_size=64)
+    cost = prepare_cost(train_mod.teacher_cost(runner, target), 0.1)
+    x, yl = torch.from_numpy(split.images), torch.from_numpy(split.labels)
+    gen = torch.Generator().manual_seed(0)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            v = make_views(to_device(x, dev), yl, recipe, gen)
+            loss = train_mod._loss("ot", model(pre(v.x)), v, runner, cost, None, 2.0, 1.0, 0.1,
+                                   0.1, recipe.sinkhorn_iters)
+            loss.backward()
+        return "none"
+    except RuntimeError as e:
+        return f"synchronises: {str(e).splitlines()[0]}"
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def main():

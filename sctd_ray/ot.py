@@ -20,7 +20,7 @@ run of n iterations matches ``ot.sinkhorn2(..., numItermax=n, stopThr=0)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -230,12 +230,7 @@ def sinkhorn(p, q, M, eps: float, max_iter: int = 100, tol: float = 1e-9,
     dtype = _float_dtype(pt, qt)
     pt, qt = pt.to(dtype), qt.to(dtype)
     mt = _as_tensor(M, "M", device, dtype)
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ScoreInputError(f"eps must be a positive finite number; got {eps!r}") from None
-    if not (np.isfinite(eps) and eps > 0):
-        raise ScoreInputError(f"eps must be a positive finite number; got {eps!r}")
+    eps = _check_eps(eps)
     if int(max_iter) < 1 or not tol >= 0:
         raise ScoreInputError(f"need max_iter >= 1 and tol >= 0; got {max_iter!r}, {tol!r}")
     single = pt.ndim == 1 and qt.ndim == 1
@@ -253,14 +248,7 @@ def sinkhorn(p, q, M, eps: float, max_iter: int = 100, tol: float = 1e-9,
         raise ScoreInputError(f"expected p (B, K), q (B, C), M (K, C) with the same B >= 1; got "
                               f"p {tuple(pt.shape)}, q {tuple(qt.shape)}, M {tuple(mt.shape)}")
     pt, qt = _normalise(pt, "p"), _normalise(qt, "q")
-    if not bool(torch.isfinite(mt).all()):
-        raise ScoreInputError("M must be finite; got NaN or inf")
-
-    spread = max(float((mt.amax(1) - mt.amin(1)).max()), float((mt.amax(0) - mt.amin(0)).max()))
-    work = dtype
-    if spread / eps > KERNEL_RANGE_LIMIT[work]:
-        work = torch.float64
-    backend = "kernel" if spread / eps <= KERNEL_RANGE_LIMIT[torch.float64] else "dense"
+    work, backend = _work_dtype_and_backend(mt, eps, dtype)
     res = _solve(pt.to(work), qt.to(work), mt.to(work), float(eps), int(max_iter), float(tol),
                  return_plan, backend)
 
@@ -274,6 +262,88 @@ def sinkhorn(p, q, M, eps: float, max_iter: int = 100, tol: float = 1e-9,
                           plan=fin(res.plan), n_iter=res.n_iter)
 
 
+def _work_dtype_and_backend(m: torch.Tensor, eps: float, dtype: torch.dtype):
+    """The dtype and iteration a cost needs (module docstring): the kernel form while
+    ``range(M)/eps`` is under the dtype's limit (float32 past 50 moves to float64), the exact
+    log-domain form past float64's. Checks that M is finite (two host reads)."""
+    if not bool(torch.isfinite(m).all()):
+        raise ScoreInputError("M must be finite; got NaN or inf")
+    spread = max(float((m.amax(1) - m.amin(1)).max()), float((m.amax(0) - m.amin(0)).max()))
+    work = dtype
+    if spread / eps > KERNEL_RANGE_LIMIT[work]:
+        work = torch.float64
+    backend = "kernel" if spread / eps <= KERNEL_RANGE_LIMIT[torch.float64] else "dense"
+    return work, backend
+
+
+@dataclass(frozen=True)
+class PreparedCost:
+    """A cost M (K, C) and eps, checked once, with its Sinkhorn kernel built (``prepare_cost``).
+
+    For a loop that solves many batches against one cost (SPEC 4's distillation loss): the
+    per-call checks of ``sinkhorn`` (finite M, its range, the kernel's exp) are done once, and
+    ``sinkhorn_prepared`` then reads nothing back to the host when ``tol == 0``.
+    """
+
+    m: torch.Tensor              # (K, C) in the working dtype, on the solving device
+    eps: float
+    backend: str                 # "kernel" or "dense" (module docstring)
+    kernel: "_Kernel | None"     # the shared kernel when backend == "kernel"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.m.shape)
+
+
+def prepare_cost(M, eps: float, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None) -> PreparedCost:
+    """Check M (K, C) and eps once and build the shared kernel (SPEC 1) on ``device`` (M's
+    device by default) for solves in ``dtype`` (float32 problems whose ``range(M)/eps`` exceeds
+    50 are solved in float64, as in ``sinkhorn``)."""
+    ref = _first_tensor(M)
+    device = torch.device(device) if device is not None else (ref.device if ref is not None
+                                                               else torch.device("cpu"))
+    eps = _check_eps(eps)
+    mt = _as_tensor(M, "M", device, torch.float64 if dtype == torch.float64 else torch.float32)
+    if mt.ndim != 2:
+        raise ScoreInputError(f"M must be (K, C); got shape {tuple(mt.shape)}")
+    work, backend = _work_dtype_and_backend(mt, eps, mt.dtype)
+    mt = mt.to(work)
+    return PreparedCost(mt, eps, backend, _kernel(mt, eps) if backend == "kernel" else None)
+
+
+def sinkhorn_prepared(p: torch.Tensor, q: torch.Tensor, cost: PreparedCost, max_iter: int,
+                      tol: float = 0.0) -> SinkhornResult:
+    """``sinkhorn`` for tensors p (B, K) and q (B, C) on the prepared cost's device (SPEC 1).
+
+    Rows are normalised but not checked (non-negative with positive mass is the caller's
+    promise, e.g. softmax outputs); shapes are. With ``tol == 0`` it runs exactly ``max_iter``
+    iterations and never reads a value back to the host, so on a GPU it queues behind the
+    student's forward without a synchronisation. Results in q's dtype, no plan.
+    """
+    k, c = cost.shape
+    if p.ndim != 2 or q.ndim != 2 or p.shape[0] != q.shape[0] or p.shape[1] != k or q.shape[1] != c:
+        raise ScoreInputError(f"expected p (B, {k}) and q (B, {c}) for a ({k}, {c}) cost; got "
+                              f"p {tuple(p.shape)}, q {tuple(q.shape)}")
+    if int(max_iter) < 1 or not tol >= 0:
+        raise ScoreInputError(f"need max_iter >= 1 and tol >= 0; got {max_iter!r}, {tol!r}")
+    dtype, work = q.dtype, cost.m.dtype
+    p, q = (p / p.sum(1, keepdim=True)).to(work), (q / q.sum(1, keepdim=True)).to(work)
+    res = _solve(p, q, cost.m, cost.eps, int(max_iter), float(tol), False, cost.backend, cost.kernel)
+    return SinkhornResult(cost=res.cost.to(dtype), value=res.value.to(dtype), f=res.f.to(dtype),
+                          g=res.g.to(dtype), plan=None, n_iter=res.n_iter)
+
+
+def _check_eps(eps) -> float:
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ScoreInputError(f"eps must be a positive finite number; got {eps!r}") from None
+    if not (np.isfinite(eps) and eps > 0):
+        raise ScoreInputError(f"eps must be a positive finite number; got {eps!r}")
+    return eps
+
+
 def _normalise(x: torch.Tensor, name: str) -> torch.Tensor:
     sums = x.sum(1, keepdim=True)
     ok = torch.stack([torch.isfinite(x).all(), (x >= 0).all(), (sums > 0).all()]).tolist()
@@ -285,10 +355,12 @@ def _normalise(x: torch.Tensor, name: str) -> torch.Tensor:
     return x / sums
 
 
-def _solve(p, q, m, eps, max_iter, tol, return_plan, backend) -> SinkhornResult:
-    """Sinkhorn on normalised (B, K), (B, C) batches; see the module docstring."""
+def _solve(p, q, m, eps, max_iter, tol, return_plan, backend, kernel=None) -> SinkhornResult:
+    """Sinkhorn on normalised (B, K), (B, C) batches; see the module docstring. ``kernel`` is
+    M's shared kernel when already built (``prepare_cost``)."""
     if backend == "kernel":
-        f, g, cost, n_iter = _iterate_kernel(p, q, m, eps, max_iter, tol)
+        kernel = kernel if kernel is not None else _kernel(m, eps)
+        f, g, cost, n_iter = _iterate_kernel(p, q, kernel, eps, max_iter, tol)
     else:
         f, g, cost, n_iter = _iterate_dense(p, q, m, eps, max_iter, tol)
     supp_q = q > 0
@@ -300,7 +372,21 @@ def _solve(p, q, m, eps, max_iter, tol, return_plan, backend) -> SinkhornResult:
     return SinkhornResult(cost=cost, value=value, f=f, g=g, plan=plan, n_iter=n_iter)
 
 
-def _iterate_kernel(p, q, m, eps, max_iter, tol):
+class _Kernel(NamedTuple):
+    mcol: torch.Tensor   # (C,) min_k M_kc
+    kc: torch.Tensor     # (K, C) exp((mcol - M) / eps)
+    kc_t: torch.Tensor   # (C, K) its transpose, contiguous
+    kcm_t: torch.Tensor  # (C, K) kc_t * M^T, for the transport cost
+
+
+def _kernel(m: torch.Tensor, eps: float) -> _Kernel:
+    mcol = m.amin(0)
+    kc = torch.exp((mcol[None, :] - m) / eps)
+    kc_t = kc.T.contiguous()
+    return _Kernel(mcol, kc, kc_t, kc_t * m.T)
+
+
+def _iterate_kernel(p, q, kern: _Kernel, eps, max_iter, tol):
     """Shared-kernel Sinkhorn in scaling form: ``plan = u_k Kc[k,c] w_c``.
 
     ``Kc = exp((min_k M_kc - M_kc)/eps)`` has every column peaking at 1, so all its entries are
@@ -310,9 +396,7 @@ def _iterate_kernel(p, q, m, eps, max_iter, tol):
     Per iteration: ``w = q / (u @ Kc)``, ``u = p / (w @ Kc^T)`` (POT's v- then u-update, so the
     iterates are POT's up to scaling); the row marginal is exact at exit.
     """
-    mcol = m.amin(0)
-    kc = torch.exp((mcol[None, :] - m) / eps)        # (K, C)
-    kc_t = kc.T.contiguous()                          # (C, K)
+    mcol, kc, kc_t, kcm_t = kern
     u = (p > 0).to(p.dtype)        # POT starts from ones; zero-mass rows stay out from the start
     w = None
     n_iter = 0
@@ -327,7 +411,7 @@ def _iterate_kernel(p, q, m, eps, max_iter, tol):
         n_iter = it + 1
         if check and err <= tol:
             break
-    cost = (u * (w @ (kc_t * m.T))).sum(1)
+    cost = (u * (w @ kcm_t)).sum(1)
     f = eps * torch.log(u)
     g = eps * torch.log(w) + mcol
     return f, g, cost, n_iter

@@ -79,3 +79,28 @@ def ray_local(s3):
     os.environ.update(saved)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """``with no_host_reads(): ...`` fails when the block reads a tensor's value back into
+    Python (``item``, ``bool``, ``float``, ``int``, ``tolist``, ``numpy``): on a GPU each of
+    those is a host-device synchronisation. Python-level reads only; for code meant to queue
+    GPU work without waiting."""
+    import contextlib
+
+    import torch
+
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"tensor read back on the host via {name}")
+        return read
+
+    @contextlib.contextmanager
+    def guard():
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"):
+                m.setattr(torch.Tensor, name, forbidden(name))
+            yield
+
+    return guard

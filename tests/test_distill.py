@@ -233,3 +233,27 @@ def test_plan_puts_the_baseline_and_every_teacher_in_each_round():
     assert plans == plan_trials(["t1", "t2"], "ot", samples=3, seed=0)
     assert plans != plan_trials(["t1", "t2"], "ot", samples=3, seed=1)
     assert [p["method"] for p in plan_trials(["t1"], "ce", 2, 0)] == ["ce", "ce"]
+
+
+@pytest.mark.parametrize("method", ["ce", "ot", "kd"])
+def test_a_training_step_reads_nothing_back_to_the_host(method, no_host_reads):
+    """Views, student, teacher, loss and backward of one step queue work without reading a
+    value back into Python: on a GPU, no step waits for the device (SPEC 4's cost goal)."""
+    from sctd_ray.assess.engine import TeacherRunner
+    from sctd_ray.ot import prepare_cost
+
+    target = make_target(("a", "b", "c"))
+    teacher = make_teacher(("c", "a", "b") if method == "kd" else ("x", "y", "z", "w"))
+    model, _, pre = train_mod.build_student(target, train_mod.DEFAULT_STUDENT, None, 0)
+    runner = TeacherRunner(teacher, "cpu")
+    cost = prepare_cost(train_mod.teacher_cost(runner, target), 0.1) if method == "ot" else None
+    kd_cols = kd_index(teacher, target.class_names) if method == "kd" else None
+    x = torch.from_numpy(target.splits["train"].images[:8])
+    y = torch.from_numpy(target.splits["train"].labels[:8])
+    with no_host_reads():
+        v = make_views(x, y, TINY, torch.Generator().manual_seed(0))
+        loss = train_mod._loss(method, model(pre(v.x)), v, runner if method != "ce" else None,
+                               cost, kd_cols, 2.0, 1.0, 0.1, 0.1, 20)
+        loss.backward()
+    assert v.n_mixed == 4 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

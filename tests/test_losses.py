@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sctd_ray.distill.losses import kd_loss, ot_distill_loss
+from sctd_ray.errors import ScoreInputError
+from sctd_ray.ot import prepare_cost
 
 TIGHT = {"max_iter": 20000, "tol": 1e-14}
 
@@ -85,6 +87,35 @@ def test_saturated_student_gives_finite_gradients():
     s = (student * 1e3).float().requires_grad_(True)
     ot_distill_loss(s, teacher.float(), m.float(), 1.0, 0.1).backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_prepared_cost_gives_the_same_loss_and_gradient_without_reading_back(no_host_reads):
+    """The training loop's form (SPEC 4): cost prepared once, fixed iterations, tol=0; it equals
+    the checked form and never reads a value back to the host (a GPU sync per step)."""
+    student, teacher, m = problem(b=6, k=7, c=5, seed=7)
+    a = student.clone().requires_grad_(True)
+    b = student.clone().requires_grad_(True)
+    cost = prepare_cost(m, 0.1, dtype=torch.float64)
+    with no_host_reads():
+        ot_distill_loss(a, teacher, cost, 2.0, 0.1, max_iter=20, tol=0.0).backward()
+    with no_host_reads(), pytest.raises(AssertionError, match="read back"):  # per-call checks read
+        ot_distill_loss(b, teacher, m, 2.0, 0.1, max_iter=20, tol=0.0)
+    assert a.grad is not None and a.grad.shape == a.shape
+
+
+def test_prepared_cost_loss_equals_the_checked_loss():
+    student, teacher, m = problem(b=6, k=7, c=5, seed=7)
+    a = student.clone().requires_grad_(True)
+    b = student.clone().requires_grad_(True)
+    la = ot_distill_loss(a, teacher, prepare_cost(m, 0.1, dtype=torch.float64), 2.0, 0.1,
+                         max_iter=20, tol=0.0)
+    lb = ot_distill_loss(b, teacher, m, 2.0, 0.1, max_iter=20, tol=0.0)
+    la.backward()
+    lb.backward()
+    assert la.item() == lb.item()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    with pytest.raises(ScoreInputError, match="eps"):
+        ot_distill_loss(a, teacher, prepare_cost(m, 0.1), 2.0, 0.2)
 
 
 def test_kd_loss_is_scaled_kl():

@@ -9,7 +9,7 @@ import torch
 
 from sctd_ray.errors import ScoreInputError
 from sctd_ray.ot import (SinkhornResult, _solve, cost_from_joint, cost_from_prototypes,
-                         ground_cost, sinkhorn)
+                         ground_cost, prepare_cost, sinkhorn, sinkhorn_prepared)
 
 
 def problems(b, k, c, seed=0, spread=2.0):
@@ -193,6 +193,48 @@ def test_bad_values_are_reported():
         sinkhorn(p, q, m, 0.0)
     with pytest.raises(ScoreInputError, match="M must be finite"):
         sinkhorn(p, q, np.full((3, 3), np.inf), 0.1)
+
+
+@pytest.mark.parametrize("dtype,eps,spread", [(torch.float64, 0.1, 2.0), (torch.float32, 0.1, 2.0),
+                                              (torch.float32, 0.05, 4.0),   # range/eps 80: float64 kernel
+                                              (torch.float64, 0.002, 2.0)])  # 1000: exact blocks
+def test_prepared_cost_gives_the_same_solution(dtype, eps, spread):
+    p, q, m = (torch.from_numpy(a).to(dtype) for a in problems(6, 7, 5, seed=12, spread=spread))
+    ref = sinkhorn(p, q, m, eps, max_iter=30, tol=0)
+    cost = prepare_cost(m, eps, dtype=dtype)
+    assert cost.backend == ("dense" if spread / eps > 500 else "kernel")
+    assert cost.m.dtype == (torch.float64 if spread / eps > 50 else dtype)
+    got = sinkhorn_prepared(p, q, cost, max_iter=30)
+    assert got.n_iter == 30 and got.cost.dtype == dtype and got.plan is None
+    for a, b in [(got.cost, ref.cost), (got.value, ref.value), (got.f, ref.f), (got.g, ref.g)]:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    scaled = sinkhorn_prepared(3 * p, q, cost, max_iter=30)       # rows are normalised
+    torch.testing.assert_close(scaled.cost, ref.cost)
+    conv = sinkhorn_prepared(p, q, cost, max_iter=10000, tol=1e-5)  # tol still stops it early
+    assert conv.n_iter < 10000 or cost.backend == "dense"
+
+
+def test_prepared_cost_solves_without_reading_back(no_host_reads):
+    p, q, m = (torch.from_numpy(a) for a in problems(4, 6, 3, seed=13))
+    cost = prepare_cost(m, 0.1, dtype=torch.float64)
+    with no_host_reads():
+        res = sinkhorn_prepared(p, q, cost, max_iter=25)
+    assert res.n_iter == 25
+    with no_host_reads(), pytest.raises(AssertionError, match="read back"):  # the checked one reads
+        sinkhorn(p, q, m, 0.1, max_iter=25, tol=0)
+
+
+def test_prepared_cost_checks_once_and_reports_bad_input():
+    p, q, m = problems(2, 3, 4)
+    with pytest.raises(ScoreInputError, match="M must be finite"):
+        prepare_cost(np.full((3, 4), np.nan), 0.1)
+    with pytest.raises(ScoreInputError, match="eps"):
+        prepare_cost(m, -1.0)
+    with pytest.raises(ScoreInputError, match="M must be"):
+        prepare_cost(np.ones(3), 0.1)
+    cost = prepare_cost(m, 0.1)
+    with pytest.raises(ScoreInputError, match=r"expected p \(B, 3\) and q \(B, 4\)"):
+        sinkhorn_prepared(torch.from_numpy(p).float(), torch.ones(2, 3), cost, 10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

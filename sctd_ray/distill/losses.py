@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ScoreInputError
-from ..ot import sinkhorn
+from ..ot import PreparedCost, sinkhorn, sinkhorn_prepared
 
 
 class _EntropicOT(torch.autograd.Function):
@@ -18,7 +18,10 @@ class _EntropicOT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, p, m, eps, max_iter, tol):
-        res = sinkhorn(p, q, m, eps, max_iter=max_iter, tol=tol)
+        if isinstance(m, PreparedCost):
+            res = sinkhorn_prepared(p, q, m, max_iter, tol)
+        else:
+            res = sinkhorn(p, q, m, eps, max_iter=max_iter, tol=tol)
         # g is -inf only where q underflowed to 0; the softmax Jacobian multiplies that entry
         # by q = 0, so any finite value gives the right logit gradient.
         ctx.save_for_backward(torch.nan_to_num(res.g, neginf=0.0))
@@ -40,6 +43,10 @@ def ot_distill_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, M
     ``student_logits`` (B, C). Computed in float32 (float64 for float64 logits). The gradient is
     exact at convergence: Sinkhorn stops once every column marginal is within ``tol`` (L1) or
     after ``max_iter`` iterations (mixing slows down as eps / range(M) shrinks).
+
+    In a training loop pass ``M`` as ``ot.prepare_cost(M, eps)`` (checked once, kernel built
+    once) with ``tol=0``: the loss then runs exactly ``max_iter`` iterations and reads nothing
+    back to the host, so on a GPU it never stalls the step (no synchronisation).
     """
     if student_logits.ndim != 2 or teacher_probs.ndim != 2:
         raise ScoreInputError(f"expected student_logits (B, C) and teacher_probs (B, K); got "
@@ -47,6 +54,10 @@ def ot_distill_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, M
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     q = torch.softmax(student_logits.to(dtype) / tau, dim=1)
     p = teacher_probs.detach().to(device=q.device, dtype=dtype)
+    if isinstance(M, PreparedCost):
+        if float(eps) != M.eps:
+            raise ScoreInputError(f"eps {eps} differs from the prepared cost's eps {M.eps}")
+        return _EntropicOT.apply(q, p, M, M.eps, int(max_iter), float(tol)).mean()
     m = torch.as_tensor(M).detach().to(device=q.device, dtype=dtype)
     return _EntropicOT.apply(q, p, m, float(eps), int(max_iter), float(tol)).mean()
 

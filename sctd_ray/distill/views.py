@@ -22,18 +22,29 @@ from .recipe import Recipe
 @dataclass
 class Views:
     """One step's inputs: ``x`` (B, C, H, W) float views in [0, 1] shown to teacher and student
-    alike; ``labels`` (B,) of the first image of each view; ``mixed`` (B,) bool; for mixed views
-    ``partner`` labels and ``weight`` (the share of the first image)."""
+    alike; ``labels`` (B,) of the first image of each view; ``mixed`` (B,) bool, true for the
+    first ``n_mixed`` views (a host count, so no step reads ``mixed`` back from a GPU); for mixed
+    views ``partner`` labels and ``weight`` (the share of the first image)."""
 
     x: torch.Tensor
     labels: torch.Tensor
     mixed: torch.Tensor
     partner: torch.Tensor
     weight: torch.Tensor
+    n_mixed: int = 0
 
     @property
-    def labelled(self) -> torch.Tensor:
-        return ~self.mixed
+    def labelled(self) -> slice:
+        """The labelled (unmixed) views: ``v.x[v.labelled]``."""
+        return slice(self.n_mixed, None)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, asynchronously, so the
+    copy never waits for the kernels already queued (a plain ``.to`` synchronises)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -66,11 +77,11 @@ def augment(x: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tens
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([w * cos * flip, -h * sin, cx], 1),
                          torch.stack([w * sin * flip, h * cos, cy], 1)], 1)
-    theta = theta.to(device=x.device, dtype=x.dtype)
+    theta = to_device(theta, x.device).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     if recipe.warp > 0:  # a smooth displacement field from a 4x4 grid of random offsets
         d = (torch.rand(b, 2, 4, 4, generator=gen) * 2 - 1) * (2 * recipe.warp)
-        d = F.interpolate(d.to(device=x.device, dtype=x.dtype), size=tuple(x.shape[-2:]),
+        d = F.interpolate(to_device(d, x.device).to(x.dtype), size=tuple(x.shape[-2:]),
                           mode="bicubic", align_corners=True)
         grid = grid + d.permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
@@ -84,21 +95,21 @@ def make_views(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, gen: 
     x = to_float(images) if images.dtype == torch.uint8 else images.float()
     x = augment(x, recipe, gen)
     b = x.shape[0]
-    labels = labels.to(x.device)
+    labels = to_device(labels, x.device)
     n_mix = int(round(recipe.mix_frac * b)) if mix else 0
     mixed = torch.zeros(b, dtype=torch.bool, device=x.device)
     partner = labels.clone()
     weight = torch.ones(b, device=x.device)
     if n_mix:
         other = (torch.arange(n_mix) + torch.randint(1, b, (n_mix,), generator=gen)) % b
-        lam = torch.rand(n_mix, generator=gen).to(x.device)
-        other = other.to(x.device)
+        lam = to_device(torch.rand(n_mix, generator=gen), x.device)
+        other = to_device(other, x.device)
         x = x.clone()
         x[:n_mix] = lam.view(-1, 1, 1, 1) * x[:n_mix] + (1 - lam.view(-1, 1, 1, 1)) * x[other]
         mixed[:n_mix] = True
         partner[:n_mix] = labels[other]
         weight[:n_mix] = lam
-    return Views(x, labels, mixed, partner, weight)
+    return Views(x, labels, mixed, partner, weight, n_mix)
 
 
 class BatchSampler:
