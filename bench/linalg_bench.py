@@ -1,12 +1,17 @@
-"""LogME's linear algebra: ``metrics.eigh_projections`` (tridiagonal form, no eigenvectors of
-the Gram) vs a full eigendecomposition followed by ``V^T b``, on one BLAS thread as in
-``TeacherStats.compute`` on CPU.
+"""The scores' CPU linear algebra, each route against the one it replaced, on one BLAS thread as
+in ``TeacherStats.compute`` on CPU, measured in one run on N = 2000 synthetic post-ReLU features:
+
+- LogME: ``metrics.eigh_projections`` (tridiagonal form, no eigenvectors of the Gram) vs a full
+  eigendecomposition followed by ``V^T b``;
+- TransRate's class Grams: ``metrics.gram_lower`` (BLAS syrk, lower triangle) vs ``z.T @ z``
+  in torch, for --classes classes of N / C rows each;
+- its log-determinants and H-score's factor: ``metrics.cholesky_lower`` (scipy's LAPACK potrf)
+  vs ``torch.linalg.cholesky_ex``, on ``I + G / (n eps)``.
 
     python bench/linalg_bench.py [--dims 64,128,256,512] [--classes 10]
 
-Prints, per feature dimension D, the best of --repeats for both routes, their ratio and the
-largest differences (eigenvalues relative to the largest; squared projections relative to the
-largest), measured in one run on a Gram of N = 2000 synthetic post-ReLU features.
+Prints, per feature dimension D, the best of --repeats for both routes of each, their ratio and
+the largest differences (relative to the largest entry or eigenvalue).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from sctd_ray.metrics import eigh_projections
+import torch
+
+from sctd_ray.metrics import cholesky_lower, eigh_projections, gram_lower
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -43,9 +50,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{'D':>5s} {'eigh + V^T b ms':>16s} {'eigh_projections ms':>20s} {'ratio':>6s} "
-          f"{'max eig diff':>13s} {'max proj^2 diff':>16s}")
+    rows = []
     with threadpool_limits(limits=1, user_api="blas"):
+        torch.set_num_threads(1)
         for d in (int(v) for v in args.dims.split(",")):
             f = np.maximum(rng.standard_normal((args.samples, d)) @ rng.standard_normal((d, d)) / np.sqrt(d) + 0.3, 0)
             gram = f.T @ f
@@ -56,8 +63,28 @@ def main():
             w1, p1 = eigh_projections(gram, b)
             dw = np.max(np.abs(w1 - w0)) / w0[-1]
             dp = np.max(np.abs(p1 ** 2 - p0 ** 2)) / np.max(p0 ** 2)
-            print(f"{d:5d} {t_full:16.3f} {t_tri:20.3f} {t_full / t_tri:6.2f} {dw:13.1e} {dp:16.1e}")
+            rows.append(("LogME eigh + V^T b | eigh_projections", d, t_full, t_tri, max(dw, dp)))
 
+            z = torch.from_numpy(f - f.mean(0))
+            blocks = list(torch.chunk(z, args.classes))
+            t_gemm = best_ms(lambda: [zk.T @ zk for zk in blocks], args.repeats)
+            t_syrk = best_ms(lambda: [gram_lower(zk) for zk in blocks], args.repeats)
+            g0, g1 = blocks[0].T @ blocks[0], gram_lower(blocks[0])
+            dg = float((torch.tril(g1) - torch.tril(g0)).abs().max() / g0.abs().max())
+            rows.append((f"{args.classes} class Grams torch | syrk", d, t_gemm, t_syrk, dg))
+
+            m = (g0 / (len(blocks[0]) * 1e-4)).numpy()
+            m[np.diag_indices(d)] += 1.0
+            mt = torch.from_numpy(m)
+            t_torch = best_ms(lambda: torch.linalg.cholesky_ex(mt), args.repeats)
+            t_lapack = best_ms(lambda: cholesky_lower(m), args.repeats)
+            l0, l1 = torch.linalg.cholesky_ex(mt)[0].numpy(), np.tril(cholesky_lower(m))
+            rows.append(("Cholesky torch | potrf", d, t_torch, t_lapack,
+                         float(np.abs(l1 - l0).max() / np.abs(l0).max())))
+    print(f"{'routine: before | now':40s} {'D':>5s} {'before ms':>10s} {'now ms':>8s} {'ratio':>6s} "
+          f"{'max rel diff':>13s}")
+    for name, d, t0, t1, diff in sorted(rows, key=lambda r: (r[0], r[1])):
+        print(f"{name:40s} {d:5d} {t0:10.3f} {t1:8.3f} {t0 / t1:6.2f} {diff:13.1e}")
 
 if __name__ == "__main__":
     main()

@@ -409,19 +409,19 @@ class TeacherStats:
             start = 0
             for nk in counts.astype(int).tolist():
                 zk = z[start:start + nk]
-                # GEMM-equivalent costs: a Cholesky flop costs ~4 GEMM flops on 1-2 CPU threads
-                if 1.2 * d ** 3 < 2 * nk * nk * d + 1.2 * nk ** 3:
-                    gram = zk.T @ zk
+                # syrk multiply-adds: a D x D Gram n_k D^2 (+ a Cholesky D^3 / 3), the small side
+                # n_k^2 D (+ n_k^3 / 3), plus the n_k D^2 of its share of S, still to be done
+                if d ** 3 / 3 < nk * nk * d + nk ** 3 / 3:
+                    gram = _m.gram_lower(zk)
                     scat += gram
                 else:
-                    gram = zk @ zk.T if nk < d else zk.T @ zk
+                    gram = _m.gram_lower(zk.T if nk < d else zk)
                     rest.append(zk)
                 rates.append(0.5 * _m.logdet_identity_plus(gram, 1.0 / (nk * eps)))
                 start += nk
             if rest:
-                zr = z if len(rest) == len(rates) else torch.cat(rest)
-                scat += zr.T @ zr
-            return mean, scat, rates
+                scat += _m.gram_lower(z if len(rest) == len(rates) else torch.cat(rest))
+            return mean, _m.symmetrise_lower(scat), rates
         self._fold()                                # the rest of the buffer, then per-class D x D
         tr_scat, tr_sums, cnt = self._tr_scat, self._tr_sums, self._tr_counts.double()
         scat = torch.zeros(d, d, dtype=torch.float64, device=tr_scat.device)

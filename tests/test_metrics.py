@@ -175,6 +175,46 @@ def test_eigh_projections_equal_an_eigendecomposition(d, rank):
     np.testing.assert_allclose((proj ** 2).sum(0), (b ** 2).sum(0), rtol=1e-12)   # V orthogonal
 
 
+def test_gram_lower_is_the_lower_triangle_of_the_gram():
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.normal(size=(30, 7)))
+    full = x.T @ x
+    for arg in (x, x.T.contiguous().T, x[::2], x.T):        # C order, Fortran order, strided, wide
+        g = metrics.gram_lower(arg)
+        ref = arg.T @ arg
+        torch.testing.assert_close(torch.tril(g), torch.tril(ref), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(metrics.symmetrise_lower(g), ref, rtol=1e-12, atol=1e-12)
+    assert bool((torch.triu(metrics.gram_lower(x), 1) == 0).all())
+    torch.testing.assert_close(metrics.gram_lower(x.float()), full.float())   # other dtypes: full
+
+
+def test_logdet_identity_plus_reads_the_lower_triangle_and_survives_round_off():
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(12, 5))
+    g = torch.from_numpy(z.T @ z)
+    ref = np.linalg.slogdet(np.eye(5) + 0.3 * (z.T @ z))[1]
+    assert metrics.logdet_identity_plus(torch.tril(g), 0.3) == pytest.approx(ref, rel=1e-12)
+    assert metrics.logdet_identity_plus(g, 0.3) == pytest.approx(ref, rel=1e-12)
+    # I + G not positive definite (a round-off-sized negative eigenvalue, exaggerated): the
+    # eigenvalues of the symmetric matrix, clamped at 1; eig{[[-2, 1], [1, -2]]} = {-3, -1}
+    bad = torch.tensor([[-2.0, 0.0], [1.0, 3.0]], dtype=torch.float64)   # lower triangle only
+    ev = np.linalg.eigvalsh(np.eye(2) + np.array([[-2.0, 1.0], [1.0, 3.0]]))
+    assert metrics.logdet_identity_plus(bad, 1.0) == pytest.approx(np.log(np.maximum(ev, 1)).sum())
+
+
+def test_hscore_cholesky_route_equals_the_eigen_route():
+    _, y, feats, _ = random_task(n=120, d=10, seed=8)
+    f = feats - feats.mean(0)
+    sums = np.stack([feats[y == c].sum(0) for c in range(int(y.max()) + 1)])
+    counts = np.bincount(y).astype(np.float64)
+    scat = f.T @ f
+    fast = metrics.hscore_from_scatter(scat, sums, counts, len(y))
+    slow = metrics.hscore_from_scatter(scat, sums, counts, len(y), eig=metrics.sym_eigh(scat))
+    assert fast == pytest.approx(slow, rel=1e-10)
+    dev = sums / counts[:, None] - sums.sum(0) / len(y)
+    assert metrics._hscore_cholesky(scat, dev, counts, None) == pytest.approx(fast, rel=1e-15)
+
+
 def test_logme_prefers_separable_features():
     rng = np.random.default_rng(5)
     y = np.arange(200) % 2
