@@ -209,6 +209,18 @@ def test_merge_refuses_other_teachers_or_settings():
         a.merge(TeacherStats(5, weight, metrics=("leep",)))
 
 
+def test_a_device_update_reads_nothing_back_to_the_host():
+    """Off the CPU, update() only queues work (SPEC 3's streaming statistics must not stall a
+    GPU per batch). The meta device stands in for CUDA: reading a meta tensor's value raises."""
+    k, d, c = 5, 16, 3
+    stats = TeacherStats(c, torch.randn(k, d), metrics=metrics.NAMES, device="meta",
+                         dtype=torch.float32)
+    for _ in range(3):
+        stats.update(torch.randn(8, d, device="meta"), torch.randn(8, k, device="meta"),
+                     torch.full((8,), c + 5, dtype=torch.long, device="meta"))   # even bad labels
+    assert stats.n == 24 and stats._bad.device.type == "meta"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_accumulates_on_device_and_matches_cpu():
     feats, logits, y, weight = teacher_outputs(seed=11)
