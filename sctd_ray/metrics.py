@@ -352,10 +352,11 @@ def _hscore_cholesky(scatter: np.ndarray, dev: np.ndarray, counts: np.ndarray, d
 
 def cholesky_lower(a: np.ndarray, overwrite: bool = False) -> np.ndarray | None:
     """Lower Cholesky factor (upper triangle left as garbage) of the symmetric positive definite
-    matrix whose lower triangle ``a`` holds, or None if it is not positive definite. LAPACK potrf
-    of scipy's OpenBLAS: on one CPU thread faster than torch's (``bench/linalg_bench.py``: 1.1x
-    at D = 256 and 1.6x at D = 512 including a copy; more when it may overwrite its input). ``overwrite``: ``a`` may be destroyed (no copy if it is
-    float64 in Fortran order)."""
+    matrix whose lower triangle ``a`` holds, or None if it is not positive definite.
+
+    LAPACK potrf of scipy's OpenBLAS: on one CPU thread faster than torch's
+    (``bench/linalg_bench.py``: 1.1x at D = 256, 1.6x at D = 512, both including a copy).
+    ``overwrite``: ``a`` may be destroyed (no copy then if it is float64 in Fortran order)."""
     a = np.asfortranarray(a, dtype=np.float64) if overwrite else np.array(a, np.float64, order="F")
     c, info = lapack.dpotrf(a, lower=1, clean=0, overwrite_a=1)
     return c if info == 0 else None

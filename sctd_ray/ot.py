@@ -265,7 +265,7 @@ def sinkhorn(p, q, M, eps: float, max_iter: int = 100, tol: float = 1e-9,
 def _work_dtype_and_backend(m: torch.Tensor, eps: float, dtype: torch.dtype):
     """The dtype and iteration a cost needs (module docstring): the kernel form while
     ``range(M)/eps`` is under the dtype's limit (float32 past 50 moves to float64), the exact
-    log-domain form past float64's. Checks that M is finite (two host reads)."""
+    log-domain form past float64's. Checks that M is finite (three host reads)."""
     if not bool(torch.isfinite(m).all()):
         raise ScoreInputError("M must be finite; got NaN or inf")
     spread = max(float((m.amax(1) - m.amin(1)).max()), float((m.amax(0) - m.amin(0)).max()))
@@ -276,7 +276,7 @@ def _work_dtype_and_backend(m: torch.Tensor, eps: float, dtype: torch.dtype):
     return work, backend
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedCost:
     """A cost M (K, C) and eps, checked once, with its Sinkhorn kernel built (``prepare_cost``).
 
