@@ -221,6 +221,14 @@ def test_kd_across_label_spaces_is_refused_before_any_trial(run_dir, tmp_path, c
     assert not (tmp_path / "out" / "tune").exists()
 
 
+def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
+    rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
+               "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "typo/run.json not found" in err and "sctd assess" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_bucket, capsys):
     out = f"{s3_bucket}/runs/distill"
     argv = ["--run", run_dir, "--target", TARGET, "--out", out, "--top-k", "1", "--samples", "1",

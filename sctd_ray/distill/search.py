@@ -170,7 +170,10 @@ def _resolve(s: DistillSettings):
     run = (_read_json(run_store, RUN_FILE) or {}) if run_store else {}
     zoo = s.zoo or run.get("zoo")
     if not zoo:
-        raise SctdError("no zoo: pass --zoo (the run has no run.json naming its zoo)")
+        if run_store is not None and not run:
+            raise SctdError(f"{run_store.join(RUN_FILE)} not found: --run must be the output of "
+                            f"`sctd assess` (or pass --zoo and name the teachers with --teacher)")
+        raise SctdError("no zoo: pass --zoo (the run's run.json does not name its zoo)")
     targets = run.get("targets") or {}
     if s.target in targets:
         name, uri = s.target, targets[s.target].get("uri") or s.target
