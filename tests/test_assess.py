@@ -227,6 +227,19 @@ def test_existing_run_needs_resume(demo_zoo, ray_local, tmp_path):
         run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=str(tmp_path / "r"), progress=False))
 
 
+@pytest.mark.parametrize("flag,value,match", [("--batch-size", "0", "--batch-size must be at least 1"),
+                                              ("--workers", "0", "--workers must be at least 1"),
+                                              ("--metrics", "sctd,foo", "unknown metric"),
+                                              ("--rank-by", "leep", "is not among --metrics")])
+def test_bad_settings_are_one_line_before_anything_runs(demo_zoo, tmp_path, capsys, flag, value, match):
+    argv = ["assess", "--zoo", demo_zoo, "--target", _targets(demo_zoo)[0], "--out", str(tmp_path / "run"),
+            flag, value] + (["--metrics", "sctd"] if flag == "--rank-by" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_path):
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))

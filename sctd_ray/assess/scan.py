@@ -88,12 +88,21 @@ def _default_workers(ray) -> tuple[int, dict]:
     return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
 
 
-def _check_metrics(metrics, rank_by):
-    unknown = sorted(set(metrics) - set(NAMES))
+def _check_settings(s: ScanSettings) -> None:
+    """User errors in the settings, before anything starts."""
+    unknown = sorted(set(s.metrics) - set(NAMES))
     if unknown:
         raise SctdError(f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}")
-    if rank_by not in metrics:
-        raise SctdError(f"--rank-by {rank_by!r} is not among --metrics {','.join(metrics)}")
+    if s.rank_by not in s.metrics:
+        raise SctdError(f"--rank-by {s.rank_by!r} is not among --metrics {','.join(s.metrics)}")
+    if s.batch_size < 1:
+        raise SctdError(f"--batch-size must be at least 1; got {s.batch_size}")
+    if s.workers is not None and s.workers < 1:
+        raise SctdError(f"--workers must be at least 1 (or left out: one per GPU or CPU slot); "
+                        f"got {s.workers}")
+    if s.prefetch < 0 or s.device_cache_mb < 0:
+        raise SctdError(f"prefetch and device_cache_mb must be >= 0; got {s.prefetch}, "
+                        f"{s.device_cache_mb}")
 
 
 def run_scan(s: ScanSettings, log=print) -> ScanResult:
@@ -101,7 +110,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     from ..zoo.manifest import read_manifest
     from ..zoo.store import ContentCache, open_store
 
-    _check_metrics(s.metrics, s.rank_by)
+    _check_settings(s)
     t_start = time.time()
     out = open_store(s.out, s3_endpoint=s.s3_endpoint)
     previous = read_results(out)
