@@ -229,6 +229,15 @@ def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_student_architecture_is_one_line_before_any_trial(run_dir, tmp_path, capsys):
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"),
+               "--student", "resnet", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'resnet' is not a timm architecture" in err[0]
+    assert "resnet18" in err[0]                       # names close ones
+    assert not (tmp_path / "out").exists()
+
+
 def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_bucket, capsys):
     out = f"{s3_bucket}/runs/distill"
     argv = ["--run", run_dir, "--target", TARGET, "--out", out, "--top-k", "1", "--samples", "1",

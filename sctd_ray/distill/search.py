@@ -151,6 +151,16 @@ def _resources(ray, s: DistillSettings) -> tuple[dict, int]:
 
 # --------------------------------------------------------------------------- inputs
 
+def _check_student(architecture: str) -> None:
+    import timm
+
+    if not timm.is_model(architecture):
+        name, known = architecture.lower(), timm.list_models()
+        close = ([m for m in known if m.startswith(name)] or [m for m in known if name in m])[:5]
+        raise SctdError(f"--student {architecture!r} is not a timm architecture"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
 def _read_json(store, key):
     try:
         return json.loads(store.read_bytes(key))
@@ -251,6 +261,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         raise SctdError(f"unknown --method {s.method!r}; expected one of {', '.join(METHODS)}")
     budget = parse_budget(s.budget)
     recipe = Recipe.from_dict(s.recipe)
+    _check_student(s.student)
     run_store, run, zoo_uri, target_uri, name, ranking = _resolve(s)
     out_uri = s.out or (run_store.join("distill") if run_store is not None else None)
     if not out_uri:
