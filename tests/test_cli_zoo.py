@@ -49,6 +49,8 @@ def test_index_list_verify(demo_zoo, tmp_path, capsys):
     assert len(rows) == len(SMALL_TEACHERS) and all(r["sha256"] for r in rows)
     assert main(["zoo", "verify", str(zoo)]) == 0
     assert f"{len(SMALL_TEACHERS)} ok, 0 bad" in capsys.readouterr().out
+    assert main(["zoo", "verify", str(tmp_path / "typo")]) == 2      # not a zoo: not "0 ok, 0 bad"
+    assert "no teachers found" in capsys.readouterr().err
 
 
 def test_verify_names_corrupt_and_mismatched_teachers(demo_zoo, tmp_path, capsys):

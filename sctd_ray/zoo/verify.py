@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..errors import SctdError, StoreAuthError, StoreUnreachable, TeacherError
+from ..errors import SctdError, StoreAuthError, StoreUnreachable, TeacherError, ZooError
 from .loading import read_config, teacher_from_files
 from .manifest import describe_teacher, list_teacher_ids, read_manifest
 from .teacher import weights_key
@@ -53,5 +53,7 @@ def verify_zoo(store, workers: int = 2) -> list[dict]:
     except SctdError:
         expected = {}
     ids = sorted(set(list_teacher_ids(store)) | set(expected))
+    if not ids:
+        raise ZooError(f"{store.uri}: no teachers found (expected teachers/<id>/config.json)")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda t: verify_teacher(store, t, expected.get(t)), ids))
