@@ -117,9 +117,10 @@ def cmd_distill(args) -> int:
 def cmd_scan(args) -> int:
     """assess + distill (top-k teachers, within --budget) + report: the whole pipeline."""
     from .assess.scan import print_ranking, run_scan
-    from .distill.search import run_distill_for_scan
+    from .distill.search import check_search_args, run_distill_for_scan
     from .report import write_report
 
+    check_search_args(args.budget, args.top_k, args.samples, args.student)  # before the assess step
     result = run_scan(_scan_settings(args))
     print_ranking(result)
     summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sctd_ray.cli import DEMO_TARGET
+from sctd_ray.cli import DEMO_TARGET, main
 
 pytestmark = pytest.mark.integration
 
@@ -34,3 +34,17 @@ def test_demo_runs_the_whole_pipeline(demo_zoo, tmp_path):
     assert (student / "model.safetensors").is_file() and (student / "card.json").is_file()
     assert f"report:  {run / 'report.html'}" in p.stdout and (run / "report.html").stat().st_size > 10_000
     assert str(student) in p.stdout
+
+
+@pytest.mark.parametrize("flag,value,match", [("--student", "nosuchnet", "not a timm architecture"),
+                                              ("--top-k", "0", "--top-k must be at least 1"),
+                                              ("--budget", "soon", "bad budget")])
+def test_scan_checks_its_distillation_settings_before_assessing(demo_zoo, tmp_path, capsys, flag, value,
+                                                                match):
+    """A typo in a distillation flag must not cost a whole assess step first."""
+    target = str(Path(demo_zoo) / "targets" / "fm-mix5")
+    code = main(["scan", "--zoo", demo_zoo, "--target", target, "--out", str(tmp_path / "run"), "--quiet",
+                 flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0]
+    assert not (tmp_path / "run").exists()

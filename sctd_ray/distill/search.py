@@ -151,6 +151,18 @@ def _resources(ray, s: DistillSettings) -> tuple[dict, int]:
 
 # --------------------------------------------------------------------------- inputs
 
+def check_search_args(budget, top_k: int, samples: int, student: str) -> float:
+    """User errors in a search's settings, before anything runs (``sctd scan`` checks them
+    before its assess step); returns the budget in seconds."""
+    seconds = parse_budget(budget)
+    if top_k < 1:
+        raise SctdError(f"--top-k must be at least 1; got {top_k}")
+    if samples < 1:
+        raise SctdError(f"--samples must be at least 1; got {samples}")
+    _check_student(student)
+    return seconds
+
+
 def _check_student(architecture: str) -> None:
     import timm
 
