@@ -240,6 +240,27 @@ def test_bad_settings_are_one_line_before_anything_runs(demo_zoo, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_target_data_is_one_line_from_the_ray_data_pass(demo_zoo, ray_local, tmp_path, capsys):
+    """Read and decoded by Ray Data: a corrupt image, a file that is not Parquet and missing
+    columns each end the scan with one line naming them (no Ray task traceback)."""
+    target = tmp_path / "bad"
+    shutil.copytree(_targets(demo_zoo)[0], target)
+    df = pd.read_parquet(target / "train.parquet")
+    df.loc[5, "image"] = b"not a png"
+    df.loc[7, "image"] = b"nor this"
+    df.to_parquet(target / "train.parquet")
+    argv = ["assess", "--zoo", demo_zoo, "--target", str(target), "--out", str(tmp_path / "run"), "--quiet"]
+    for expected in ("2 undecodable image(s) in", "not a Parquet file", "missing column(s) ['image']"):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert expected in err[-1] and "Traceback" not in "\n".join(err), err
+        if expected.startswith("2 undecodable"):
+            assert "'train'" in err[-1] and "label '" in err[-1]
+            (target / "train.parquet").write_bytes(b"garbage")
+        elif expected == "not a Parquet file":
+            df[["label"]].to_parquet(target / "train.parquet")
+
+
 def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_path):
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))

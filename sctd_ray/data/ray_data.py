@@ -31,17 +31,26 @@ def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
 
 class DecodeBatch:
     """map_batches fn: PNG/JPEG bytes -> uint8 images of one size and channel count; labels
-    stay class names (ids are assigned once the split's classes are known)."""
+    stay class names (ids are assigned once the split's classes are known). An image that does
+    not decode becomes zeros plus its reason in the ``error`` column (empty when fine), so the
+    driver reports every bad image in one line instead of a failed Ray task."""
 
     def __init__(self, where: str, size: tuple[int, int], channels: int):
         self.where, self.size, self.channels = where, tuple(size), channels
 
     def __call__(self, batch: dict) -> dict:
         labels = [v.decode() if isinstance(v, bytes) else str(v) for v in batch["label"]]
-        images = [decode_image(data, self.size, where=f"{self.where} ({label!r}, batch row {i})",
-                               channels=self.channels)
-                  for i, (data, label) in enumerate(zip(batch["image"], labels))]
-        return {"image": np.stack(images), "label": np.asarray(labels, dtype=object)}
+        images, errors = [], []
+        for data, label in zip(batch["image"], labels):
+            try:
+                images.append(decode_image(data, self.size, where=f"{self.where} (label {label!r})",
+                                           channels=self.channels))
+                errors.append("")
+            except TargetError as e:
+                images.append(np.zeros((*self.size, self.channels), np.uint8))
+                errors.append(str(e))
+        return {"image": np.stack(images), "label": np.asarray(labels, dtype=object),
+                "error": np.asarray(errors, dtype=object)}
 
 
 @dataclass
@@ -63,12 +72,22 @@ def _first_image(store, split: str, layout: str) -> bytes:
     """The first image of a split, read directly (to fix the split's size and channels)."""
     import io
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if layout == "parquet":
-        pf = pq.ParquetFile(io.BytesIO(store.read_range(f"{split}.parquet", 0, store.size(f"{split}.parquet"))))
+        key = f"{split}.parquet"
+        try:
+            pf = pq.ParquetFile(io.BytesIO(store.read_range(key, 0, store.size(key))))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise TargetError(f"{store.join(key)}: not a Parquet file ({e})") from None
+        missing = {"image", "label"} - set(pf.schema_arrow.names)
+        if missing:
+            raise TargetError(f"{store.join(key)}: missing column(s) {sorted(missing)}; found "
+                              f"{pf.schema_arrow.names} (a target split needs image: PNG/JPEG bytes "
+                              f"and label: class name)")
         if pf.metadata.num_rows == 0:
-            raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
+            raise TargetError(f"{store.join(key)}: split {split!r} is empty")
         return pf.read_row_group(0, columns=["image"]).column("image")[0].as_py()
     keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     if not keys:
@@ -107,7 +126,11 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()
     refs = decoded.to_numpy_refs()
-    labels = np.concatenate([b["label"] for b in ray.get(decoded.select_columns(["label"]).to_numpy_refs())])
+    meta = ray.get(decoded.select_columns(["label", "error"]).to_numpy_refs())
+    errors = [e for b in meta for e in b["error"] if e]
+    if errors:
+        raise TargetError(f"{len(errors)} undecodable image(s) in {where}; the first: {errors[0]}")
+    labels = np.concatenate([b["label"] for b in meta])
     found = sorted(set(labels.tolist()))
     if class_names is None:
         class_names = found
