@@ -238,6 +238,17 @@ def test_an_unknown_student_architecture_is_one_line_before_any_trial(run_dir, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_target_without_a_val_split_is_one_line_before_any_trial(demo_zoo_dir, tmp_path, capsys):
+    target = tmp_path / "noval"
+    shutil.copytree(Path(demo_zoo_dir) / "targets" / TARGET, target)
+    (target / "val.parquet").unlink()
+    rc = main(["--run", str(tmp_path / "none"), "--zoo", demo_zoo_dir, "--teacher", "fm-all-resnet",
+               "--target", str(target), "--out", str(tmp_path / "out"), "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "missing split 'val'" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_bucket, capsys):
     out = f"{s3_bucket}/runs/distill"
     argv = ["--run", run_dir, "--target", TARGET, "--out", out, "--top-k", "1", "--samples", "1",

@@ -289,8 +289,9 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         raise SctdError(f"{out.uri} holds the search of target {previous.get('target')!r}, not {name!r}")
     used_before = float(previous.get("used_s", 0.0)) if previous else 0.0
     teachers = previous["teachers"] if previous else _choose_teachers(s, ranking, zoo)
+    classes = _check_target(target_uri, s.s3_endpoint)
     if s.method == "kd":
-        _check_kd(zoo, teachers, target_uri, s.s3_endpoint)
+        _check_kd(zoo, teachers, classes)
 
     ray = ensure_ray(s.address)
     resources, threads = _resources(ray, s)
@@ -387,12 +388,18 @@ def _can_restore(tune, exp_path, storage_fs) -> bool:
         return False
 
 
-def _check_kd(zoo, teachers, target_uri, s3_endpoint) -> None:
-    """kd needs equal label names: refuse before any trial starts (SPEC 4)."""
+def _check_target(target_uri, s3_endpoint) -> list[str]:
+    """Read the target's train, val and test splits once on the driver, so a missing split or a
+    bad image is one error before any trial (every trial would fail on it); its class names."""
     from ..data.targets import load_target
+
+    return load_target(target_uri, s3_endpoint=s3_endpoint).class_names
+
+
+def _check_kd(zoo, teachers, classes: list[str]) -> None:
+    """kd needs equal label names: refuse before any trial starts (SPEC 4)."""
     from ..zoo.loading import read_config
 
-    classes = load_target(target_uri, splits=("train",), s3_endpoint=s3_endpoint).class_names
     for t in teachers:
         names = read_config(zoo, t).label_names
         if sorted(names) != sorted(classes):
