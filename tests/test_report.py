@@ -362,6 +362,21 @@ def test_unreachable_s3_zoo_still_writes_a_report(world, tmp_path, monkeypatch):
     assert "s3://no-bucket/zoo was unreachable" in text and "cannot reach S3 endpoint" in text
 
 
+def test_an_unreachable_s3_run_is_named_as_such(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from sctd_ray.cli import main
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    assert main(["report", "s3://no-bucket/run", "--s3-endpoint", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot reach S3 endpoint" in err and "Parquet" not in err   # not "not a readable Parquet file"
+
+
 def test_cmd_report_through_argparse(offline_run, tmp_path, capsys):
     run = offline_run
     parser = argparse.ArgumentParser(prog="sctd")

@@ -96,10 +96,9 @@ def _read_json(store, key: str, notes: list[str], what: str) -> dict:
 
 
 def _read_parquet(store, key: str) -> pd.DataFrame:
+    data = store.read_bytes(key)   # NotFound, StoreUnreachable, StoreAuthError: as they are
     try:
-        return pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
-    except NotFound:
-        raise
+        return pq.read_table(io.BytesIO(data)).to_pandas()
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise StoreError(f"{store.join(key)}: not a readable Parquet file ({e})") from None
 
