@@ -404,7 +404,7 @@ class TeacherStats:
             order = torch.argsort(y, stable=True)
             z = tr_x.double()[order]                # one N x D copy: sorted by class ...
             z -= mean                               # ... and centred in place
-            scat = torch.zeros(d, d, dtype=torch.float64, device=z.device)
+            scat = torch.zeros(d, d, dtype=torch.float64, device=z.device).T   # syrk order
             rest = []                               # row ranges whose part of S is still missing
             start = 0
             for nk in counts.astype(int).tolist():
