@@ -104,3 +104,24 @@ def test_wrong_columns_and_not_parquet(tmp_path):
     store.write_bytes("train.parquet", b"garbage")
     with pytest.raises(TargetError, match="not a Parquet file"):
         load_target(str(tmp_path / "t"))
+
+
+def test_preprocessing_maps_size_channels_and_builds_its_constants_once():
+    """A teacher's preprocessing (SPEC 0): grey 4x4 to its RGB 8x8 input, its mean and std; the
+    mean/std tensors are made once per device and dtype, not per batch (on a GPU each would be
+    a copy that waits for the queued kernels)."""
+    import torch
+
+    from sctd_ray.data.preprocess import Preprocessing, normalisation
+
+    pre = Preprocessing((3, 8, 8), (0.5, 0.4, 0.3), (0.2, 0.2, 0.1))
+    x = torch.full((2, 4, 4, 1), 255, dtype=torch.uint8)
+    normalisation.cache_clear()
+    out = pre(x)
+    assert out.shape == (2, 3, 8, 8)
+    for ch, (m, s) in enumerate(zip(pre.mean, pre.std)):
+        torch.testing.assert_close(out[:, ch], torch.full((2, 8, 8), (1 - m) / s))
+    pre(x)
+    pre(x)
+    info = normalisation.cache_info()
+    assert info.misses == 1 and info.hits == 2

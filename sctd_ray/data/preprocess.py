@@ -7,6 +7,7 @@ adapts the channel count, and normalises with its own mean and std, on the devic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,16 @@ class Preprocessing:
         if tuple(x.shape[-2:]) != (h, w):
             kw = {"antialias": True, "align_corners": False} if self.interpolation != "nearest" else {}
             x = F.interpolate(x, size=(h, w), mode=self.interpolation, **kw)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, c, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        mean, std = normalisation(self.mean, self.std, x.device, x.dtype)
         return (x - mean) / std
+
+
+@lru_cache(maxsize=256)
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as (1, C, 1, 1) tensors on ``device``, built once per device and
+    dtype: a tensor made from Python numbers on a GPU is a copy that waits for every queued
+    kernel, which per batch would keep the host from queueing the next forward pass."""
+    t = torch.tensor([mean, std], dtype=dtype)
+    t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return t[0].view(1, -1, 1, 1), t[1].view(1, -1, 1, 1)
