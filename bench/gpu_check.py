@@ -229,7 +229,11 @@ def check_distill_step(steps: int = 50) -> dict:
     out["ot_vs_ce"] = out["ot_ms"] / out["ce_ms"]
     out["online_teacher_vs_ce"] = out["online_ms"] / out["ce_ms"]
     out.update(student="resnet18", teacher="resnet50", batch=B, image=112, K=K, C=C,
-               sinkhorn_iters=iters, train_step_syncs=_train_step_syncs())
+               sinkhorn_iters=iters)
+    try:  # after the timings, which a failure here must not lose
+        out["train_step_syncs"] = _train_step_syncs()
+    except Exception as e:
+        out["train_step_syncs"] = f"error: {type(e).__name__}: {e}"
     return out
 
 
