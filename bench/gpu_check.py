@@ -37,10 +37,14 @@ def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "
     images = rng.integers(0, 256, (samples, 64, 64, 3), dtype=np.uint8)
     labels = np.arange(samples) % 100
     f, e, upd, fin = time_teacher(teacher, images, labels, 100, device, 512, repeats)
-    return {"samples": samples, "forward_s": f, "engine_s": e, "forward_img_s": samples / f,
-            "engine_img_s": samples / e, "engine_vs_forward": f / e,
-            "update_s": upd, "finalise_s": fin,
-            "by_score_ms": score_breakdown(teacher, images, labels, 100, device, 512)}
+    out = {"samples": samples, "forward_s": f, "engine_s": e, "forward_img_s": samples / f,
+           "engine_img_s": samples / e, "engine_vs_forward": f / e,
+           "update_s": upd, "finalise_s": fin}
+    try:  # after the timings, which a failure here must not lose
+        out["by_score_ms"] = score_breakdown(teacher, images, labels, 100, device, 512)
+    except Exception as e:
+        out["by_score_ms"] = f"error: {type(e).__name__}: {e}"
+    return out
 
 
 def score_breakdown(teacher, images, labels, num_classes, device, batch_size) -> dict:
