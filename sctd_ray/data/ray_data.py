@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import TargetError
 from .images import decode_image
-from .targets import IMAGE_SUFFIXES, detect_layout, target_name
+from .targets import IMAGE_SUFFIXES, detect_layout, parquet_split, target_name
 
 
 def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
@@ -70,24 +70,10 @@ class MaterializedTarget:
 
 def _first_image(store, split: str, layout: str) -> bytes:
     """The first image of a split, read directly (to fix the split's size and channels)."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if layout == "parquet":
-        key = f"{split}.parquet"
-        try:
-            pf = pq.ParquetFile(io.BytesIO(store.read_range(key, 0, store.size(key))))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise TargetError(f"{store.join(key)}: not a Parquet file ({e})") from None
-        missing = {"image", "label"} - set(pf.schema_arrow.names)
-        if missing:
-            raise TargetError(f"{store.join(key)}: missing column(s) {sorted(missing)}; found "
-                              f"{pf.schema_arrow.names} (a target split needs image: PNG/JPEG bytes "
-                              f"and label: class name)")
+        pf = parquet_split(store, split)
         if pf.metadata.num_rows == 0:
-            raise TargetError(f"{store.join(key)}: split {split!r} is empty")
+            raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
         return pf.read_row_group(0, columns=["image"]).column("image")[0].as_py()
     keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     if not keys:
@@ -119,8 +105,6 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     where = f"{uri.rstrip('/')} split {split!r}"
     store = open_store(uri, s3_endpoint=s3_endpoint)
     layout = detect_layout(store)
-    if layout == "parquet" and not store.exists(f"{split}.parquet"):
-        raise TargetError(f"{store.join(split + '.parquet')}: missing split {split!r}")
     probe = decode_image(_first_image(store, split, layout), where=f"{where} row 0")
     ds = _records_dataset(store, uri, split, layout, s3_endpoint)
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),

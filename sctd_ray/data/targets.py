@@ -67,22 +67,30 @@ def detect_layout(store) -> str:
                       "test.parquet, or train/<class>/<image> folders)")
 
 
+def parquet_split(store, split: str) -> pq.ParquetFile:
+    """``<split>.parquet`` opened and checked: it exists, is Parquet, has image and label."""
+    key = f"{split}.parquet"
+    try:
+        data = store.read_bytes(key)
+    except NotFound:
+        raise TargetError(f"{store.join(key)}: missing split {split!r}") from None
+    try:
+        pf = pq.ParquetFile(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise TargetError(f"{store.join(key)}: not a Parquet file ({e})") from None
+    missing = {"image", "label"} - set(pf.schema_arrow.names)
+    if missing:
+        raise TargetError(f"{store.join(key)}: missing column(s) {sorted(missing)}; found "
+                          f"{pf.schema_arrow.names} (a target split needs image: PNG/JPEG bytes "
+                          f"and label: class name)")
+    return pf
+
+
 def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], list[str]]:
     """Raw (image bytes, class name) records of one split, undecoded."""
     if layout == "parquet":
         key = f"{split}.parquet"
-        try:
-            data = store.read_bytes(key)
-        except NotFound:
-            raise TargetError(f"{store.join(key)}: missing split {split!r}") from None
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise TargetError(f"{store.join(key)}: not a Parquet file ({e})") from None
-        missing = {"image", "label"} - set(table.column_names)
-        if missing:
-            raise TargetError(f"{store.join(key)}: missing column(s) {sorted(missing)}; "
-                              f"found {table.column_names}")
+        table = parquet_split(store, split).read(columns=["image", "label"])
         images = table.column("image").to_pylist()
         labels = [str(x) for x in table.column("label").to_pylist()]
         for i, (img, lab) in enumerate(zip(images, labels)):

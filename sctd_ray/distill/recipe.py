@@ -76,6 +76,17 @@ class Recipe:
             raise SctdError(f"ce_mix must be 'labels' or 'none'; got {self.ce_mix!r}")
 
 
+def check_student(architecture: str) -> None:
+    """SctdError unless ``architecture`` is a timm model name (naming close ones)."""
+    import timm
+
+    if not timm.is_model(architecture):
+        name, known = architecture.lower(), timm.list_models()
+        close = ([m for m in known if m.startswith(name)] or [m for m in known if name in m])[:5]
+        raise SctdError(f"--student {architecture!r} is not a timm architecture"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
 def check_hp(method: str, hp: dict) -> dict:
     """Complete ``hp`` with ``DEFAULT_HP`` and check the values a user can get wrong."""
     if method not in METHODS:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import NotFound, SctdError
-from .recipe import DEFAULT_HP, DEFAULT_STUDENT, METHODS, Recipe
+from .recipe import DEFAULT_HP, DEFAULT_STUDENT, METHODS, Recipe, check_student
 
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.json"
@@ -159,18 +159,8 @@ def check_search_args(budget, top_k: int, samples: int, student: str) -> float:
         raise SctdError(f"--top-k must be at least 1; got {top_k}")
     if samples < 1:
         raise SctdError(f"--samples must be at least 1; got {samples}")
-    _check_student(student)
+    check_student(student)
     return seconds
-
-
-def _check_student(architecture: str) -> None:
-    import timm
-
-    if not timm.is_model(architecture):
-        name, known = architecture.lower(), timm.list_models()
-        close = ([m for m in known if m.startswith(name)] or [m for m in known if name in m])[:5]
-        raise SctdError(f"--student {architecture!r} is not a timm architecture"
-                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
 
 
 def _read_json(store, key):
@@ -273,7 +263,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         raise SctdError(f"unknown --method {s.method!r}; expected one of {', '.join(METHODS)}")
     budget = parse_budget(s.budget)
     recipe = Recipe.from_dict(s.recipe)
-    _check_student(s.student)
+    check_student(s.student)
     run_store, run, zoo_uri, target_uri, name, ranking = _resolve(s)
     out_uri = s.out or (run_store.join("distill") if run_store is not None else None)
     if not out_uri:

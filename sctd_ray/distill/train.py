@@ -35,7 +35,7 @@ from ..data.preprocess import Preprocessing
 from ..errors import SctdError
 from ..ot import prepare_cost
 from ..zoo.teacher import TeacherConfig
-from .recipe import DEFAULT_STUDENT, Recipe, check_hp
+from .recipe import DEFAULT_STUDENT, Recipe, check_hp, check_student
 from .views import BatchSampler, lr_at, make_views, to_device
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
@@ -84,8 +84,7 @@ def build_student(target, architecture: str = DEFAULT_STUDENT, model_args: dict 
     """A fresh timm student with C outputs and the target's channel count (seeded init)."""
     import timm
 
-    if not timm.is_model(architecture):
-        raise SctdError(f"unknown timm architecture {architecture!r} for the student")
+    check_student(architecture)
     pre, pcfg = student_preprocessing(target)
     args = {"in_chans": pcfg["input_size"][0], **(model_args or {})}
     torch.manual_seed(seed)
