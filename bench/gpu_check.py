@@ -7,6 +7,8 @@
 4. (if the distillation module is present) an OT-distillation step vs a ce step on the GPU
 
     PYTHONPATH=. python bench/gpu_check.py [--quick] [--json OUT.json]
+    PYTHONPATH=. python bench/gpu_check.py --smoke     # same code paths on the CPU, tiny sizes:
+                                                       # run it before spending device time
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from engine_bench import synthetic_teacher, time_teacher  # noqa: E402
 
 from sctd_ray import ot  # noqa: E402
+
+DEVICE = "cuda"   # --smoke switches every check to the CPU at tiny sizes
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "resnet50",
@@ -83,19 +92,18 @@ def score_breakdown(teacher, images, labels, num_classes, device, batch_size) ->
     return res
 
 
-def check_sinkhorn(repeats: int) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, K, C = 16384, 1000, 200
-    p = torch.softmax(torch.randn(B, K, device="cuda", generator=g) * 3, 1)
-    q = torch.softmax(torch.randn(B, C, device="cuda", generator=g) * 3, 1)
-    M = torch.rand(K, C, device="cuda", generator=g) * 2
+def check_sinkhorn(repeats: int, B: int = 16384, K: int = 1000, C: int = 200) -> dict:
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    p = torch.softmax(torch.randn(B, K, device=DEVICE, generator=g) * 3, 1)
+    q = torch.softmax(torch.randn(B, C, device=DEVICE, generator=g) * 3, 1)
+    M = torch.rand(K, C, device=DEVICE, generator=g) * 2
     ot.sinkhorn(p, q, M, eps=0.1, max_iter=100, tol=0.0)
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         r = ot.sinkhorn(p, q, M, eps=0.1, max_iter=100, tol=0.0)
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     r64 = ot.sinkhorn(p[:256].double(), q[:256].double(), M.double(), eps=0.1, max_iter=100, tol=0.0)
     rel = ((r.cost[:256].double() - r64.cost).abs() / r64.cost.abs()).max().item()
@@ -124,7 +132,7 @@ class UtilSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def check_shard_loop(n_teachers: int, samples: int) -> dict:
+def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size: int = 224) -> dict:
     import timm
     from safetensors.torch import save
 
@@ -142,38 +150,37 @@ def check_shard_loop(n_teachers: int, samples: int) -> dict:
     blobs, cfgs = {}, {}
     for i in range(n_teachers):  # host-memory zoo: safetensors bytes, as fetched from a store
         k = int(rng.integers(100, 1001))
-        tid = f"r50-{i:02d}"
-        m = timm.create_model("resnet50", num_classes=k)
+        tid = f"{arch}-{i:02d}"
+        m = timm.create_model(arch, num_classes=k)
         blobs[tid] = save({n: t.contiguous() for n, t in m.state_dict().items()})
-        cfgs[tid] = TeacherConfig(tid, "resnet50", k, [f"k{j}" for j in range(k)],
-                                  {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+        cfgs[tid] = TeacherConfig(tid, arch, k, [f"k{j}" for j in range(k)],
+                                  {"input_size": [3, size, size], "mean": [0.485, 0.456, 0.406],
                                    "std": [0.229, 0.224, 0.225]})
     ids = sorted(blobs)
     out = open_store(tempfile.mkdtemp())
-    worker = ShardWorker(None, out, [target], NAMES, batch_size=512, device="cuda", prefetch=1,
+    worker = ShardWorker(None, out, [target], NAMES, batch_size=512, device=DEVICE, prefetch=1,
                          loader=lambda tid, sha: teacher_from_files(cfgs[tid], blobs[tid]))
     worker.score(ids[0], None, upcoming=[(ids[1], None)])  # warm-up: cudnn autotune, allocator
-    torch.cuda.synchronize()
+    _sync()
     sampler = UtilSampler()
     sampler.start()
     t0 = time.perf_counter()
     for i, tid in enumerate(ids):
         rows = worker.score(tid, None, upcoming=[(u, None) for u in ids[i + 1:i + 2]])
         assert rows[0]["status"] == "ok", rows[0]
-    torch.cuda.synchronize()
+    _sync()
     wall = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
     # pure device work for the same teachers: already on the GPU, data resident, synced
     busy = 0.0
     for tid in ids:
-        runner = TeacherRunner(teacher_from_files(cfgs[tid], blobs[tid]), "cuda")
-        x, y = worker._device_data["synthetic"]
+        runner = TeacherRunner(teacher_from_files(cfgs[tid], blobs[tid]), DEVICE)
         tb = worker._batches(target)
-        torch.cuda.synchronize()
+        _sync()
         t1 = time.perf_counter()
         finalise(tid, collect_stats(runner, tb, NAMES, torch.float32))
-        torch.cuda.synchronize()
+        _sync()
         busy += time.perf_counter() - t1
         del runner
     util = sampler.samples
@@ -182,7 +189,7 @@ def check_shard_loop(n_teachers: int, samples: int) -> dict:
             "nvml_util_mean": float(np.mean(util)) if util else None}
 
 
-def check_distill_step(steps: int = 50) -> dict:
+def check_distill_step(steps: int = 50, B: int = 256, image: int = 112) -> dict:
     """One training step of a student: CE alone vs CE + OT distillation (SPEC 4) as training runs
     it (cost prepared once, the recipe's fixed Sinkhorn iterations, tol=0), with the teacher's
     probabilities precomputed, same student and batch; then with an online teacher. Also checks
@@ -194,25 +201,26 @@ def check_distill_step(steps: int = 50) -> dict:
     from sctd_ray.ot import prepare_cost
 
     torch.manual_seed(0)
-    B, C, K = 256, 10, 1000
+    C, K = 10, 1000
     iters = Recipe().sinkhorn_iters
-    student = timm.create_model("resnet18", num_classes=C).cuda().to(memory_format=torch.channels_last)
-    teacher = timm.create_model("resnet50", num_classes=K).cuda().eval().to(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    student = timm.create_model("resnet18", num_classes=C).to(DEVICE, memory_format=cl)
+    teacher = timm.create_model("resnet50", num_classes=K).to(DEVICE, memory_format=cl).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    x = torch.randn(B, 3, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = torch.arange(B, device="cuda") % C
-    cost = prepare_cost(torch.rand(K, C, device="cuda") * 2, 0.1)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    x = torch.randn(B, 3, image, image, device=DEVICE).contiguous(memory_format=cl)
+    y = torch.arange(B, device=DEVICE) % C
+    cost = prepare_cost(torch.rand(K, C, device=DEVICE) * 2, 0.1)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         p_t = torch.softmax(teacher(x).float() / 2.0, 1)
 
     def step(mode):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             logits = student(x).float()
         loss = torch.nn.functional.cross_entropy(logits, y)
         if mode != "ce":
             pt = p_t
             if mode == "online":
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
                     pt = torch.softmax(teacher(x).float() / 2.0, 1)
             loss = loss + 1.0 * ot_distill_loss(logits, pt, cost, tau=2.0, eps=0.1,
                                                 max_iter=iters, tol=0.0)
@@ -224,18 +232,18 @@ def check_distill_step(steps: int = 50) -> dict:
     for mode in ("ce", "ot", "online", "ce", "ot"):  # second ce/ot pass is the one kept
         for _ in range(5):
             step(mode)
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             step(mode)
-        torch.cuda.synchronize()
+        _sync()
         out[f"{mode}_ms"] = 1000 * (time.perf_counter() - t0) / steps
     out["ot_vs_ce"] = out["ot_ms"] / out["ce_ms"]
     out["online_teacher_vs_ce"] = out["online_ms"] / out["ce_ms"]
-    out.update(student="resnet18", teacher="resnet50", batch=B, image=112, K=K, C=C,
+    out.update(student="resnet18", teacher="resnet50", batch=B, image=image, K=K, C=C,
                sinkhorn_iters=iters)
     try:  # after the timings, which a failure here must not lose
-        out["train_step_syncs"] = _train_step_syncs()
+        out["train_step_syncs"] = _train_step_syncs(DEVICE)
     except Exception as e:
         out["train_step_syncs"] = f"error: {type(e).__name__}: {e}"
     return out
@@ -289,21 +297,32 @@ def _train_step_syncs(device: str = "cuda") -> str:
 
 
 def main():
+    global DEVICE
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every check on the CPU at tiny sizes (the code paths, not the speed)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="comma-separated subset: sinkhorn,engine,shard_loop,distill_step")
     ap.add_argument("--teachers", type=int, default=20)
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "no CUDA device"
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.smoke:
+        DEVICE = "cpu"
+        res = {"gpu": None, "torch": torch.__version__, "smoke": True}
+        steps = [("sinkhorn", lambda: check_sinkhorn(2, 64, 100, 20)),
+                 ("engine", lambda: check_engine(256, 1, "cpu", "resnet18", 32)),
+                 ("shard_loop", lambda: check_shard_loop(2, 64, "resnet18", 32)),
+                 ("distill_step", lambda: check_distill_step(2, 8, 32))]
+    else:
+        assert torch.cuda.is_available(), "no CUDA device"
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+        steps = [("sinkhorn", lambda: check_sinkhorn(10)),
+                 ("engine", lambda: check_engine(4096 if args.quick else 16384, 3)),
+                 ("shard_loop", lambda: check_shard_loop(args.teachers, 2048 if args.quick else 8192)),
+                 ("distill_step", check_distill_step)]
     print(json.dumps(res), flush=True)
-    steps = [("sinkhorn", lambda: check_sinkhorn(10)),
-             ("engine", lambda: check_engine(4096 if args.quick else 16384, 3)),
-             ("shard_loop", lambda: check_shard_loop(args.teachers, 2048 if args.quick else 8192)),
-             ("distill_step", check_distill_step)]
     if args.only:
         steps = [st for st in steps if st[0] in args.only.split(",")]
     for name, fn in steps:
