@@ -203,31 +203,31 @@ def nce_from_counts(counts: np.ndarray) -> float:
     return float(np.sum(pzy[nz] * np.log(pzy[nz] / pz[nz])))
 
 
-def sym_eigh(matrix: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and vectors of a symmetric matrix, in float64; with a torch
-    ``device`` (e.g. CUDA) the decomposition runs there, which is what makes finalising a
-    D = 2048 teacher fast on a GPU."""
-    m = (matrix + matrix.T) / 2
-    if device is None or torch.device(device).type == "cpu":
-        return np.linalg.eigh(m)      # LAPACK syevd: ~15% faster than torch's on 1 CPU thread
-    w, v = torch.linalg.eigh(torch.from_numpy(m).to(device))
-    return w.cpu().numpy(), v.cpu().numpy()
+def sym_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and vectors of a symmetric matrix, in float64 (LAPACK syevd:
+    ~15% faster than torch's on 1 CPU thread)."""
+    return np.linalg.eigh((matrix + matrix.T) / 2)
 
 
-def eigh_projections(matrix: np.ndarray, vectors: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
+def eigh_projections(matrix, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) of a symmetric matrix A (D, D) and the projections ``V^T
     vectors`` (D, m) on its eigenvectors, in float64, for m << D.
 
-    On the CPU the eigenvectors of A are never formed: A = Q T Q^T with T tridiagonal (LAPACK
-    sytrd), ``T = U diag(w) U^T`` (stevd), and ``V^T b = U^T (Q^T b)`` with Q applied as its
-    Householder reflectors (ormqr). That skips an eigendecomposition's D x D back-transformation
-    (``bench/linalg_bench.py``, one thread: 3.9 vs 5.4 ms at D = 256, 19 vs 33 ms at D = 512; no
-    gain below D ~ 100, where the full decomposition is used). With a torch ``device`` (e.g.
-    CUDA) an eigendecomposition there.
+    On the CPU (a numpy A) the eigenvectors of A are never formed: A = Q T Q^T with T
+    tridiagonal (LAPACK sytrd), ``T = U diag(w) U^T`` (stevd), and ``V^T b = U^T (Q^T b)`` with Q
+    applied as its Householder reflectors (ormqr). That skips an eigendecomposition's D x D
+    back-transformation (``bench/linalg_bench.py``, one thread: 3.9 vs 5.4 ms at D = 256, 19 vs
+    33 ms at D = 512; no gain below D ~ 100, where the full decomposition is used). A torch A
+    is decomposed on its device (a GPU), and only the eigenvalues and the (D, m) projections
+    come back to the host.
     """
+    if isinstance(matrix, torch.Tensor):
+        a = matrix.double()
+        w, v = torch.linalg.eigh((a + a.T) / 2)
+        b = torch.as_tensor(np.asarray(vectors, np.float64), device=a.device)
+        return w.cpu().numpy(), (v.T @ b).cpu().numpy()
     d = matrix.shape[0]
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if on_cpu and d >= 96:   # below that the full decomposition is as fast (bench/linalg_bench.py)
+    if d >= 96:   # below that the full decomposition is as fast (bench/linalg_bench.py)
         sym = (matrix + matrix.T) / 2   # its transpose is the same matrix, in LAPACK's order
         c, diag, off, tau, info = lapack.dsytrd(sym.T, lower=1, lwork=_sytrd_lwork(d), overwrite_a=1)
         if info == 0:
@@ -238,7 +238,7 @@ def eigh_projections(matrix: np.ndarray, vectors: np.ndarray, device=None) -> tu
             qb[1:] = torch.ormqr(torch.from_numpy(c[1:, :-1]), torch.from_numpy(tau),
                                  torch.from_numpy(qb[1:]), left=True, transpose=True).numpy()
             return w, u.T @ qb
-    w, v = sym_eigh(matrix, device)
+    w, v = sym_eigh(matrix)
     return w, v.T @ vectors
 
 
@@ -249,9 +249,9 @@ def _sytrd_lwork(d: int) -> int:
     return max(int(lwork), d) if info == 0 else d
 
 
-def logme_from_gram(gram: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: int,
-                    device=None) -> float:
-    """SPEC 3 LogME from the raw Gram ``F^T F`` (D, D), class sums (C, D) and counts (C,).
+def logme_from_gram(gram, sums: np.ndarray, counts: np.ndarray, n: int) -> float:
+    """SPEC 3 LogME from the raw Gram ``F^T F`` (D, D; numpy, or torch on its device: see
+    ``eigh_projections``), class sums (C, D) and counts (C,).
 
     The authors' ``LogME._fit_fixed_point`` (arXiv:2110.10545) on the eigendecomposition of the
     Gram (their ``truncated_svd`` branch, for every N): ``s^2`` the eigenvalues, ``u^T y_c =
@@ -259,7 +259,7 @@ def logme_from_gram(gram: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: i
     dropped; D stays the full feature dimension, as in their evidence formula.
     """
     d = gram.shape[0]
-    lam, proj = eigh_projections(gram, sums.T, device)           # proj (D, C): V^T sums_c
+    lam, proj = eigh_projections(gram, sums.T)                   # proj (D, C): V^T sums_c
     lam, proj = lam[::-1], proj[::-1]
     keep = lam > max(lam[0] * LOGME_RANK_RTOL, 1e-20)
     sigma = lam[keep]                                             # squared singular values
@@ -295,9 +295,10 @@ def _logme_evidences(sigma: np.ndarray, x: np.ndarray, y2: np.ndarray, n: int, d
     return evidence / n
 
 
-def hscore_from_scatter(scatter: np.ndarray, sums: np.ndarray, counts: np.ndarray, n: int,
-                        eig: tuple[np.ndarray, np.ndarray] | None = None, device=None) -> float:
-    """SPEC 3 H-score ``tr(pinv(cov f) cov E[f|y])`` from the centred scatter (D, D).
+def hscore_from_scatter(scatter, sums: np.ndarray, counts: np.ndarray, n: int,
+                        eig: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """SPEC 3 H-score ``tr(pinv(cov f) cov E[f|y])`` from the centred scatter (D, D; numpy, or
+    torch on its device, a GPU, where the whole computation stays).
 
     Covariances divide by N-1. The pseudo-inverse drops eigenvalues <= 1e-10 of the largest:
     the reference code's 1e-15 inverts round-off when D >= N, which makes the value depend on
@@ -311,12 +312,14 @@ def hscore_from_scatter(scatter: np.ndarray, sums: np.ndarray, counts: np.ndarra
     ``S^+ = S^-1``. Otherwise (rank-deficient or ill-conditioned features) the eigenvectors.
     """
     dev = sums / counts[:, None] - sums.sum(0) / n
+    if isinstance(scatter, torch.Tensor):
+        return _hscore_torch(scatter, dev, counts, n)
     if eig is None:
-        value = _hscore_cholesky(scatter, dev, counts, device)
+        value = _hscore_cholesky(scatter, dev, counts)
         if value is not None:
             return value
     cov_g = (dev.T * counts) @ dev / (n - 1)
-    w, v = eig if eig is not None else sym_eigh(scatter, device)
+    w, v = eig if eig is not None else sym_eigh(scatter)
     w = w / (n - 1)                   # eigenvalues of cov f = scatter / (N-1)
     if w[-1] <= 0:
         return 0.0                    # constant features: cov_g is 0 as well
@@ -325,29 +328,42 @@ def hscore_from_scatter(scatter: np.ndarray, sums: np.ndarray, counts: np.ndarra
     return float(np.sum(((cov_g @ vk) * vk).sum(0) / w[keep]))
 
 
-def _hscore_cholesky(scatter: np.ndarray, dev: np.ndarray, counts: np.ndarray, device) -> float | None:
+def _hscore_cholesky(scatter: np.ndarray, dev: np.ndarray, counts: np.ndarray) -> float | None:
     """``sum_c n_c |L^-1 d_c|^2`` when the certified condition bound allows it, else None."""
-    if device is None or torch.device(device).type == "cpu":
-        chol = cholesky_lower(scatter)           # scatter is symmetric: its lower triangle is S
-        if chol is None:
-            return None
-        linv, info = lapack.dtrtri(chol, lower=1, overwrite_c=1)
-        linv = np.tril(linv)
-        if info != 0 or not 1.0 / float(np.einsum("ij,ij->", linv, linv)) > \
-                HSCORE_CERTIFY * float(np.trace(scatter)):
-            return None
-        proj = linv @ dev.T                                            # (D, C): L^-1 d_c
-        return float(((proj * proj).sum(0) * counts).sum())
-    s = torch.from_numpy((scatter + scatter.T) / 2).to(device)
+    chol = cholesky_lower(scatter)           # scatter is symmetric: its lower triangle is S
+    if chol is None:
+        return None
+    linv, info = lapack.dtrtri(chol, lower=1, overwrite_c=1)
+    linv = np.tril(linv)
+    if info != 0 or not 1.0 / float(np.einsum("ij,ij->", linv, linv)) > \
+            HSCORE_CERTIFY * float(np.trace(scatter)):
+        return None
+    proj = linv @ dev.T                                            # (D, C): L^-1 d_c
+    return float(((proj * proj).sum(0) * counts).sum())
+
+
+def _hscore_torch(scatter: torch.Tensor, dev: np.ndarray, counts: np.ndarray, n: int) -> float:
+    """``hscore_from_scatter`` on the scatter's device, in float64: the same certified Cholesky
+    route, else the eigenvectors; only scalars come back to the host."""
+    s = scatter.double()
+    s = (s + s.T) / 2
+    d_t = torch.from_numpy(np.ascontiguousarray(dev.T)).to(s.device)          # (D, C)
+    cnt = torch.from_numpy(np.asarray(counts, np.float64)).to(s.device)
     chol, info = torch.linalg.cholesky_ex(s)
-    if int(info) != 0:
-        return None
-    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-    linv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    if not float(1.0 / (linv * linv).sum()) > HSCORE_CERTIFY * float(s.diagonal().sum()):
-        return None
-    proj = linv @ torch.from_numpy(dev.T.copy()).to(s.device)          # (D, C): L^-1 d_c
-    return float(((proj * proj).sum(0) * torch.from_numpy(counts).to(s.device)).sum())
+    if int(info) == 0:
+        eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+        linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        if float(1.0 / (linv * linv).sum()) > HSCORE_CERTIFY * float(s.diagonal().sum()):
+            proj = linv @ d_t                                                  # L^-1 d_c
+            return float(((proj * proj).sum(0) * cnt).sum())
+    w, v = torch.linalg.eigh(s)
+    w = w / (n - 1)
+    top = float(w[-1])
+    if top <= 0:
+        return 0.0
+    keep = w > HSCORE_RCOND * top
+    proj = v[:, keep].T @ d_t                                                  # (k, C): V^T d_c
+    return float((((proj * proj) @ cnt) / (n - 1) / w[keep]).sum())
 
 
 def cholesky_lower(a: np.ndarray, overwrite: bool = False) -> np.ndarray | None:

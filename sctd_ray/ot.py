@@ -19,7 +19,7 @@ run of n iterations matches ``ot.sinkhorn2(..., numItermax=n, stopThr=0)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,6 +31,8 @@ COOC_FLOOR = 1e-6            # cooc cost is clipped at -log(COOC_FLOOR)
 CHECK_EVERY = 10             # iterations between convergence checks (each one syncs a GPU)
 KERNEL_RANGE_LIMIT = {torch.float32: 50.0, torch.float64: 500.0}   # max range(M)/eps
 DENSE_CHUNK_ELEMS = 1 << 22  # entries per (chunk, K, C) block of the exact fallback
+CUDA_GRAPHS = True           # replay fixed-iteration prepared solves on CUDA from a graph
+MAX_GRAPHS_PER_COST = 8      # captured shapes kept per prepared cost (a training run uses 1-2)
 _NORM_FLOOR = 1e-12          # rows with a smaller norm count as zero vectors (cosine 0)
 
 
@@ -289,6 +291,7 @@ class PreparedCost:
     eps: float
     backend: str                 # "kernel" or "dense" (module docstring)
     kernel: "_Kernel | None"     # the shared kernel when backend == "kernel"
+    graphs: dict = field(default_factory=dict, repr=False)   # CUDA graphs of the solve, by shape
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -327,11 +330,52 @@ def sinkhorn_prepared(p: torch.Tensor, q: torch.Tensor, cost: PreparedCost, max_
                               f"p {tuple(p.shape)}, q {tuple(q.shape)}")
     if int(max_iter) < 1 or not tol >= 0:
         raise ScoreInputError(f"need max_iter >= 1 and tol >= 0; got {max_iter!r}, {tol!r}")
+    if _graphable(p, q, cost, tol):
+        return _graphed_solve(p, q, cost, int(max_iter))
+    return _prepared_solve(p, q, cost, int(max_iter), float(tol))
+
+
+def _prepared_solve(p, q, cost: PreparedCost, max_iter: int, tol: float) -> SinkhornResult:
     dtype, work = q.dtype, cost.m.dtype
     p, q = (p / p.sum(1, keepdim=True)).to(work), (q / q.sum(1, keepdim=True)).to(work)
-    res = _solve(p, q, cost.m, cost.eps, int(max_iter), float(tol), False, cost.backend, cost.kernel)
+    res = _solve(p, q, cost.m, cost.eps, max_iter, tol, False, cost.backend, cost.kernel)
     return SinkhornResult(cost=res.cost.to(dtype), value=res.value.to(dtype), f=res.f.to(dtype),
                           g=res.g.to(dtype), plan=None, n_iter=res.n_iter)
+
+
+def _graphable(p, q, cost: PreparedCost, tol: float) -> bool:
+    """A fixed-iteration solve on CUDA, outside autograd and outside another capture."""
+    return (CUDA_GRAPHS and tol == 0 and cost.backend == "kernel" and q.is_cuda and p.is_cuda
+            and not (torch.is_grad_enabled() and (p.requires_grad or q.requires_grad))
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _graphed_solve(p, q, cost: PreparedCost, max_iter: int) -> SinkhornResult:
+    """``_prepared_solve`` replayed from a CUDA graph captured once per (shape, dtype, device,
+    iterations): one launch instead of ~6 per iteration, which is what a small training step
+    spends on the loss (docs/benchmarks.md). Same kernels, so the same values; results are
+    copies, so a later solve does not overwrite them. Capturing synchronises the device once."""
+    key = (tuple(p.shape), tuple(q.shape), p.dtype, q.dtype, p.device, max_iter)
+    entry = cost.graphs.get(key)
+    if entry is None:
+        if len(cost.graphs) >= MAX_GRAPHS_PER_COST:
+            cost.graphs.pop(next(iter(cost.graphs)))
+        sp, sq = p.detach().clone(), q.detach().clone()
+        side = torch.cuda.Stream(p.device)    # warm-up off the capture (cuBLAS workspaces)
+        side.wait_stream(torch.cuda.current_stream(p.device))
+        with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
+            _prepared_solve(sp, sq, cost, max_iter, 0.0)
+        torch.cuda.current_stream(p.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.autocast("cuda", enabled=False):
+            out = _prepared_solve(sp, sq, cost, max_iter, 0.0)
+        entry = cost.graphs[key] = (graph, sp, sq, out)
+    graph, sp, sq, out = entry
+    sp.copy_(p)
+    sq.copy_(q)
+    graph.replay()
+    return SinkhornResult(cost=out.cost.clone(), value=out.value.clone(), f=out.f.clone(),
+                          g=out.g.clone(), plan=None, n_iter=max_iter)
 
 
 def _check_eps(eps) -> float:

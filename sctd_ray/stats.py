@@ -376,12 +376,16 @@ class TeacherStats:
                 v = _m.leep_from_expected(eyz.cpu().numpy())
             elif name == "nce":
                 v = _m.nce_from_counts(self._nce_t.cpu().numpy())
-            elif name == "logme":
-                mean_h = host(mean)
-                gram = host(scat) + n * np.outer(mean_h, mean_h)
-                v = _m.logme_from_gram(gram, sums, counts, n, device=dev)
+            elif name == "logme":   # on a GPU the D x D work stays there (metrics docstrings)
+                if dev is not None:
+                    m64 = mean.double()
+                    gram = scat.double() + n * torch.outer(m64, m64)
+                else:
+                    mean_h = host(mean)
+                    gram = host(scat) + n * np.outer(mean_h, mean_h)
+                v = _m.logme_from_gram(gram, sums, counts, n)
             elif name == "hscore":
-                v = _m.hscore_from_scatter(host(scat), sums, counts, n, device=dev)
+                v = _m.hscore_from_scatter(scat if dev is not None else host(scat), sums, counts, n)
             else:   # TransRate: R(Z) from the global scatter, minus the mean class rate
                 total = 0.5 * _m.logdet_identity_plus(scat, 1.0 / (n * self.transrate_eps))
                 v = total - float(np.mean(class_rates))

@@ -212,7 +212,28 @@ def test_hscore_cholesky_route_equals_the_eigen_route():
     slow = metrics.hscore_from_scatter(scat, sums, counts, len(y), eig=metrics.sym_eigh(scat))
     assert fast == pytest.approx(slow, rel=1e-10)
     dev = sums / counts[:, None] - sums.sum(0) / len(y)
-    assert metrics._hscore_cholesky(scat, dev, counts, None) == pytest.approx(fast, rel=1e-15)
+    assert metrics._hscore_cholesky(scat, dev, counts) == pytest.approx(fast, rel=1e-15)
+
+
+@pytest.mark.parametrize("d,n", [(10, 120), (40, 30)])   # certified Cholesky; rank-deficient
+def test_device_route_for_logme_and_hscore_equals_the_host_route(d, n):
+    """The torch route (what a GPU runs, kept on the device) on a CPU tensor: the same values
+    as the LAPACK route, through the Cholesky certificate and through the eigenvectors."""
+    _, y, feats, _ = random_task(n=n, d=d, seed=9)
+    sums = np.stack([feats[y == c].sum(0) for c in range(int(y.max()) + 1)])
+    counts = np.bincount(y).astype(np.float64)
+    f = feats - feats.mean(0)
+    scat, gram = f.T @ f, feats.T @ feats
+    host = metrics.hscore_from_scatter(scat, sums, counts, n)
+    assert metrics.hscore_from_scatter(torch.from_numpy(scat), sums, counts, n) == \
+        pytest.approx(host, rel=1e-9)
+    dev = sums / counts[:, None] - sums.sum(0) / n
+    assert (metrics._hscore_cholesky(scat, dev, counts) is None) == (d > n)   # both routes ran
+    host = metrics.logme_from_gram(gram, sums, counts, n)
+    assert metrics.logme_from_gram(torch.from_numpy(gram).float(), sums, counts, n) == \
+        pytest.approx(metrics.logme_from_gram(gram.astype(np.float32).astype(np.float64), sums,
+                                              counts, n), rel=1e-9)
+    assert metrics.logme_from_gram(torch.from_numpy(gram), sums, counts, n) == pytest.approx(host, rel=1e-9)
 
 
 def test_logme_prefers_separable_features():

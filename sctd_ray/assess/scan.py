@@ -224,7 +224,9 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
     from .worker import ShardWorker
 
     scan_id = uuid.uuid4().hex[:8]
-    Actor = ray.remote(**resources, max_restarts=0, max_task_retries=0)(ShardWorker)
+    # two calls run at once: one finalises while the next one's forward runs (worker docstring)
+    Actor = ray.remote(**resources, max_restarts=0, max_task_retries=0,
+                       max_concurrency=IN_FLIGHT_PER_WORKER)(ShardWorker)
     generation = [0] * len(shards)
 
     def start(i):

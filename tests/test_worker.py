@@ -1,0 +1,103 @@
+"""The shard worker without Ray: finalising one teacher overlaps the next one's forward when
+asked to (the default on a GPU), with the same rows as one call at a time (issue 3/4)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sctd_ray.assess import worker as worker_mod
+from sctd_ray.assess.worker import ShardWorker, TargetData
+from sctd_ray.data.targets import load_target
+from sctd_ray.errors import TeacherError
+from sctd_ray.metrics import NAMES
+from sctd_ray.zoo.store import open_store
+
+
+def _target(zoo: str, name: str = "fm-mix5") -> TargetData:
+    task = load_target(str(Path(zoo) / "targets" / name), splits=("train",))
+    split = task.splits["train"]
+    return TargetData(task.name, list(task.class_names), split.images, split.labels)
+
+
+def _teachers(zoo: str) -> list[str]:
+    return sorted(p.name for p in (Path(zoo) / "teachers").iterdir())[:3]
+
+
+def _worker(zoo, tmp_path, overlap: bool) -> ShardWorker:
+    return ShardWorker(open_store(zoo), open_store(str(tmp_path / ("o" if overlap else "s"))),
+                       [_target(zoo)], NAMES, batch_size=128, device="cpu", overlap=overlap)
+
+
+def _scores(rows):
+    return {r["teacher_id"]: tuple(r[m] for m in NAMES) for r in rows}
+
+
+def test_two_concurrent_calls_give_the_rows_of_one_call_at_a_time(demo_zoo, tmp_path):
+    tids = _teachers(demo_zoo)
+    seq = _worker(demo_zoo, tmp_path, overlap=False)
+    ref = _scores([r for t in tids for r in seq.score(t)])
+    par = _worker(demo_zoo, tmp_path, overlap=True)
+    with ThreadPoolExecutor(2) as pool:   # the scan's actor runs two calls at once
+        futs = [pool.submit(par.score, t, None, None, [(u, None) for u in tids[i + 1:i + 2]])
+                for i, t in enumerate(tids)]
+        rows = [r for f in futs for r in f.result()]
+    assert {r["status"] for r in rows} == {"ok"}
+    got = _scores(rows)
+    assert got.keys() == ref.keys()
+    for t in ref:
+        np.testing.assert_allclose(got[t], ref[t], rtol=1e-12, err_msg=t)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_next_teacher_runs_while_the_last_one_finalises_only_with_overlap(demo_zoo, tmp_path,
+                                                                         monkeypatch, overlap):
+    """With overlap, teacher B's forward starts while A is still being finalised; without it,
+    B waits for A's whole call (the device lock covers finalising)."""
+    a, b = _teachers(demo_zoo)[:2]
+    a_collecting, b_collecting = threading.Event(), threading.Event()
+    seen = {}
+    real_collect, real_finalise = worker_mod.collect_stats, worker_mod.finalise
+
+    def collect(runner, *args, **kw):
+        tid = runner.teacher.config.teacher_id
+        (a_collecting if tid == a else b_collecting).set()
+        return real_collect(runner, *args, **kw)
+
+    def finalise(tid, stats):
+        if tid == a:   # waits for B's forward; without overlap it cannot start, and this gives up
+            seen[a] = b_collecting.wait(timeout=30 if overlap else 1)
+        return real_finalise(tid, stats)
+
+    monkeypatch.setattr(worker_mod, "collect_stats", collect)
+    monkeypatch.setattr(worker_mod, "finalise", finalise)
+    w = _worker(demo_zoo, tmp_path, overlap=overlap)
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(w.score, a, None, None, [(b, None)])
+        assert a_collecting.wait(timeout=60)   # A holds the device lock before B is submitted
+        fb = pool.submit(w.score, b)
+        rows = fa.result() + fb.result()
+    assert seen[a] is overlap
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_a_teacher_that_cannot_be_finalised_is_an_error_row_with_overlap(demo_zoo, tmp_path,
+                                                                        monkeypatch):
+    a, b = _teachers(demo_zoo)[:2]
+    real_finalise = worker_mod.finalise
+
+    def finalise(tid, stats):
+        if tid == a:
+            raise TeacherError(tid, "cannot score: planted")
+        return real_finalise(tid, stats)
+
+    monkeypatch.setattr(worker_mod, "finalise", finalise)
+    w = _worker(demo_zoo, tmp_path, overlap=True)
+    with ThreadPoolExecutor(2) as pool:
+        rows = pool.submit(w.score, a).result() + pool.submit(w.score, b).result()
+    assert [(r["teacher_id"], r["status"]) for r in rows] == [(a, "error"), (b, "ok")]
+    assert rows[0]["error"] == "cannot score: planted" and rows[0]["architecture"]
