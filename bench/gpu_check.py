@@ -171,6 +171,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         forward runs), each naming the teacher after it for prefetch."""
         sampler = UtilSampler()
         sampler.start()
+        worker.phase_seconds = dict.fromkeys(worker.phase_seconds, 0.0)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:
             futs = [pool.submit(worker.score, tid, None, None, [(u, None) for u in ids[i + 1:i + 2]])
@@ -182,12 +183,13 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         sampler.join()
         bad = [r for r in rows if r["status"] != "ok"]
         assert not bad, bad[0]
-        return wall, (float(np.mean(sampler.samples)) if sampler.samples else None)
+        return wall, (float(np.mean(sampler.samples)) if sampler.samples else None), \
+            {k: round(v, 3) for k, v in worker.phase_seconds.items()}
 
     worker.overlap = True      # the default on a GPU; the smoke run exercises it on the CPU
-    wall, util = loop()
+    wall, util, phases = loop()
     worker.overlap = False
-    wall_seq, util_seq = loop()
+    wall_seq, util_seq, phases_seq = loop()
     worker.overlap = True
     # the least the GPU must do for these teachers: their forward alone (already on the GPU,
     # data resident), and forward + statistics + finalise one teacher after another
@@ -211,9 +213,9 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     return {"teachers": n_teachers, "samples": samples, "wall_s": wall,
             "forward_only_s": fwd, "forward_vs_wall": fwd / wall,
             "engine_sequential_s": full, "teachers_per_s": n_teachers / wall,
-            "nvml_util_mean": util,
+            "nvml_util_mean": util, "phase_seconds": phases,
             "no_overlap": {"wall_s": wall_seq, "forward_vs_wall": fwd / wall_seq,
-                           "nvml_util_mean": util_seq}}
+                           "nvml_util_mean": util_seq, "phase_seconds": phases_seq}}
 
 
 def check_distill_step(steps: int = 50, B: int = 256, image: int = 112) -> dict:

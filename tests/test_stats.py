@@ -227,5 +227,5 @@ def test_cuda_accumulates_on_device_and_matches_cpu():
     ref = reference(feats, logits, y, weight)
     st = TeacherStats(5, weight.float().cuda(), dtype=torch.float32)
     feed(st, feats.float().cuda(), logits.float().cuda(), y.cuda(), [50, 50, 103])
-    assert st._sums.device.type == st._tr_scat.device.type == "cuda"   # accumulated there
+    assert st._sums.device.type == st._prob_sum.device.type == "cuda"   # accumulated there
     assert_close(st.compute(), ref, 1e-4)

@@ -4,6 +4,7 @@ asked to (the default on a GPU), with the same rows as one call at a time (issue
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,3 +102,45 @@ def test_a_teacher_that_cannot_be_finalised_is_an_error_row_with_overlap(demo_zo
         rows = pool.submit(w.score, a).result() + pool.submit(w.score, b).result()
     assert [(r["teacher_id"], r["status"]) for r in rows] == [(a, "error"), (b, "ok")]
     assert rows[0]["error"] == "cannot score: planted" and rows[0]["architecture"]
+
+
+class _Cycle:
+    """Wraps a loader: each model it returns is kept alive by a reference cycle."""
+
+    def __init__(self, store):
+        from sctd_ray.zoo.loading import load_teacher
+
+        self.load, self.store, self.models = load_teacher, store, []
+
+    def __call__(self, tid, sha):
+        teacher = self.load(self.store, tid)
+        object.__setattr__(teacher.model, "_cycle", [teacher.model])
+        self.models.append(weakref.ref(teacher.model))
+        return teacher
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+def test_a_scored_teacher_is_freed_with_a_full_collection_only_when_a_cycle_needs_it(
+        demo_zoo, tmp_path, monkeypatch, cycle):
+    """A full garbage collection holds the GIL for ~0.2 s (starving the thread that feeds the
+    GPU): the worker runs one only when a reference cycle keeps the model it just used."""
+    import gc
+
+    calls = []
+    real = gc.collect
+    monkeypatch.setattr(worker_mod.gc, "collect", lambda *a: calls.append(a) or real(*a))
+    store = open_store(demo_zoo)
+    loader = _Cycle(store) if cycle else None
+    w = ShardWorker(store, open_store(str(tmp_path / "o")), [_target(demo_zoo)], ("leep",),
+                    device="cpu", loader=loader)
+    gc.disable()   # no automatic collection may free the model instead
+    try:
+        rows = w.score(_teachers(demo_zoo)[0])
+    finally:
+        gc.enable()
+    assert rows[0]["status"] == "ok"
+    assert bool(calls) is cycle
+    if cycle:
+        assert loader.models[0]() is None   # the cycle was collected before the call returned
+    assert set(w.usage()["phase_seconds"]) == {"load", "wait_for_teacher", "forward_and_stats",
+                                               "finalise", "free_memory"}

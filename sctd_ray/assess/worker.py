@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -73,6 +74,12 @@ class ShardWorker:
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._final_streams = threading.local()
         self.scored = 0
+        # where a worker's wall time goes (reported by ``usage``; docs/benchmarks.md): building
+        # teachers (in the prefetch thread), waiting for one, launching forward + statistics,
+        # finalising (which first waits for the device to finish the forward)
+        self.phase_seconds = dict.fromkeys(("load", "wait_for_teacher", "forward_and_stats",
+                                            "finalise", "free_memory"), 0.0)
+        self._phase_lock = threading.Lock()
 
     # ---------------------------------------------------------------- targets
     @staticmethod
@@ -104,7 +111,18 @@ class ShardWorker:
         return TargetBatches(t.name, len(t.class_names), it)
 
     # ---------------------------------------------------------------- teachers
+    def _timed(self, phase: str, t0: float) -> None:
+        with self._phase_lock:
+            self.phase_seconds[phase] += time.perf_counter() - t0
+
     def _fetch(self, tid: str, sha: str | None):
+        t0 = time.perf_counter()
+        try:
+            return self._load(tid, sha)
+        finally:
+            self._timed("load", t0)
+
+    def _load(self, tid: str, sha: str | None):
         try:
             teacher = self.loader(tid, sha)
             if self.device.type == "cuda":  # copy to the GPU on a side stream, off the hot loop
@@ -135,13 +153,24 @@ class ShardWorker:
         with self._device_lock:
             fut = self._pending.pop(teacher_id, None) or self._pool.submit(self._fetch, teacher_id, sha256)
             self._prefetch([u for u in upcoming if u[0] != teacher_id])  # queued behind this one
+            tw = time.perf_counter()
             loaded = fut.result()
+            self._timed("wait_for_teacher", tw)
             if isinstance(loaded, FatalScanError):
                 raise loaded
             arch = None if isinstance(loaded, TeacherError) else loaded.config.architecture
+            tc = time.perf_counter()
             collected, rows = self._collect(teacher_id, loaded, wanted, t0)
+            self._timed("forward_and_stats", tc)
+            tm = time.perf_counter()
+            model = weakref.ref(loaded.model) if hasattr(loaded, "model") else None
             del loaded, fut   # the future holds the teacher too
-            gc.collect()   # the model's memory goes back before the next teacher's arrives
+            if model is not None and model() is not None:
+                # a reference cycle keeps the model (reference counting frees every timm model
+                # tried): collect it before the next one arrives. Not always: a full
+                # collection holds the GIL ~0.2 s, which starves the thread feeding the GPU
+                gc.collect()
+            self._timed("free_memory", tm)
             if not self.overlap:
                 rows = rows or self._finalise(teacher_id, arch, collected, t0)
         if self.overlap:
@@ -179,7 +208,7 @@ class ShardWorker:
         """Scores from the collected statistics, one row per target (all of them error rows if
         one fails, as a forward failure does). With overlap on a GPU, on this thread's own side
         stream, after the statistics' last update (its event)."""
-        rows = []
+        rows, tf = [], time.perf_counter()
         try:
             for t, ts, stats, done in collected:
                 if done is not None and self.overlap:
@@ -196,6 +225,7 @@ class ShardWorker:
             return [self._row(c[0], teacher_id, arch, "error", e.reason, {}, t0) for c in collected]
         finally:
             collected.clear()   # the statistics go now, not when the caller's frame does
+            self._timed("finalise", tf)
 
     def _side_stream(self) -> torch.cuda.Stream:
         stream = getattr(self._final_streams, "stream", None)
@@ -216,12 +246,16 @@ class ShardWorker:
         return self.name
 
     def usage(self) -> dict:
-        """Peak resident memory of this worker process and teachers scored by it."""
+        """Peak resident memory of this worker process, teachers scored by it, and the seconds
+        spent in each phase (summed over threads: overlapped phases can add up to more than
+        the wall time)."""
         import resource
 
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        with self._phase_lock:
+            phases = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         return {"worker": self.name, "peak_rss_mb": round(peak_kb / 1024, 1), "teachers": self.scored,
-                "device": str(self.device)}
+                "device": str(self.device), "phase_seconds": phases}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
