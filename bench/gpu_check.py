@@ -135,7 +135,8 @@ class UtilSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size: int = 224) -> dict:
+def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size: int = 224,
+                     variants: bool = False) -> dict:
     import timm
     from safetensors.torch import save
 
@@ -188,6 +189,19 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
 
     worker.overlap = True      # the default on a GPU; the smoke run exercises it on the CPU
     wall, util, phases = loop()
+    if variants:   # what the gap between the loop and pure forward is made of
+        found = {}
+        for name, setup in (("no_prefetch", lambda: setattr(worker, "prefetch", 0)),
+                            ("cheap_metrics_only", lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce"))),
+                            ("gil_switch_0.1ms", lambda: sys.setswitchinterval(1e-4))):
+            saved = worker.prefetch, worker.metrics, sys.getswitchinterval()
+            setup()
+            try:
+                w_, u_, p_ = loop()
+                found[name] = {"wall_s": w_, "nvml_util_mean": u_, "phase_seconds": p_}
+            finally:
+                worker.prefetch, worker.metrics = saved[:2]
+                sys.setswitchinterval(saved[2])
     worker.overlap = False
     wall_seq, util_seq, phases_seq = loop()
     worker.overlap = True
@@ -210,7 +224,9 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         full += time.perf_counter() - t2
         del runner
     fwd, full = fwd * n_teachers / min(5, n_teachers), full * n_teachers / min(5, n_teachers)
-    return {"teachers": n_teachers, "samples": samples, "wall_s": wall,
+    extra = {"variants": {k: {**v, "forward_vs_wall": fwd / v["wall_s"]} for k, v in found.items()}} \
+        if variants else {}
+    return {**extra, "teachers": n_teachers, "samples": samples, "wall_s": wall,
             "forward_only_s": fwd, "forward_vs_wall": fwd / wall,
             "engine_sequential_s": full, "teachers_per_s": n_teachers / wall,
             "nvml_util_mean": util, "phase_seconds": phases,
@@ -343,13 +359,16 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="comma-separated subset: sinkhorn,engine,shard_loop,distill_step")
     ap.add_argument("--teachers", type=int, default=20)
+    ap.add_argument("--variants", action="store_true",
+                    help="shard_loop also without prefetch, with cheap metrics only, and with a "
+                         "0.1 ms GIL switch interval")
     args = ap.parse_args()
     if args.smoke:
         DEVICE = "cpu"
         res = {"gpu": None, "torch": torch.__version__, "smoke": True}
         steps = [("sinkhorn", lambda: check_sinkhorn(2, 64, 100, 20)),
                  ("engine", lambda: check_engine(256, 1, "cpu", "resnet18", 32)),
-                 ("shard_loop", lambda: check_shard_loop(2, 64, "resnet18", 32)),
+                 ("shard_loop", lambda: check_shard_loop(2, 64, "resnet18", 32, variants=args.variants)),
                  ("distill_step", lambda: check_distill_step(2, 8, 32))]
     else:
         assert torch.cuda.is_available(), "no CUDA device"
@@ -358,7 +377,8 @@ def main():
         res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
         steps = [("sinkhorn", lambda: check_sinkhorn(10)),
                  ("engine", lambda: check_engine(4096 if args.quick else 16384, 3)),
-                 ("shard_loop", lambda: check_shard_loop(args.teachers, 2048 if args.quick else 8192)),
+                 ("shard_loop", lambda: check_shard_loop(args.teachers, 2048 if args.quick else 8192,
+                                                     variants=args.variants)),
                  ("distill_step", check_distill_step)]
     print(json.dumps(res), flush=True)
     if args.only:
