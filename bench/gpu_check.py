@@ -136,7 +136,7 @@ class UtilSampler(threading.Thread):
 
 
 def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size: int = 224,
-                     variants: bool = False) -> dict:
+                     variants: tuple[str, ...] = ()) -> dict:
     import timm
     from safetensors.torch import save
 
@@ -189,19 +189,20 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
 
     worker.overlap = True      # the default on a GPU; the smoke run exercises it on the CPU
     wall, util, phases = loop()
-    if variants:   # what the gap between the loop and pure forward is made of
-        found = {}
-        for name, setup in (("no_prefetch", lambda: setattr(worker, "prefetch", 0)),
-                            ("cheap_metrics_only", lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce"))),
-                            ("gil_switch_0.1ms", lambda: sys.setswitchinterval(1e-4))):
-            saved = worker.prefetch, worker.metrics, sys.getswitchinterval()
-            setup()
-            try:
-                w_, u_, p_ = loop()
-                found[name] = {"wall_s": w_, "nvml_util_mean": u_, "phase_seconds": p_}
-            finally:
-                worker.prefetch, worker.metrics = saved[:2]
-                sys.setswitchinterval(saved[2])
+    found = {}
+    options = {"no_prefetch": lambda: setattr(worker, "prefetch", 0),
+               "cheap_metrics_only": lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce")),
+               "gil_switch_0.1ms": lambda: sys.setswitchinterval(1e-4),
+               "batch_1024": lambda: setattr(worker, "batch_size", 1024)}
+    for name in variants:   # what the gap between the loop and pure forward is made of
+        saved = worker.prefetch, worker.metrics, worker.batch_size, sys.getswitchinterval()
+        options[name]()
+        try:
+            w_, u_, p_ = loop()
+            found[name] = {"wall_s": w_, "nvml_util_mean": u_, "phase_seconds": p_}
+        finally:
+            worker.prefetch, worker.metrics, worker.batch_size = saved[:3]
+            sys.setswitchinterval(saved[3])
     worker.overlap = False
     wall_seq, util_seq, phases_seq = loop()
     worker.overlap = True
@@ -225,7 +226,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         del runner
     fwd, full = fwd * n_teachers / min(5, n_teachers), full * n_teachers / min(5, n_teachers)
     extra = {"variants": {k: {**v, "forward_vs_wall": fwd / v["wall_s"]} for k, v in found.items()}} \
-        if variants else {}
+        if found else {}
     return {**extra, "teachers": n_teachers, "samples": samples, "wall_s": wall,
             "forward_only_s": fwd, "forward_vs_wall": fwd / wall,
             "engine_sequential_s": full, "teachers_per_s": n_teachers / wall,
@@ -359,16 +360,17 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="comma-separated subset: sinkhorn,engine,shard_loop,distill_step")
     ap.add_argument("--teachers", type=int, default=20)
-    ap.add_argument("--variants", action="store_true",
-                    help="shard_loop also without prefetch, with cheap metrics only, and with a "
-                         "0.1 ms GIL switch interval")
+    ap.add_argument("--variants", default="",
+                    help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, "
+                         "gil_switch_0.1ms, batch_1024")
     args = ap.parse_args()
+    variants = tuple(v for v in args.variants.split(",") if v)
     if args.smoke:
         DEVICE = "cpu"
         res = {"gpu": None, "torch": torch.__version__, "smoke": True}
         steps = [("sinkhorn", lambda: check_sinkhorn(2, 64, 100, 20)),
                  ("engine", lambda: check_engine(256, 1, "cpu", "resnet18", 32)),
-                 ("shard_loop", lambda: check_shard_loop(2, 64, "resnet18", 32, variants=args.variants)),
+                 ("shard_loop", lambda: check_shard_loop(2, 64, "resnet18", 32, variants=variants)),
                  ("distill_step", lambda: check_distill_step(2, 8, 32))]
     else:
         assert torch.cuda.is_available(), "no CUDA device"
@@ -378,7 +380,7 @@ def main():
         steps = [("sinkhorn", lambda: check_sinkhorn(10)),
                  ("engine", lambda: check_engine(4096 if args.quick else 16384, 3)),
                  ("shard_loop", lambda: check_shard_loop(args.teachers, 2048 if args.quick else 8192,
-                                                     variants=args.variants)),
+                                                     variants=variants)),
                  ("distill_step", check_distill_step)]
     print(json.dumps(res), flush=True)
     if args.only:

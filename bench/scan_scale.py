@@ -82,7 +82,8 @@ def main():
             t0 = time.perf_counter()
             p = subprocess.run(cli + ["assess", "--zoo", f"s3://{bucket}/zoo{n}", "--target", f"s3://{bucket}/target",
                                       "--out", str(out), "--workers", str(args.workers), "--quiet",
-                                      "--metrics", "sctd,sctd_cost,leep,nce,logme,hscore,transrate"],
+                                      "--metrics", "sctd,sctd_cost,leep,nce,logme,hscore,transrate",
+                                      "--rank-by", "sctd"],
                                capture_output=True, text=True)
             t_total = time.perf_counter() - t0
             if p.returncode != 0:

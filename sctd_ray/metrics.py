@@ -163,8 +163,13 @@ def _small_gram(z: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- formulas
 
-def sctd_from_costs(costs: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """SPEC 2 ``sctd``: mean_i log softmax_c(-A[i, :]/T)[y_i] from A = P M (N, C)."""
+def sctd_from_costs(costs, labels, temperature: float) -> float:
+    """SPEC 2 ``sctd``: mean_i log softmax_c(-A[i, :]/T)[y_i] from A = P M (N, C); numpy, or
+    torch on its device (a GPU: only the mean comes back)."""
+    if isinstance(costs, torch.Tensor):
+        z = -costs.double() / temperature
+        y = torch.as_tensor(labels, device=z.device).long()[:, None]
+        return float((z.gather(1, y)[:, 0] - torch.logsumexp(z, 1)).mean())
     z = -costs / temperature
     top = z.max(1)
     lse = np.log(np.exp(z - top[:, None]) @ np.ones(z.shape[1])) + top   # row sums as a product

@@ -101,14 +101,8 @@ def cost_terms(features, probs, labels, weight, num_classes: int, loo: bool = Tr
     return {"A": a.numpy(), "F": f.numpy()}
 
 
-def calibrated_loglik(costs: list[np.ndarray], labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """max_{0 <= beta <= BETA_MAX} mean_i log softmax_c(-sum_j beta_j costs_j[i, :])[y_i] + log C,
-    and beta. The objective is concave in beta (a log-likelihood of a linear softmax model) with
-    gradient ``mean_i (z_iy - E_q z_i)`` and Hessian ``-mean_i Cov_q(z_i)``; with one or two
-    betas a projected Newton ascent with backtracking reaches the maximum to rounding in a few
-    steps (a general quasi-Newton solver spent more time in its own bookkeeping than here).
-    Each trial point is evaluated once, with its derivatives (a full Newton step is almost
-    always accepted), and the ascent stops once the Newton step promises < 1e-15 nats."""
+def _objective_numpy(costs: list[np.ndarray], labels):
+    """``calibrated_loglik``'s objective with its gradient and Hessian, on the host."""
     y = np.asarray(labels, np.int64)
     n, c = costs[0].shape
     j = len(costs)
@@ -136,7 +130,44 @@ def calibrated_loglik(costs: list[np.ndarray], labels: np.ndarray) -> tuple[floa
         grad = zy_mean - ez.mean(1)
         cov = (zq @ z_cols - ez @ ez.T) / n                       # mean_i Cov_q(z_i)
         return val, grad, -cov
+    return evaluate, n, c
 
+
+def _objective_torch(costs: list, labels):
+    """The same objective on the costs' device (float64); J numbers per call come back."""
+    z = torch.stack([-a.double() for a in costs])                 # (J, N, C)
+    j, n, c = z.shape
+    y = torch.as_tensor(labels, device=z.device).long()
+    zy_mean = z.gather(2, y.expand(j, n)[:, :, None])[:, :, 0].mean(1)   # (J,)
+
+    def evaluate(beta):
+        b = torch.from_numpy(np.asarray(beta, np.float64)).to(z.device)
+        logits = torch.einsum("j,jnc->nc", b, z)
+        lse = torch.logsumexp(logits, 1)
+        q = torch.exp(logits - lse[:, None])
+        ez = (z * q).sum(2)                                       # (J, N): E_q z per sample
+        cov = torch.einsum("jnc,knc->jk", z * q, z) / n - ez @ ez.T / n
+        out = torch.cat([(b @ zy_mean - lse.mean())[None], zy_mean - ez.mean(1), -cov.reshape(-1)])
+        out = out.cpu().numpy()
+        return float(out[0]), out[1:1 + j], out[1 + j:].reshape(j, j)
+    return evaluate, n, c
+
+
+def calibrated_loglik(costs: list, labels) -> tuple[float, np.ndarray]:
+    """max_{0 <= beta <= BETA_MAX} mean_i log softmax_c(-sum_j beta_j costs_j[i, :])[y_i] + log C,
+    and beta. The objective is concave in beta (a log-likelihood of a linear softmax model) with
+    gradient ``mean_i (z_iy - E_q z_i)`` and Hessian ``-mean_i Cov_q(z_i)``; with one or two
+    betas a projected Newton ascent with backtracking reaches the maximum to rounding in a few
+    steps (a general quasi-Newton solver spent more time in its own bookkeeping than here).
+    Each trial point is evaluated once, with its derivatives (a full Newton step is almost
+    always accepted), and the ascent stops once the Newton step promises < 1e-15 nats.
+    Costs given as torch tensors (e.g. on a GPU) are evaluated there, in float64; only the
+    value, gradient and Hessian (J numbers each) come back to the host."""
+    if isinstance(costs[0], torch.Tensor):
+        evaluate, n, c = _objective_torch(costs, labels)
+    else:
+        evaluate, n, c = _objective_numpy(costs, labels)
+    j = len(costs)
     beta = np.zeros(j)
     val, grad, hess = evaluate(beta)
     for _ in range(100):
@@ -188,8 +219,10 @@ def fused_from_rows(h, features, labels, sums, w_unit=None) -> float:
     ``loo_costs``), features, labels and the class sums (what ``stats.TeacherStats`` keeps); the
     costs are built on the rows' device."""
     a, f = loo_costs(h, features, labels, sums, w_unit)
+    if a.device.type != "cpu":   # the objective is evaluated where the costs are
+        return calibrated_loglik([a, f], labels)[0]
     y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return calibrated_loglik([a.cpu().numpy(), f.cpu().numpy()], y)[0]
+    return calibrated_loglik([a.numpy(), f.numpy()], y)[0]
 
 
 SCORES = {"sctd_cal": sctd_cal, "sctd_fused": sctd_fused}

@@ -362,7 +362,8 @@ class TeacherStats:
                     a = rows @ on_dev(cost)
                 else:
                     a = 1.0 - rows @ _unit_rows(on_dev(sums)).T
-                v = _m.sctd_from_costs(a.cpu().numpy(), row_y.cpu().numpy(), self.temperature)
+                v = (_m.sctd_from_costs(a, row_y, self.temperature) if dev is not None else
+                     _m.sctd_from_costs(a.numpy(), row_y.numpy(), self.temperature))
             elif name == "sctd_cost":
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "sctd_fused":

@@ -307,6 +307,23 @@ def test_calibrated_loglik_is_the_maximum_and_zero_without_signal():
     assert se.sctd_fused(xi, pi, yi, wi, c) <= np.log(c) + 1e-12
 
 
+@pytest.mark.parametrize("informative", [False, True])
+def test_calibrated_loglik_on_tensors_equals_the_host_route(informative):
+    """Costs as torch tensors (what a GPU's statistics hand over) give the same maximum and
+    betas as numpy costs, for one and two cost terms."""
+    import torch
+
+    from sctd_ray import scores_extra as se
+
+    x, p, y, w, c = _toy(seed=2, informative=informative)
+    t = se.cost_terms(x, p, y, w, c)
+    for costs in ([t["A"]], [t["A"], t["F"]]):
+        val, beta = se.calibrated_loglik(costs, y)
+        tval, tbeta = se.calibrated_loglik([torch.from_numpy(a) for a in costs], torch.from_numpy(y))
+        assert tval == pytest.approx(val, rel=1e-10, abs=1e-12)
+        np.testing.assert_allclose(tbeta, beta, rtol=1e-6, atol=1e-8)
+
+
 def test_code_version_ignores_docs_and_layout_not_code():
     a = 'def f(x):\n    """Doc."""\n    # comment\n    return x + 1\n'
     b = 'def f(x):\n    """Other doc,\n    longer."""\n    return (x\n            + 1)\n'

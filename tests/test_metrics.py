@@ -236,6 +236,14 @@ def test_device_route_for_logme_and_hscore_equals_the_host_route(d, n):
     assert metrics.logme_from_gram(torch.from_numpy(gram), sums, counts, n) == pytest.approx(host, rel=1e-9)
 
 
+def test_sctd_from_costs_on_a_tensor_equals_the_host_route():
+    rng = np.random.default_rng(3)
+    a, y = rng.uniform(0, 2, size=(50, 4)), rng.integers(0, 4, 50)
+    host = metrics.sctd_from_costs(a, y, 0.1)
+    assert metrics.sctd_from_costs(torch.from_numpy(a), torch.from_numpy(y), 0.1) == \
+        pytest.approx(host, rel=1e-13)
+
+
 def test_logme_prefers_separable_features():
     rng = np.random.default_rng(5)
     y = np.arange(200) % 2
