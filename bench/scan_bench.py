@@ -190,7 +190,11 @@ def main():
           f"scan/forward {tim['scan_seconds'] / t_fwd:.2f}, end-to-end/forward {t_scan / t_fwd:.2f}")
     print(f"max relative score difference naive vs scan: {rel:.2e}")
     for w in run.get("workers", []):
-        print(f"worker {w['worker']}: {w['teachers']} teachers, peak RSS {w['peak_rss_mb']} MB")
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in w.get("phase_seconds", {}).items())
+        print(f"worker {w['worker']}: {w['teachers']} teachers, peak RSS {w['peak_rss_mb']} MB; "
+              f"seconds by phase: {phases}")
+    print(f"scan start-up and shut-down outside the two phases above: "
+          f"{t_scan - tim['data_seconds'] - tim['scan_seconds']:.1f} s")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

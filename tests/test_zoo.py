@@ -147,3 +147,21 @@ def test_teacher_from_bytes_is_eval_mode():
     _, state = _state()
     t = teacher_from_files(_config(), save(state))
     assert not t.model.training
+
+
+def test_large_teachers_are_built_on_meta_small_ones_on_the_cpu(monkeypatch):
+    """Both routes give the same teacher; which one runs depends on the weights' size."""
+    from sctd_ray.zoo import loading
+
+    seen = []
+    real = loading.build_model
+    monkeypatch.setattr(loading, "build_model",
+                        lambda cfg, device="cpu": seen.append(str(device)) or real(cfg, device))
+    _, state = _state()
+    data = save(state)
+    small = teacher_from_files(_config(), data)
+    monkeypatch.setattr(loading, "META_BUILD_MIN_BYTES", len(data))
+    large = teacher_from_files(_config(), data)
+    assert seen == ["cpu", "meta"]
+    a, b = small.model.state_dict(), large.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

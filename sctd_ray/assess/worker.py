@@ -6,8 +6,8 @@ background thread while the current one runs), forward every target batch once, 
 statistics, finalise the scores, and write one result file per (teacher, target).
 At most ``1 + prefetch`` teachers are resident at a time.
 
-On a GPU, finalising (the D x D factorisations of SPEC 3: ~0.6 s for a D = 2048 teacher on an
-H200, with the GPU mostly idle) overlaps the next teacher's forward: ``score`` may be called
+On a GPU, finalising (SPEC 3's D x D factorisations and per-sample likelihoods: 131 ms for a
+D = 2048 teacher on an H200, much of it latency-bound) overlaps the next teacher's forward: ``score`` may be called
 from two threads (the scan's actor runs two calls at once); the device work (forward +
 statistics) is serialised by a lock, and each call finalises outside it, on a side CUDA
 stream, holding only its teacher's statistics (the model is freed first). So at most two

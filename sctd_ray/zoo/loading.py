@@ -16,6 +16,11 @@ from ..errors import NotFound, StoreAuthError, StoreError, StoreUnreachable, Tea
 from .teacher import TeacherConfig, config_key, weights_key
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Weights at least this large are built on the meta device (timm's random init of a big model
+# costs more than meta's per-op overhead: resnet50 66 ms vs ~0.5 s); smaller ones on the CPU,
+# which is faster for them (tiny demo teachers: 6-8 ms vs 10-34 ms) and spares a process that
+# never builds on meta the ~2 s its first meta build costs (bench/scan_bench.py, docs/benchmarks.md)
+META_BUILD_MIN_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -105,16 +110,27 @@ def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes |
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def _file_size(path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0   # load_weights reports the unreadable file
+
+
 def _has_meta_tensors(model: torch.nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def teacher_from_files(config: TeacherConfig, weights: bytes | str | Path) -> LoadedTeacher:
-    """Build and load a teacher from its parsed config and its safetensors bytes or path."""
-    try:
-        model = build_model(config, "meta")
-    except TeacherError:  # e.g. an architecture that computes at construction: build for real
-        model = None
+    """Build and load a teacher from its parsed config and its safetensors bytes or path
+    (large ones built on the meta device, see ``META_BUILD_MIN_BYTES``)."""
+    size = len(weights) if isinstance(weights, (bytes, bytearray)) else _file_size(weights)
+    model = None
+    if size >= META_BUILD_MIN_BYTES:
+        try:
+            model = build_model(config, "meta")
+        except TeacherError:  # e.g. an architecture that computes at construction: build for real
+            model = None
     if model is not None:
         load_weights(config, model, weights)
     if model is None or _has_meta_tensors(model):  # non-persistent buffers (Swin) need a real init
