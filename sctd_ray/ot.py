@@ -356,26 +356,36 @@ def _graphed_solve(p, q, cost: PreparedCost, max_iter: int) -> SinkhornResult:
     spends on the loss (docs/benchmarks.md). Same kernels, so the same values; results are
     copies, so a later solve does not overwrite them. Capturing synchronises the device once."""
     key = (tuple(p.shape), tuple(q.shape), p.dtype, q.dtype, p.device, max_iter)
-    entry = cost.graphs.get(key)
-    if entry is None:
+    if key not in cost.graphs:
         if len(cost.graphs) >= MAX_GRAPHS_PER_COST:
             cost.graphs.pop(next(iter(cost.graphs)))
-        sp, sq = p.detach().clone(), q.detach().clone()
-        side = torch.cuda.Stream(p.device)    # warm-up off the capture (cuBLAS workspaces)
-        side.wait_stream(torch.cuda.current_stream(p.device))
-        with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
-            _prepared_solve(sp, sq, cost, max_iter, 0.0)
-        torch.cuda.current_stream(p.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast("cuda", enabled=False):
-            out = _prepared_solve(sp, sq, cost, max_iter, 0.0)
-        entry = cost.graphs[key] = (graph, sp, sq, out)
+        cost.graphs[key] = _capture(p, q, cost, max_iter)
+    entry = cost.graphs[key]
+    if entry is None:   # capturing failed (e.g. another thread used the device meanwhile)
+        return _prepared_solve(p, q, cost, max_iter, 0.0)
     graph, sp, sq, out = entry
     sp.copy_(p)
     sq.copy_(q)
     graph.replay()
     return SinkhornResult(cost=out.cost.clone(), value=out.value.clone(), f=out.f.clone(),
                           g=out.g.clone(), plan=None, n_iter=max_iter)
+
+
+def _capture(p, q, cost: PreparedCost, max_iter: int):
+    """(graph, static p, static q, static result) of one prepared solve, or None."""
+    sp, sq = p.detach().clone(), q.detach().clone()
+    side = torch.cuda.Stream(p.device)    # warm-up off the capture (cuBLAS workspaces)
+    side.wait_stream(torch.cuda.current_stream(p.device))
+    with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
+        _prepared_solve(sp, sq, cost, max_iter, 0.0)
+    torch.cuda.current_stream(p.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph), torch.autocast("cuda", enabled=False):
+            out = _prepared_solve(sp, sq, cost, max_iter, 0.0)
+    except RuntimeError:
+        return None
+    return graph, sp, sq, out
 
 
 def _check_eps(eps) -> float:
