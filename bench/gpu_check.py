@@ -5,7 +5,8 @@
 3. the shard worker's loop (prefetch + forward + stats) over >= 20 resnet50-sized teachers held
    in host memory as safetensors bytes, two calls in flight as in the scan: the teachers' pure
    forward time over the loop's wall time, a lower bound on the GPU's busy fraction (goal >= 85%),
-   and engine throughput in the scan vs pure forward throughput             (goal >= 90%)
+   and engine throughput in the scan vs pure forward throughput             (goal >= 90%);
+   the overlapped loop's scores must equal the one-call-at-a-time loop's
 4. (if the distillation module is present) an OT-distillation step vs a ce step on the GPU
 
     PYTHONPATH=. python bench/gpu_check.py [--quick] [--json OUT.json]
@@ -184,11 +185,15 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         sampler.join()
         bad = [r for r in rows if r["status"] != "ok"]
         assert not bad, bad[0]
+        last_scores.clear()
+        last_scores.update({r["teacher_id"]: np.array([r[m] for m in NAMES]) for r in rows})
         return wall, (float(np.mean(sampler.samples)) if sampler.samples else None), \
             {k: round(v, 3) for k, v in worker.phase_seconds.items()}
 
+    last_scores = {}
     worker.overlap = True      # the default on a GPU; the smoke run exercises it on the CPU
     wall, util, phases = loop()
+    overlapped = dict(last_scores)   # finalising on the side stream must not change a value
     found = {}
     options = {"no_prefetch": lambda: setattr(worker, "prefetch", 0),
                "cheap_metrics_only": lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce")),
@@ -205,6 +210,8 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
             sys.setswitchinterval(saved[3])
     worker.overlap = False
     wall_seq, util_seq, phases_seq = loop()
+    rel = max(float(np.max(np.abs(overlapped[t] - last_scores[t]) /
+                            np.maximum(np.abs(last_scores[t]), 1e-12))) for t in ids)
     worker.overlap = True
     # the least the GPU must do for these teachers: their forward alone (already on the GPU,
     # data resident), and forward + statistics + finalise one teacher after another
@@ -228,6 +235,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     extra = {"variants": {k: {**v, "forward_vs_wall": fwd / v["wall_s"]} for k, v in found.items()}} \
         if found else {}
     return {**extra, "teachers": n_teachers, "samples": samples, "wall_s": wall,
+            "overlap_vs_sequential_max_rel_diff": rel,
             "forward_only_s": fwd, "forward_vs_wall": fwd / wall,
             "engine_sequential_s": full, "teachers_per_s": n_teachers / wall,
             "nvml_util_mean": util, "phase_seconds": phases,
