@@ -163,7 +163,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
                                    "std": [0.229, 0.224, 0.225]})
     ids = sorted(blobs)
     out = open_store(tempfile.mkdtemp())
-    worker = ShardWorker(None, out, [target], NAMES, batch_size=512, device=DEVICE, prefetch=1,
+    worker = ShardWorker(None, out, [target], NAMES, device=DEVICE, prefetch=1,   # default batch
                          loader=lambda tid, sha: teacher_from_files(cfgs[tid], blobs[tid]))
     worker.score(ids[0], None, upcoming=[(ids[1], None)])  # warm-up: cudnn autotune, allocator
     _sync()
@@ -198,7 +198,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     options = {"no_prefetch": lambda: setattr(worker, "prefetch", 0),
                "cheap_metrics_only": lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce")),
                "gil_switch_0.1ms": lambda: sys.setswitchinterval(1e-4),
-               "batch_1024": lambda: setattr(worker, "batch_size", 1024)}
+               **{f"batch_{n}": (lambda n=n: setattr(worker, "batch_size", n)) for n in (256, 512, 1024)}}
     for name in variants:   # what the gap between the loop and pure forward is made of
         saved = worker.prefetch, worker.metrics, worker.batch_size, sys.getswitchinterval()
         options[name]()
@@ -235,7 +235,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     extra = {"variants": {k: {**v, "forward_vs_wall": fwd / v["wall_s"]} for k, v in found.items()}} \
         if found else {}
     return {**extra, "teachers": n_teachers, "samples": samples, "wall_s": wall,
-            "overlap_vs_sequential_max_rel_diff": rel,
+            "batch_size": worker.batch_size, "overlap_vs_sequential_max_rel_diff": rel,
             "forward_only_s": fwd, "forward_vs_wall": fwd / wall,
             "engine_sequential_s": full, "teachers_per_s": n_teachers / wall,
             "nvml_util_mean": util, "phase_seconds": phases,
@@ -370,7 +370,8 @@ def main():
     ap.add_argument("--teachers", type=int, default=20)
     ap.add_argument("--variants", default="",
                     help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, "
-                         "gil_switch_0.1ms, batch_1024")
+                         "gil_switch_0.1ms, batch_256, batch_512, batch_1024 (the default batch "
+                         "is the worker's for the device: 1024 on a GPU)")
     args = ap.parse_args()
     variants = tuple(v for v in args.variants.split(",") if v)
     if args.smoke:

@@ -171,7 +171,9 @@ def add_assess_args(a) -> None:
     a.add_argument("--out", required=True, help="run folder (local or s3://) for results")
     a.add_argument("--workers", type=int, default=None,
                    help="shard workers (default: one per GPU, else one per CPU)")
-    a.add_argument("--batch-size", type=int, default=256)
+    a.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 256 on a CPU, 1024 on a GPU; a batch "
+                        "that does not fit the GPU is halved for that teacher)")
     a.add_argument("--metrics", default=None,
                    help="comma-separated scores to compute (default: all: sctd,sctd_cost,sctd_fused,leep,nce,logme,hscore,transrate)")
     a.add_argument("--rank-by", default=DEFAULT_RANK_BY,

@@ -144,3 +144,52 @@ def test_a_scored_teacher_is_freed_with_a_full_collection_only_when_a_cycle_need
         assert loader.models[0]() is None   # the cycle was collected before the call returned
     assert set(w.usage()["phase_seconds"]) == {"load", "wait_for_teacher", "forward_and_stats",
                                                "finalise", "free_memory"}
+
+
+def test_a_batch_that_does_not_fit_is_halved_for_that_teacher(demo_zoo, tmp_path, monkeypatch):
+    """Out of device memory: the teacher's statistics restart at half the batch (the default
+    is large on a GPU), its scores are the same, and the next teacher starts at full size."""
+    import torch
+
+    a, b = _teachers(demo_zoo)[:2]
+    ref = _worker(demo_zoo, tmp_path / "ref", overlap=False)
+    expected = _scores(ref.score(a) + ref.score(b))
+    sizes, failures = [], [2]
+    real_collect, real_batches = worker_mod.collect_stats, ShardWorker._batches
+
+    def batches(self, t, bs=None):
+        sizes.append(bs or self.batch_size)
+        return real_batches(self, t, bs)
+
+    def collect(runner, *args, **kw):
+        if runner.teacher.config.teacher_id == a and failures[0]:
+            failures[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+        return real_collect(runner, *args, **kw)
+
+    monkeypatch.setattr(ShardWorker, "_batches", batches)
+    monkeypatch.setattr(worker_mod, "collect_stats", collect)
+    w = _worker(demo_zoo, tmp_path, overlap=False)
+    got = _scores(w.score(a) + w.score(b))
+    assert sizes == [128, 64, 32, 128] and w.usage()["smaller_batches"] == 2
+    for t in expected:
+        np.testing.assert_allclose(got[t], expected[t], rtol=1e-9, err_msg=t)
+
+
+def test_a_teacher_that_never_fits_is_an_error_row(demo_zoo, tmp_path, monkeypatch):
+    import torch
+
+    def collect(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+
+    monkeypatch.setattr(worker_mod, "collect_stats", collect)
+    w = ShardWorker(open_store(demo_zoo), open_store(str(tmp_path / "o")), [_target(demo_zoo)],
+                    ("leep",), batch_size=4, device="cpu")
+    row = w.score(_teachers(demo_zoo)[0])[0]
+    assert row["status"] == "error" and row["error"].startswith("forward failed: OutOfMemoryError")
+    assert w.usage()["smaller_batches"] == 2          # 4 -> 2 -> 1, then it gives up
+
+
+def test_the_default_batch_follows_the_device(demo_zoo, tmp_path):
+    w = ShardWorker(None, open_store(str(tmp_path / "o")), [_target(demo_zoo)], device="cpu")
+    assert w.batch_size == 256 and w.usage()["batch_size"] == 256

@@ -32,7 +32,7 @@ class ScanSettings:
     targets: list[str]
     out: str
     workers: int | None = None
-    batch_size: int = 256
+    batch_size: int | None = None   # None: the worker's default for its device (worker.py)
     metrics: tuple[str, ...] = NAMES
     rank_by: str = DEFAULT_RANK_BY
     resume: bool = False
@@ -95,7 +95,7 @@ def _check_settings(s: ScanSettings) -> None:
         raise SctdError(f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}")
     if s.rank_by not in s.metrics:
         raise SctdError(f"--rank-by {s.rank_by!r} is not among --metrics {','.join(s.metrics)}")
-    if s.batch_size < 1:
+    if s.batch_size is not None and s.batch_size < 1:
         raise SctdError(f"--batch-size must be at least 1; got {s.batch_size}")
     if s.workers is not None and s.workers < 1:
         raise SctdError(f"--workers must be at least 1 (or left out: one per GPU or CPU slot); "

@@ -45,6 +45,11 @@ class TargetData:
     labels: np.ndarray
 
 
+# images per forward when the scan names none: on a GPU large batches keep it fed (fewer kernel
+# launches per image: docs/benchmarks.md, "GPU"); a batch that does not fit is halved (``_collect``)
+DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 1024}
+
+
 class FatalScanError(SctdError):
     """The whole scan must stop (the store is unreachable or refuses the credentials)."""
 
@@ -52,15 +57,16 @@ class FatalScanError(SctdError):
 class ShardWorker:
     """Scores teachers on targets; see the module docstring."""
 
-    def __init__(self, zoo_store, out_store, targets, metrics=NAMES, batch_size: int = 256,
+    def __init__(self, zoo_store, out_store, targets, metrics=NAMES, batch_size: int | None = None,
                  device: str | None = None, prefetch: int = 1, device_cache_mb: float = 1024,
                  cache=None, loader=None, overlap: bool | None = None):
         from ..zoo.loading import load_teacher
 
         self.zoo, self.out = zoo_store, out_store
         self.metrics = tuple(metrics)
-        self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 256)
+        self.smaller_batches = 0   # teachers whose batch was halved to fit the device memory
         self.prefetch = max(0, int(prefetch))
         self.cache = cache
         self.loader = loader or (lambda tid, sha: load_teacher(self.zoo, tid, cache=self.cache, sha256=sha))
@@ -101,9 +107,9 @@ class ShardWorker:
         return {t.name: (torch.from_numpy(t.images).to(self.device), torch.from_numpy(t.labels).to(self.device))
                 for t in self.targets}
 
-    def _batches(self, t: TargetData) -> TargetBatches:
+    def _batches(self, t: TargetData, bs: int | None = None) -> TargetBatches:
         x, y = self._device_data[t.name]
-        bs = self.batch_size
+        bs = bs or self.batch_size
 
         def it():
             for i in range(0, len(y), bs):
@@ -191,10 +197,21 @@ class ShardWorker:
                 torch.cuda.current_stream(self.device).wait_event(loaded.ready)
             runner = TeacherRunner(loaded, self.device)
             dtype = torch.float32 if runner.cuda else torch.float64
-            out = []
+            out, bs = [], self.batch_size
             for t in wanted:
                 ts = time.perf_counter()
-                stats = collect_stats(runner, self._batches(t), self.metrics, dtype)
+                while True:
+                    try:
+                        stats = collect_stats(runner, self._batches(t, bs), self.metrics, dtype)
+                        break
+                    except torch.OutOfMemoryError:
+                        if bs == 1:
+                            raise
+                        stats = None
+                        bs = max(1, bs // 2)      # this teacher only; its statistics restart
+                        self.smaller_batches += 1
+                        if runner.cuda:
+                            torch.cuda.empty_cache()
                 done = torch.cuda.current_stream(self.device).record_event() if runner.cuda else None
                 out.append((t, ts, stats, done))
             return out, []
@@ -255,7 +272,8 @@ class ShardWorker:
         with self._phase_lock:
             phases = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         return {"worker": self.name, "peak_rss_mb": round(peak_kb / 1024, 1), "teachers": self.scored,
-                "device": str(self.device), "phase_seconds": phases}
+                "device": str(self.device), "batch_size": self.batch_size,
+                "smaller_batches": self.smaller_batches, "phase_seconds": phases}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
