@@ -145,8 +145,9 @@ def _objective_torch(costs: list, labels):
         logits = torch.einsum("j,jnc->nc", b, z)
         lse = torch.logsumexp(logits, 1)
         q = torch.exp(logits - lse[:, None])
-        ez = (z * q).sum(2)                                       # (J, N): E_q z per sample
-        cov = torch.einsum("jnc,knc->jk", z * q, z) / n - ez @ ez.T / n
+        zq = z * q
+        ez = zq.sum(2)                                            # (J, N): E_q z per sample
+        cov = (torch.einsum("jnc,knc->jk", zq, z) - ez @ ez.T) / n   # mean_i Cov_q(z_i)
         out = torch.cat([(b @ zy_mean - lse.mean())[None], zy_mean - ez.mean(1), -cov.reshape(-1)])
         out = out.cpu().numpy()
         return float(out[0]), out[1:1 + j], out[1 + j:].reshape(j, j)

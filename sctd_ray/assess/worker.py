@@ -7,10 +7,10 @@ statistics, finalise the scores, and write one result file per (teacher, target)
 At most ``1 + prefetch`` teachers are resident at a time.
 
 On a GPU, finalising (SPEC 3's D x D factorisations and per-sample likelihoods: 131 ms for a
-D = 2048 teacher on an H200, much of it latency-bound) overlaps the next teacher's forward: ``score`` may be called
-from two threads (the scan's actor runs two calls at once); the device work (forward +
-statistics) is serialised by a lock, and each call finalises outside it, on a side CUDA
-stream, holding only its teacher's statistics (the model is freed first). So at most two
+D = 2048 teacher on an H200, much of it latency-bound) overlaps the next teacher's forward:
+``score`` may be called from two threads (the scan's actor runs two calls at once); the device
+work (forward + statistics) is serialised by a lock, and each call finalises outside it, on a
+side CUDA stream, holding only its teacher's statistics (the model is freed first). So at most two
 teachers' statistics are alive. On the CPU the whole call holds the lock: both phases compete
 for the same cores, so they run one after the other.
 """
@@ -66,7 +66,7 @@ class ShardWorker:
         self.metrics = tuple(metrics)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 256)
-        self.smaller_batches = 0   # teachers whose batch was halved to fit the device memory
+        self.smaller_batches = 0   # times a teacher's batch was halved to fit the device memory
         self.prefetch = max(0, int(prefetch))
         self.cache = cache
         self.loader = loader or (lambda tid, sha: load_teacher(self.zoo, tid, cache=self.cache, sha256=sha))
@@ -200,18 +200,7 @@ class ShardWorker:
             out, bs = [], self.batch_size
             for t in wanted:
                 ts = time.perf_counter()
-                while True:
-                    try:
-                        stats = collect_stats(runner, self._batches(t, bs), self.metrics, dtype)
-                        break
-                    except torch.OutOfMemoryError:
-                        if bs == 1:
-                            raise
-                        stats = None
-                        bs = max(1, bs // 2)      # this teacher only; its statistics restart
-                        self.smaller_batches += 1
-                        if runner.cuda:
-                            torch.cuda.empty_cache()
+                stats, bs = self._stats_that_fit(runner, t, dtype, bs)
                 done = torch.cuda.current_stream(self.device).record_event() if runner.cuda else None
                 out.append((t, ts, stats, done))
             return out, []
@@ -220,6 +209,22 @@ class ShardWorker:
         except (RuntimeError, ValueError) as e:  # e.g. a forward that fails on this input
             msg = f"forward failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
             return [], [self._row(t, teacher_id, arch, "error", msg, {}, t0) for t in wanted]
+
+    def _stats_that_fit(self, runner, t: TargetData, dtype, bs: int):
+        """``collect_stats`` at batch ``bs``, halved (down to 1) each time the device runs out of
+        memory; the statistics restart, and the teacher's other targets keep the smaller batch.
+        Returns (statistics, the batch that fit)."""
+        while True:
+            try:
+                return collect_stats(runner, self._batches(t, bs), self.metrics, dtype), bs
+            except torch.OutOfMemoryError:
+                if bs == 1:
+                    raise
+            # out of the except block: the failed attempt's tensors are free to go back
+            bs //= 2
+            self.smaller_batches += 1
+            if runner.cuda:
+                torch.cuda.empty_cache()
 
     def _finalise(self, teacher_id: str, arch: str, collected: list, t0: float) -> list[dict]:
         """Scores from the collected statistics, one row per target (all of them error rows if
