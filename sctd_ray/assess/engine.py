@@ -1,8 +1,9 @@
 """The teacher runner (SPEC 0-3): one forward pass of a teacher over target batches feeds the
 streaming statistics of every target; runs with or without Ray, on CPU or CUDA.
 
-On CUDA the forward runs in bf16 autocast with channels_last; statistics accumulate on the
-device in float32 (float64 on CPU), so no per-batch host synchronisation happens.
+The forward runs in channels_last memory order, on CUDA in bf16 autocast; statistics
+accumulate on the device in float32 (float64 on CPU), so no per-batch host synchronisation
+happens.
 """
 
 from __future__ import annotations
@@ -57,15 +58,15 @@ def linear_head(teacher) -> torch.nn.Linear:
 class TeacherRunner:
     """Puts a loaded teacher on a device and turns uint8 target batches into (features, logits)."""
 
-    def __init__(self, teacher, device: str | torch.device = "cpu"):
+    def __init__(self, teacher, device: str | torch.device = "cpu", channels_last: bool = True):
         self.teacher = teacher
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.head = linear_head(teacher)
-        model = teacher.model.eval().to(self.device)
-        if self.cuda:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        # channels_last on both devices: oneDNN's CPU convolutions prefer it too
+        # (bench/forward_bench.py; docs/benchmarks.md, "CPU forward memory order")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = teacher.model.eval().to(self.device).to(memory_format=self.memory_format)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -75,8 +76,8 @@ class TeacherRunner:
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher preprocessing on the device, then pre-logits and logits (float32)."""
         x = self.teacher.preprocessing(images.to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=self.memory_format)
         if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         else:

@@ -199,14 +199,17 @@ def _distilled_for(row) -> str | None:
 
 
 def _versions() -> dict:
-    import ray
-    import timm
-    import torch
+    """Package versions for run.json, from their metadata (importing timm here would cost the
+    driver ~2 s for a version string)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
-
-    return {"sctd_ray": __version__, "ray": ray.__version__, "torch": torch.__version__,
-            "timm": timm.__version__, "python": sys.version.split()[0]}
+    def v(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+    return {"sctd_ray": v("sctd-ray"), "ray": v("ray"), "torch": v("torch"), "timm": v("timm"),
+            "python": sys.version.split()[0]}
 
 
 def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples):
