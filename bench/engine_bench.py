@@ -43,8 +43,9 @@ class _TimedForward:
         return out
 
 
-def time_teacher(teacher, images, labels, num_classes, device, batch_size, repeats, metrics=NAMES):
-    runner = TeacherRunner(teacher, device)
+def time_teacher(teacher, images, labels, num_classes, device, batch_size, repeats, metrics=NAMES,
+                 channels_last=True):
+    runner = TeacherRunner(teacher, device, channels_last=channels_last)
     dtype = torch.float32 if runner.cuda else torch.float64
     x = torch.from_numpy(np.ascontiguousarray(images).copy())
     y = torch.from_numpy(labels)
@@ -119,6 +120,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7, help="best of this many (this VM's speed drifts)")
     ap.add_argument("--metrics", default=",".join(NAMES), help="scores to compute (default: all of metrics.NAMES)")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="run the teachers in NCHW order (before session 7 the CPU default) instead of channels_last")
     args = ap.parse_args()
 
     if args.zoo or args.device == "cpu":
@@ -139,13 +142,14 @@ def main():
     torch.set_grad_enabled(False)
     metrics = tuple(args.metrics.split(","))
     print(f"device={args.device} samples={len(labels)} batch={args.batch_size} metrics={','.join(metrics)}"
+          f" memory={'contiguous' if args.contiguous else 'channels_last'}"
           + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else f" threads={torch.get_num_threads()}"))
     print(f"{'teacher':28s} {'forward s':>10s} {'engine s':>10s} {'ratio':>7s} {'engine img/s':>13s}"
           f" {'update ms':>10s} {'finalise ms':>12s}")
     tf = te = tu = tz = 0.0
     for t in teachers:
         f, e, u, z = time_teacher(t, images, labels, args.classes, args.device, args.batch_size,
-                                  args.repeats, metrics)
+                                  args.repeats, metrics, channels_last=not args.contiguous)
         tf, te, tu, tz = tf + f, te + e, tu + u, tz + z
         print(f"{t.teacher_id:28s} {f:10.4f} {e:10.4f} {e / f:7.3f} {len(labels) / e:13.0f}"
               f" {1e3 * u:10.1f} {1e3 * z:12.1f}")

@@ -2,14 +2,16 @@
 
 Zoo: the small demo zoo's teachers under --copies ids each (default 4 x 8 = 32 teachers),
 pushed to a SeaweedFS server started here. Target: --samples Fashion-MNIST test images
-(10 classes), as a Parquet target on the same S3.
+(10 classes), as a Parquet target on the same S3: 28x28 PNGs, or with --image-size S enlarged to
+S x S JPEGs (a target of photographs: each image costs a photo's decode, every teacher still
+sees 28-32 px inputs).
 
 - naive: for each teacher, download config + weights, build the model, run a torch DataLoader
   that reads the target Parquet from S3 and decodes its PNGs, compute the same metrics;
 - sctd assess: the CLI in a subprocess, end to end (Ray start-up included);
 - pure forward: teachers already in memory, images already decoded, forward passes only.
 
-    python bench/scan_bench.py [--zoo DEMO_ZOO] [--copies 4] [--samples 2000] [--workers 2]
+    python bench/scan_bench.py [--zoo DEMO_ZOO] [--copies 4] [--samples 2000] [--workers 2] [--image-size S]
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def make_zoo(demo: str, dst: Path, copies: int) -> Path:
     return dst
 
 
-def make_target(dst: Path, samples: int) -> Path:
+def make_target(dst: Path, samples: int, image_size: int | None = None) -> Path:
+    """Fashion-MNIST test images as a Parquet target: 28x28 PNGs, or with ``image_size`` each
+    image enlarged (bicubic) to that size and stored as a JPEG (quality 90), the way a target of
+    photographs arrives: the same labels, a decode cost per image like a photo's."""
     from sctd_ray.data.sources import fashion_mnist
     from sctd_ray.data.targets import write_target
     from sctd_ray.zoo.store import open_store
@@ -49,8 +54,23 @@ def make_target(dst: Path, samples: int) -> Path:
     src = fashion_mnist("test")
     names = list(src.class_names)
     split = {"train": slice(0, samples), "val": slice(samples, samples + 100), "test": slice(samples + 100, samples + 200)}
-    write_target(open_store(str(dst)), {k: src.images[v] for k, v in split.items()},
-                 {k: [names[i] for i in src.labels[v]] for k, v in split.items()})
+    if image_size is None:
+        write_target(open_store(str(dst)), {k: src.images[v] for k, v in split.items()},
+                     {k: [names[i] for i in src.labels[v]] for k, v in split.items()})
+        return dst
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def jpeg(a):
+        buf = io.BytesIO()
+        Image.fromarray(a[:, :, 0]).resize((image_size, image_size), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+    dst.mkdir(parents=True, exist_ok=True)
+    for k, v in split.items():
+        pq.write_table(pa.table({"image": pa.array([jpeg(a) for a in src.images[v]], type=pa.binary()),
+                                 "label": pa.array([names[i] for i in src.labels[v]], type=pa.string())}),
+                       dst / f"{k}.parquet")
     return dst
 
 
@@ -72,7 +92,7 @@ class ParquetImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from sctd_ray.data.images import decode_image
 
-        return torch.from_numpy(decode_image(self.images[i])), self.labels[i]
+        return torch.from_numpy(decode_image(self.images[i]).copy()), self.labels[i]
 
 
 def naive_scan(zoo_uri: str, target_uri: str, batch_size: int) -> tuple[dict, float]:
@@ -130,6 +150,8 @@ def main():
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="store the target's images enlarged to this size as JPEGs (default: 28x28 PNGs)")
     args = ap.parse_args()
     from s3server import SeaweedS3
 
@@ -144,7 +166,7 @@ def main():
         demo = str(tmp / "demo")
         build_demo(demo, "small", log=lambda *_: None)
     zoo_dir = make_zoo(demo, tmp / "zoo", args.copies)
-    target_dir = make_target(tmp / "target", args.samples)
+    target_dir = make_target(tmp / "target", args.samples, args.image_size)
     with SeaweedS3(require_auth=True) as s3:
         os.environ.update(s3.env())
         bucket = s3.make_bucket("bench")
@@ -152,7 +174,8 @@ def main():
         sync(str(zoo_dir), zoo_uri, progress=False)
         sync(str(target_dir), target_uri, progress=False)
         n = len(list((zoo_dir / "teachers").iterdir()))
-        print(f"zoo: {n} teachers on SeaweedFS; target: {args.samples} images; "
+        print(f"zoo: {n} teachers on SeaweedFS; target: {args.samples} images "
+              f"({f'{args.image_size}x{args.image_size} JPEG' if args.image_size else '28x28 PNG'}); "
               f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()}", flush=True)
 
         naive, t_naive = naive_scan(zoo_uri, target_uri, args.batch_size)

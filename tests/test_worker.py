@@ -157,9 +157,9 @@ def test_a_batch_that_does_not_fit_is_halved_for_that_teacher(demo_zoo, tmp_path
     sizes, failures = [], [2]
     real_collect, real_batches = worker_mod.collect_stats, ShardWorker._batches
 
-    def batches(self, t, bs=None):
+    def batches(self, t, bs=None, pre=None):
         sizes.append(bs or self.batch_size)
-        return real_batches(self, t, bs)
+        return real_batches(self, t, bs, pre)
 
     def collect(runner, *args, **kw):
         if runner.teacher.config.teacher_id == a and failures[0]:
@@ -193,3 +193,27 @@ def test_a_teacher_that_never_fits_is_an_error_row(demo_zoo, tmp_path, monkeypat
 def test_the_default_batch_follows_the_device(demo_zoo, tmp_path):
     w = ShardWorker(None, open_store(str(tmp_path / "o")), [_target(demo_zoo)], device="cpu")
     assert w.batch_size == 256 and w.usage()["batch_size"] == 256
+
+
+def test_target_is_resized_once_per_input_geometry_with_the_same_scores(demo_zoo, tmp_path):
+    """Teachers of one input size and channel count share one resized copy of the target (the
+    8 demo teachers have 3 geometries); scores equal resizing every batch for every teacher,
+    and a cache budget the copy does not fit falls back to that."""
+    from sctd_ray.zoo.loading import load_teacher
+
+    teachers = sorted(p.name for p in (Path(demo_zoo) / "teachers").iterdir())
+    geometries = {load_teacher(open_store(demo_zoo), t).preprocessing.geometry for t in teachers}
+    assert len(geometries) == 3
+
+    def run(cache_mb, sub):
+        w = ShardWorker(open_store(demo_zoo), open_store(str(tmp_path / sub)), [_target(demo_zoo)], NAMES,
+                        batch_size=16, device="cpu", resized_cache_mb=cache_mb)
+        rows = [r for t in teachers for r in w.score(t)]
+        assert [r["status"] for r in rows] == ["ok"] * len(teachers)
+        return _scores(rows), w.usage()["resized_targets"]
+
+    cached, builds = run(512, "c")
+    per_batch, none = run(0, "p")
+    assert builds == len(geometries) and none == 0
+    for t in teachers:
+        np.testing.assert_array_equal(cached[t], per_batch[t], err_msg=t)

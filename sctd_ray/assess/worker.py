@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ class TargetData:
 # images per forward when the scan names none: on a GPU large batches keep it fed (fewer kernel
 # launches per image: docs/benchmarks.md, "GPU"); a batch that does not fit is halved (``_collect``)
 DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 1024}
+# memory for targets resized to the teachers' input geometries (``ShardWorker._resized_target``)
+RESIZED_CACHE_MB = 512
 
 
 class FatalScanError(SctdError):
@@ -59,7 +62,8 @@ class ShardWorker:
 
     def __init__(self, zoo_store, out_store, targets, metrics=NAMES, batch_size: int | None = None,
                  device: str | None = None, prefetch: int = 1, device_cache_mb: float = 1024,
-                 cache=None, loader=None, overlap: bool | None = None):
+                 cache=None, loader=None, overlap: bool | None = None,
+                 resized_cache_mb: float = RESIZED_CACHE_MB):
         from ..zoo.loading import load_teacher
 
         self.zoo, self.out = zoo_store, out_store
@@ -73,6 +77,10 @@ class ShardWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.targets = [self._resolve(t) for t in targets]
         self._device_data = self._place(device_cache_mb)
+        # each target resized once per teacher input geometry, not once per teacher (``_resized``)
+        self.resized_cache_mb = float(resized_cache_mb)
+        self._resized: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.resized_builds = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._pending: dict[str, Future] = {}
         self._device_lock = threading.Lock()
@@ -107,14 +115,49 @@ class ShardWorker:
         return {t.name: (torch.from_numpy(t.images).to(self.device), torch.from_numpy(t.labels).to(self.device))
                 for t in self.targets}
 
-    def _batches(self, t: TargetData, bs: int | None = None) -> TargetBatches:
+    def _batches(self, t: TargetData, bs: int | None = None, pre=None) -> TargetBatches:
+        """The target's batches for one teacher: already resized to its input geometry (``pre``,
+        its Preprocessing) when that resized copy fits the cache, else the decoded images."""
         x, y = self._device_data[t.name]
+        x = self._resized_target(t, x, pre) if pre is not None else x
         bs = bs or self.batch_size
 
         def it():
             for i in range(0, len(y), bs):
                 yield x[i:i + bs], y[i:i + bs]
         return TargetBatches(t.name, len(t.class_names), it)
+
+    def _resized_target(self, t: TargetData, x: torch.Tensor, pre) -> torch.Tensor:
+        """The whole target resized to ``pre``'s input size and channel count (float in [0, 1],
+        channels_last), built once per geometry and kept while the cache's budget allows (least
+        recently used first out). Teachers share geometries (most zoos have a handful of input
+        sizes), so this saves every other teacher of a geometry its per-batch resize; each image
+        is resized on its own, so the values are those of the per-batch path. Targets that live
+        on the host while the teacher runs on a GPU are resized there per batch (cheap)."""
+        if x.device != self.device:
+            return x
+        c, h, w = pre.input_size
+        nbytes = len(x) * c * h * w * 4
+        if nbytes > self.resized_cache_mb * 2**20:
+            return x
+        key = (t.name, pre.geometry)
+        if key in self._resized:
+            self._resized.move_to_end(key)
+            return self._resized[key]
+        while self._resized and sum(v.nbytes for v in self._resized.values()) + nbytes > self.resized_cache_mb * 2**20:
+            self._resized.popitem(last=False)
+        step = max(1, self.batch_size)
+        try:
+            with torch.inference_mode():
+                out = torch.empty((len(x), c, h, w), dtype=torch.float32, device=self.device,
+                                  memory_format=torch.channels_last)
+                for i in range(0, len(x), step):
+                    out[i:i + step] = pre.resize(x[i:i + step])
+        except torch.OutOfMemoryError:   # no room on the device: resize per batch instead
+            return x
+        self._resized[key] = out
+        self.resized_builds += 1
+        return out
 
     # ---------------------------------------------------------------- teachers
     def _timed(self, phase: str, t0: float) -> None:
@@ -216,7 +259,8 @@ class ShardWorker:
         Returns (statistics, the batch that fit)."""
         while True:
             try:
-                return collect_stats(runner, self._batches(t, bs), self.metrics, dtype), bs
+                return collect_stats(runner, self._batches(t, bs, runner.teacher.preprocessing),
+                                     self.metrics, dtype), bs
             except torch.OutOfMemoryError:
                 if bs == 1:
                     raise
@@ -278,7 +322,8 @@ class ShardWorker:
             phases = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         return {"worker": self.name, "peak_rss_mb": round(peak_kb / 1024, 1), "teachers": self.scored,
                 "device": str(self.device), "batch_size": self.batch_size,
-                "smaller_batches": self.smaller_batches, "phase_seconds": phases}
+                "smaller_batches": self.smaller_batches, "resized_targets": self.resized_builds,
+                "phase_seconds": phases}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

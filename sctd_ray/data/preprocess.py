@@ -32,8 +32,20 @@ class Preprocessing:
         interp = cfg.get("interpolation", "bilinear")
         return cls((c, h, w), mean, std, interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear")
 
+    @property
+    def geometry(self) -> tuple:
+        """What ``resize`` depends on: teachers with equal geometries see the same resized images."""
+        return (self.input_size, self.interpolation)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, C) or float (B, C, H, W) in [0, 1] -> normalised float (B, C', H', W')."""
+        return self.normalise(self.resize(images))
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """The geometric part: uint8 (B, H, W, C) or float (B, C, H, W) in [0, 1] -> float
+        (B, C', H', W') in [0, 1] at the input size and channel count (a no-op on float images
+        that already have them). Each image is mapped on its own, so resizing a whole target
+        once equals resizing it batch by batch."""
         x = images
         if x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
@@ -48,6 +60,10 @@ class Preprocessing:
         if tuple(x.shape[-2:]) != (h, w):
             kw = {"antialias": True, "align_corners": False} if self.interpolation != "nearest" else {}
             x = F.interpolate(x, size=(h, w), mode=self.interpolation, **kw)
+        return x
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Float (B, C, H, W) in [0, 1] -> (x - mean) / std, per channel."""
         mean, std = normalisation(self.mean, self.std, x.device, x.dtype)
         return (x - mean) / std
 
