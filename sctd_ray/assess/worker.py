@@ -2,7 +2,8 @@
 every target. Plain Python (the scan wraps it in a Ray actor; a GPU benchmark runs it bare).
 
 Per teacher: take its prefetched weights (the next teachers are fetched and built in a
-background thread while the current one runs), forward every target batch once, update the
+background thread while the current one runs), forward every target batch once (the target
+resized to the teacher's input geometry once per geometry, not once per teacher), update the
 statistics, finalise the scores, and write one result file per (teacher, target).
 At most ``1 + prefetch`` teachers are resident at a time.
 
