@@ -162,6 +162,7 @@ def test_interrupted_driver_resumes_without_rescoring(demo_zoo, tmp_path):
     assert 4 <= len(before) < 32
     p2 = subprocess.run(cmd[:-1] + ["--resume", "--quiet"], capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stderr
+    assert "WARNING" not in p2.stderr   # --quiet: no progress bar, and no warnings from Ray
     after = {f: f.read_bytes() for f in (out / "results").rglob("*.json")}
     assert len(after) == 32
     assert all(after[f] == data for f, data in before.items())  # finished pairs never rescored

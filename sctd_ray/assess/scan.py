@@ -77,6 +77,8 @@ def ensure_ray(address: str | None = None):
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, ...": a warning about what sctd asked for on purpose
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return ray
 
 
