@@ -164,7 +164,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     ids = sorted(blobs)
     out = open_store(tempfile.mkdtemp())
     worker = ShardWorker(None, out, [target], NAMES, device=DEVICE, prefetch=1,   # default batch
-                         loader=lambda tid, sha: teacher_from_files(cfgs[tid], blobs[tid]))
+                         loader=lambda tid, sha, reuse: teacher_from_files(cfgs[tid], blobs[tid], reuse))
     worker.score(ids[0], None, upcoming=[(ids[1], None)])  # warm-up: cudnn autotune, allocator
     _sync()
 

@@ -112,8 +112,8 @@ class _Cycle:
 
         self.load, self.store, self.models = load_teacher, store, []
 
-    def __call__(self, tid, sha):
-        teacher = self.load(self.store, tid)
+    def __call__(self, tid, sha, reuse=None):
+        teacher = self.load(self.store, tid, reuse=reuse)
         object.__setattr__(teacher.model, "_cycle", [teacher.model])
         self.models.append(weakref.ref(teacher.model))
         return teacher
@@ -132,7 +132,7 @@ def test_a_scored_teacher_is_freed_with_a_full_collection_only_when_a_cycle_need
     store = open_store(demo_zoo)
     loader = _Cycle(store) if cycle else None
     w = ShardWorker(store, open_store(str(tmp_path / "o")), [_target(demo_zoo)], ("leep",),
-                    device="cpu", loader=loader)
+                    device="cpu", loader=loader, reuse_models=False)
     gc.disable()   # no automatic collection may free the model instead
     try:
         rows = w.score(_teachers(demo_zoo)[0])
@@ -217,3 +217,82 @@ def test_target_is_resized_once_per_input_geometry_with_the_same_scores(demo_zoo
     assert builds == len(geometries) and none == 0
     for t in teachers:
         np.testing.assert_array_equal(cached[t], per_batch[t], err_msg=t)
+
+
+def _body_pairs(zoo: str):
+    """Demo teachers by body key: same architecture and model arguments, other weights (and,
+    for the EfficientNets, another head size)."""
+    from sctd_ray.zoo.loading import body_key, read_config
+
+    keys = {}
+    for t in sorted(p.name for p in (Path(zoo) / "teachers").iterdir()):
+        keys.setdefault(body_key(read_config(open_store(zoo), t)), []).append(t)
+    return [ts for ts in keys.values() if len(ts) > 1]
+
+
+def test_a_scored_teachers_model_serves_the_next_teacher_of_its_architecture(demo_zoo, tmp_path):
+    """The next teacher of the same architecture and model arguments gets the last one's model
+    (head resized when its class count differs) with its own weights copied in: the rows equal
+    building every model afresh; a teacher of another architecture builds its own."""
+    pairs = _body_pairs(demo_zoo)
+    assert sorted(map(len, pairs)) == [2, 2]   # two ResNets (10 classes), two EfficientNets (10, 5)
+    order = [pairs[0][0], pairs[0][1], "fm-inv-all-vit", pairs[1][0], pairs[1][1], pairs[1][0]]
+
+    def run(reuse, sub):
+        w = ShardWorker(open_store(demo_zoo), open_store(str(tmp_path / sub)), [_target(demo_zoo)], NAMES,
+                        batch_size=64, device="cpu", reuse_models=reuse)
+        rows = [w.score(t)[0] for t in order]
+        assert [r["status"] for r in rows] == ["ok"] * len(order)
+        return [tuple(r[m] for m in NAMES) for r in rows], w.usage()["models_reused"]
+
+    reused, n = run(True, "r")
+    fresh, none = run(False, "f")
+    assert n == 3 and none == 0
+    np.testing.assert_array_equal(np.array(reused), np.array(fresh))
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+def test_a_parked_model_the_next_teacher_cannot_use_is_freed(demo_zoo, tmp_path, monkeypatch, cycle):
+    """The parked model goes when the next teacher has another architecture, with a full
+    collection only when a reference cycle keeps it."""
+    import gc
+
+    calls = []
+    real = gc.collect
+    monkeypatch.setattr(worker_mod.gc, "collect", lambda *a: calls.append(a) or real(*a))
+    store = open_store(demo_zoo)
+    loader = _Cycle(store) if cycle else None
+    w = ShardWorker(store, open_store(str(tmp_path / "o")), [_target(demo_zoo)], ("leep",),
+                    device="cpu", loader=loader)
+    gc.disable()
+    try:
+        first = w.score("dg-all-resnet")
+        assert not calls                      # parked, not freed
+        first_model = w._parked[1]
+        ref = weakref.ref(first_model)
+        del first_model
+        second = w.score("fm-inv-all-vit")    # another architecture: builds its own
+    finally:
+        gc.enable()
+    assert first[0]["status"] == second[0]["status"] == "ok"
+    assert bool(calls) is cycle and ref() is None and w.usage()["models_reused"] == 0
+
+
+def test_a_teacher_whose_weights_fail_after_a_reused_model_is_an_error_row(demo_zoo, tmp_path):
+    """Corrupt weights for a teacher that would reuse the parked model: an error row; the next
+    teacher of that architecture still scores as it does alone."""
+    import shutil
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    a, b = _body_pairs(demo_zoo)[0]
+    shutil.copytree(zoo / "teachers" / b, zoo / "teachers" / "broken")
+    data = (zoo / "teachers" / "broken" / "model.safetensors").read_bytes()
+    (zoo / "teachers" / "broken" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    w = ShardWorker(open_store(str(zoo)), open_store(str(tmp_path / "o")), [_target(demo_zoo)], NAMES,
+                    batch_size=64, device="cpu")
+    rows = [w.score(t)[0] for t in (a, "broken", b)]
+    alone = ShardWorker(open_store(str(zoo)), open_store(str(tmp_path / "p")), [_target(demo_zoo)], NAMES,
+                        batch_size=64, device="cpu").score(b)[0]
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"] and "corrupt" in rows[1]["error"]
+    assert [rows[2][m] for m in NAMES] == [alone[m] for m in NAMES]

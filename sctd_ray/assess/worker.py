@@ -64,7 +64,7 @@ class ShardWorker:
     def __init__(self, zoo_store, out_store, targets, metrics=NAMES, batch_size: int | None = None,
                  device: str | None = None, prefetch: int = 1, device_cache_mb: float = 1024,
                  cache=None, loader=None, overlap: bool | None = None,
-                 resized_cache_mb: float = RESIZED_CACHE_MB):
+                 resized_cache_mb: float = RESIZED_CACHE_MB, reuse_models: bool = True):
         from ..zoo.loading import load_teacher
 
         self.zoo, self.out = zoo_store, out_store
@@ -74,7 +74,15 @@ class ShardWorker:
         self.smaller_batches = 0   # times a teacher's batch was halved to fit the device memory
         self.prefetch = max(0, int(prefetch))
         self.cache = cache
-        self.loader = loader or (lambda tid, sha: load_teacher(self.zoo, tid, cache=self.cache, sha256=sha))
+        # loader(teacher id, sha256, reuse) -> LoadedTeacher; ``reuse`` hands over a parked model
+        self.loader = loader or (lambda tid, sha, reuse: load_teacher(self.zoo, tid, cache=self.cache,
+                                                                      sha256=sha, reuse=reuse))
+        # the last scored teacher's model, parked for the next teacher of its architecture
+        # (``_park``, ``_take_parked``): a build is the Python-heavy part of loading a teacher
+        self.reuse_models = bool(reuse_models)
+        self._parked: tuple | None = None      # (body key, model, CUDA event after its last use)
+        self._parked_lock = threading.Lock()
+        self.models_reused = 0
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.targets = [self._resolve(t) for t in targets]
         self._device_data = self._place(device_cache_mb)
@@ -173,13 +181,17 @@ class ShardWorker:
             self._timed("load", t0)
 
     def _load(self, tid: str, sha: str | None):
+        reuse = self._take_parked if self.reuse_models else None
         try:
-            teacher = self.loader(tid, sha)
-            if self.device.type == "cuda":  # copy to the GPU on a side stream, off the hot loop
-                stream = torch.cuda.Stream(self.device)
-                with torch.cuda.stream(stream):
-                    teacher.model.to(self.device, non_blocking=True).to(memory_format=torch.channels_last)
-                teacher.ready = stream.record_event()
+            if self.device.type != "cuda":
+                return self.loader(tid, sha, reuse)
+            # weights reach the GPU on a side stream, off the hot loop: copied into a parked
+            # model (after its last use: ``_take_parked``) or with a new model
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                teacher = self.loader(tid, sha, reuse)
+                teacher.model.to(self.device, non_blocking=True).to(memory_format=torch.channels_last)
+            teacher.ready = stream.record_event()
             return teacher
         except (StoreUnreachable, StoreAuthError) as e:
             return FatalScanError(str(e))
@@ -188,6 +200,36 @@ class ShardWorker:
         except Exception as e:  # an unloadable teacher must never crash the shard
             return TeacherError(tid, f"cannot load: {type(e).__name__}: {e}")
 
+
+    def _park(self, loaded) -> None:
+        """Keep a scored teacher's model for the next teacher of the same architecture and
+        model arguments (at most one parked model; the one before goes)."""
+        from ..zoo.loading import body_key
+
+        event = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        with self._parked_lock:
+            self._parked = (body_key(loaded.config), loaded.model, event)
+
+    def _take_parked(self, key):
+        """The parked model when its body key is ``key`` (a loader copies the next teacher's
+        weights into it, on a CUDA stream that first waits for the model's last use), else None;
+        either way nothing stays parked."""
+        with self._parked_lock:
+            parked, self._parked = self._parked, None
+        if parked is None:
+            return None
+        if parked[0] != key:
+            ref = weakref.ref(parked[1])
+            del parked
+            if ref() is not None:   # a reference cycle keeps it (see ``score``)
+                gc.collect()
+            return None
+        _, model, event = parked
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        with self._parked_lock:
+            self.models_reused += 1
+        return model
 
     def _prefetch(self, upcoming: list[tuple[str, str | None]]) -> None:
         for tid, sha in upcoming[: self.prefetch]:
@@ -214,8 +256,11 @@ class ShardWorker:
             self._timed("forward_and_stats", tc)
             tm = time.perf_counter()
             model = weakref.ref(loaded.model) if hasattr(loaded, "model") else None
+            parked = self.reuse_models and bool(collected)   # scored: its model may serve again
+            if parked:
+                self._park(loaded)
             del loaded, fut   # the future holds the teacher too
-            if model is not None and model() is not None:
+            if not parked and model is not None and model() is not None:
                 # a reference cycle keeps the model (reference counting frees every timm model
                 # tried): collect it before the next one arrives. Not always: a full
                 # collection holds the GIL ~0.2 s, which starves the thread feeding the GPU
@@ -324,6 +369,7 @@ class ShardWorker:
         return {"worker": self.name, "peak_rss_mb": round(peak_kb / 1024, 1), "teachers": self.scored,
                 "device": str(self.device), "batch_size": self.batch_size,
                 "smaller_batches": self.smaller_batches, "resized_targets": self.resized_builds,
+                "models_reused": self.models_reused,
                 "phase_seconds": phases}
 
     def close(self) -> None:

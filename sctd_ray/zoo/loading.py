@@ -82,17 +82,27 @@ def build_model(config: TeacherConfig, device: str | torch.device = "cpu") -> to
                            f"model_args {config.model_args}: {e}") from None
 
 
-def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes | str | Path) -> None:
-    """Load safetensors weights strictly (every key present, every shape equal)."""
+def read_weights(config: TeacherConfig, weights: bytes | str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (bytes or path), on the CPU."""
     from safetensors import SafetensorError
     from safetensors.torch import load, load_file
 
-    tid = config.teacher_id
     try:
-        state = load(weights) if isinstance(weights, (bytes, bytearray)) else load_file(str(weights))
+        return load(weights) if isinstance(weights, (bytes, bytearray)) else load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise TeacherError(tid, f"model.safetensors is corrupt or unreadable: {e}") from None
-    own = model.state_dict()
+        raise TeacherError(config.teacher_id, f"model.safetensors is corrupt or unreadable: {e}") from None
+
+
+def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes | str | Path) -> None:
+    """Load safetensors weights strictly (every key present, every shape equal)."""
+    state = read_weights(config, weights)
+    check_weights(config, model.state_dict(), state)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def check_weights(config: TeacherConfig, own: dict, state: dict) -> None:
+    """TeacherError unless ``state`` has exactly the keys of ``own`` with the same shapes."""
+    tid = config.teacher_id
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -107,7 +117,31 @@ def load_weights(config: TeacherConfig, model: torch.nn.Module, weights: bytes |
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise TeacherError(tid, f"shape mismatch for {name!r}: weights {tuple(tensor.shape)}, "
                                f"model {tuple(own[name].shape)}")
-    model.load_state_dict(state, strict=True, assign=True)
+
+
+def body_key(config: TeacherConfig) -> tuple:
+    """What a timm model's structure depends on apart from its head's size: teachers with equal
+    keys can run in one model instance, one after the other (``teacher_from_files(reuse=...)``)."""
+    return (config.architecture, json.dumps(config.model_args, sort_keys=True, default=str))
+
+
+def _reload(config: TeacherConfig, model: torch.nn.Module, weights) -> torch.nn.Module | None:
+    """``model`` (a previous teacher's, of the same ``body_key``) with this teacher's head size
+    and weights copied into it; None when it does not fit them exactly (other keys, shapes or
+    dtypes), so the caller builds the model afresh (whose checks report what is wrong)."""
+    state = read_weights(config, weights)
+    head = getattr(model, "num_classes", None)
+    if head != config.num_classes:
+        if not hasattr(model, "reset_classifier"):
+            return None
+        model.reset_classifier(config.num_classes)   # a new linear head, the body unchanged
+    own = model.state_dict()
+    if set(own) != set(state) or any(own[k].shape != state[k].shape or own[k].dtype != state[k].dtype
+                                     for k in own):
+        return None
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)    # copies, on the device the model is on
+    return model.eval()
 
 
 def _file_size(path) -> int:
@@ -121,9 +155,18 @@ def _has_meta_tensors(model: torch.nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
-def teacher_from_files(config: TeacherConfig, weights: bytes | str | Path) -> LoadedTeacher:
+def teacher_from_files(config: TeacherConfig, weights: bytes | str | Path, reuse=None) -> LoadedTeacher:
     """Build and load a teacher from its parsed config and its safetensors bytes or path
-    (large ones built on the meta device, see ``META_BUILD_MIN_BYTES``)."""
+    (large ones built on the meta device, see ``META_BUILD_MIN_BYTES``).
+
+    ``reuse(body_key)`` may hand over a model that an earlier teacher of the same architecture
+    and model arguments no longer needs: its head is resized and this teacher's weights are
+    copied into it, instead of building a model (the Python-heavy part of loading)."""
+    old = reuse(body_key(config)) if reuse is not None else None
+    if old is not None:
+        model = _reload(config, old, weights)
+        if model is not None:
+            return LoadedTeacher(config, model, _preprocessing(config))
     size = len(weights) if isinstance(weights, (bytes, bytearray)) else _file_size(weights)
     model = None
     if size >= META_BUILD_MIN_BYTES:
@@ -137,11 +180,14 @@ def teacher_from_files(config: TeacherConfig, weights: bytes | str | Path) -> Lo
         model = build_model(config)
         load_weights(config, model, weights)
     model.eval()
+    return LoadedTeacher(config, model, _preprocessing(config))
+
+
+def _preprocessing(config: TeacherConfig) -> Preprocessing:
     try:
-        pre = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
+        return Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise TeacherError(config.teacher_id, f"bad preprocessing in config.json: {e}") from None
-    return LoadedTeacher(config, model, pre)
 
 
 def read_config(store, teacher_id: str) -> TeacherConfig:
@@ -153,10 +199,11 @@ def read_config(store, teacher_id: str) -> TeacherConfig:
     return TeacherConfig.from_json(teacher_id, data)
 
 
-def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None) -> LoadedTeacher:
+def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None, reuse=None) -> LoadedTeacher:
     """Fetch config + weights from a store (through the content cache when a sha256 is known)
-    and return the loaded teacher. Every problem raises TeacherError naming the teacher,
-    except an unreachable store or refused credentials, which concern the whole scan."""
+    and return the loaded teacher (``reuse``: see ``teacher_from_files``). Every problem raises
+    TeacherError naming the teacher, except an unreachable store or refused credentials, which
+    concern the whole scan."""
     config = read_config(store, teacher_id)
     key = weights_key(teacher_id)
     try:
@@ -168,4 +215,4 @@ def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None) 
         raise
     except StoreError as e:
         raise TeacherError(teacher_id, f"cannot read model.safetensors: {e}") from None
-    return teacher_from_files(config, weights)
+    return teacher_from_files(config, weights, reuse)
