@@ -198,16 +198,17 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     options = {"no_prefetch": lambda: setattr(worker, "prefetch", 0),
                "cheap_metrics_only": lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce")),
                "gil_switch_0.1ms": lambda: sys.setswitchinterval(1e-4),
+               "no_reuse": lambda: setattr(worker, "reuse_models", False),   # build every model
                **{f"batch_{n}": (lambda n=n: setattr(worker, "batch_size", n)) for n in (256, 512, 1024)}}
     for name in variants:   # what the gap between the loop and pure forward is made of
-        saved = worker.prefetch, worker.metrics, worker.batch_size, sys.getswitchinterval()
+        saved = worker.prefetch, worker.metrics, worker.batch_size, worker.reuse_models, sys.getswitchinterval()
         options[name]()
         try:
             w_, u_, p_ = loop()
             found[name] = {"wall_s": w_, "nvml_util_mean": u_, "phase_seconds": p_}
         finally:
-            worker.prefetch, worker.metrics, worker.batch_size = saved[:3]
-            sys.setswitchinterval(saved[3])
+            worker.prefetch, worker.metrics, worker.batch_size, worker.reuse_models = saved[:4]
+            sys.setswitchinterval(saved[4])
     worker.overlap = False
     wall_seq, util_seq, phases_seq = loop()
     rel = max(float(np.max(np.abs(overlapped[t] - last_scores[t]) /
@@ -216,6 +217,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     # the least the GPU must do for these teachers: their forward alone (already on the GPU,
     # data resident), and forward + statistics + finalise one teacher after another
     fwd = full = 0.0
+    fresh_rel = 0.0   # a fresh model per teacher vs the loop's reused ones (weights copied in)
     for tid in ids[:5]:
         runner = TeacherRunner(teacher_from_files(cfgs[tid], blobs[tid]), DEVICE)
         tb = worker._batches(target)
@@ -226,8 +228,10 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
                 runner.forward(xb)
         _sync()
         t2 = time.perf_counter()
-        finalise(tid, collect_stats(runner, tb, NAMES, torch.float32))
+        fresh = finalise(tid, collect_stats(runner, tb, NAMES, torch.float32))
         _sync()
+        ref = np.array([fresh[m] for m in NAMES])
+        fresh_rel = max(fresh_rel, float(np.max(np.abs(overlapped[tid] - ref) / np.maximum(np.abs(ref), 1e-12))))
         fwd += t2 - t1
         full += time.perf_counter() - t2
         del runner
@@ -236,6 +240,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         if found else {}
     return {**extra, "teachers": n_teachers, "samples": samples, "wall_s": wall,
             "batch_size": worker.batch_size, "overlap_vs_sequential_max_rel_diff": rel,
+            "fresh_models_vs_loop_max_rel_diff": fresh_rel, "models_reused": worker.models_reused,
             "forward_only_s": fwd, "forward_vs_wall": fwd / wall,
             "engine_sequential_s": full, "teachers_per_s": n_teachers / wall,
             "nvml_util_mean": util, "phase_seconds": phases,
@@ -370,7 +375,7 @@ def main():
     ap.add_argument("--teachers", type=int, default=20)
     ap.add_argument("--variants", default="",
                     help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, "
-                         "gil_switch_0.1ms, batch_256, batch_512, batch_1024 (the default batch "
+                         "gil_switch_0.1ms, no_reuse, batch_256, batch_512, batch_1024 (the default batch "
                          "is the worker's for the device: 1024 on a GPU)")
     args = ap.parse_args()
     variants = tuple(v for v in args.variants.split(",") if v)
