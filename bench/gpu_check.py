@@ -165,6 +165,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     out = open_store(tempfile.mkdtemp())
     worker = ShardWorker(None, out, [target], NAMES, device=DEVICE, prefetch=1,   # default batch
                          loader=lambda tid, sha, reuse: teacher_from_files(cfgs[tid], blobs[tid], reuse))
+    worker.reuse_models = True   # not yet the default on a GPU: this check is what would make it one
     worker.score(ids[0], None, upcoming=[(ids[1], None)])  # warm-up: cudnn autotune, allocator
     _sync()
 

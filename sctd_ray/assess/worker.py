@@ -64,7 +64,7 @@ class ShardWorker:
     def __init__(self, zoo_store, out_store, targets, metrics=NAMES, batch_size: int | None = None,
                  device: str | None = None, prefetch: int = 1, device_cache_mb: float = 1024,
                  cache=None, loader=None, overlap: bool | None = None,
-                 resized_cache_mb: float = RESIZED_CACHE_MB, reuse_models: bool = True):
+                 resized_cache_mb: float = RESIZED_CACHE_MB, reuse_models: bool | None = None):
         from ..zoo.loading import load_teacher
 
         self.zoo, self.out = zoo_store, out_store
@@ -78,8 +78,10 @@ class ShardWorker:
         self.loader = loader or (lambda tid, sha, reuse: load_teacher(self.zoo, tid, cache=self.cache,
                                                                       sha256=sha, reuse=reuse))
         # the last scored teacher's model, parked for the next teacher of its architecture
-        # (``_park``, ``_take_parked``): a build is the Python-heavy part of loading a teacher
-        self.reuse_models = bool(reuse_models)
+        # (``_park``, ``_take_parked``): a build is the Python-heavy part of loading a teacher.
+        # Default: on a CPU only, until the CUDA route (copies ordered by stream events) has run
+        # on a GPU (bench/gpu_check.py compares it with fresh models; docs/benchmarks.md)
+        self.reuse_models = self.device.type == "cpu" if reuse_models is None else bool(reuse_models)
         self._parked: tuple | None = None      # (body key, model, CUDA event after its last use)
         self._parked_lock = threading.Lock()
         self.models_reused = 0
