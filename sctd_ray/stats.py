@@ -334,7 +334,7 @@ class TeacherStats:
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ScoreInputError("features and logits must be finite; the statistics contain "
                                       "NaN or inf")
-        n, c = self.n, self.num_classes
+        n = self.n
         if self._scatter and n < 2:
             raise ScoreInputError(f"feature scores need at least 2 samples; got {n}")
         # small statistics go to the host in float64; per-sample ones stay on the device

@@ -6,7 +6,6 @@ assessment engine over three teachers to keep the test short. Trials use a short
 
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch

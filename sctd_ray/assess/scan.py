@@ -110,7 +110,7 @@ def _check_settings(s: ScanSettings) -> None:
 def run_scan(s: ScanSettings, log=print) -> ScanResult:
     """Run (or resume) a scan; see the module docstring. Returns the ranking."""
     from ..zoo.manifest import read_manifest
-    from ..zoo.store import ContentCache, open_store
+    from ..zoo.store import open_store
 
     _check_settings(s)
     t_start = time.time()

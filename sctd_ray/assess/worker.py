@@ -88,7 +88,7 @@ class ShardWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.targets = [self._resolve(t) for t in targets]
         self._device_data = self._place(device_cache_mb)
-        # each target resized once per teacher input geometry, not once per teacher (``_resized``)
+        # each target resized once per teacher input geometry, not once per teacher (``_resized_target``)
         self.resized_cache_mb = float(resized_cache_mb)
         self._resized: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.resized_builds = 0
@@ -201,7 +201,6 @@ class ShardWorker:
             return e if isinstance(e, TeacherError) else TeacherError(tid, str(e))
         except Exception as e:  # an unloadable teacher must never crash the shard
             return TeacherError(tid, f"cannot load: {type(e).__name__}: {e}")
-
 
     def _park(self, loaded) -> None:
         """Keep a scored teacher's model for the next teacher of the same architecture and
