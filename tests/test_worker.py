@@ -119,11 +119,9 @@ class _Cycle:
         return teacher
 
 
-@pytest.mark.parametrize("cycle", [False, True])
-def test_a_scored_teacher_is_freed_with_a_full_collection_only_when_a_cycle_needs_it(
-        demo_zoo, tmp_path, monkeypatch, cycle):
-    """A full garbage collection holds the GIL for ~0.2 s (starving the thread that feeds the
-    GPU): the worker runs one only when a reference cycle keeps the model it just used."""
+def _watched_worker(demo_zoo, tmp_path, monkeypatch, cycle: bool, **kw):
+    """A worker whose full garbage collections are recorded (the list returned), loading
+    teachers that a reference cycle keeps alive when ``cycle``."""
     import gc
 
     calls = []
@@ -132,7 +130,18 @@ def test_a_scored_teacher_is_freed_with_a_full_collection_only_when_a_cycle_need
     store = open_store(demo_zoo)
     loader = _Cycle(store) if cycle else None
     w = ShardWorker(store, open_store(str(tmp_path / "o")), [_target(demo_zoo)], ("leep",),
-                    device="cpu", loader=loader, reuse_models=False)
+                    device="cpu", loader=loader, **kw)
+    return calls, loader, w
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+def test_a_scored_teacher_is_freed_with_a_full_collection_only_when_a_cycle_needs_it(
+        demo_zoo, tmp_path, monkeypatch, cycle):
+    """A full garbage collection holds the GIL for ~0.2 s (starving the thread that feeds the
+    GPU): the worker runs one only when a reference cycle keeps the model it just used."""
+    import gc
+
+    calls, loader, w = _watched_worker(demo_zoo, tmp_path, monkeypatch, cycle, reuse_models=False)
     gc.disable()   # no automatic collection may free the model instead
     try:
         rows = w.score(_teachers(demo_zoo)[0])
@@ -257,13 +266,7 @@ def test_a_parked_model_the_next_teacher_cannot_use_is_freed(demo_zoo, tmp_path,
     collection only when a reference cycle keeps it."""
     import gc
 
-    calls = []
-    real = gc.collect
-    monkeypatch.setattr(worker_mod.gc, "collect", lambda *a: calls.append(a) or real(*a))
-    store = open_store(demo_zoo)
-    loader = _Cycle(store) if cycle else None
-    w = ShardWorker(store, open_store(str(tmp_path / "o")), [_target(demo_zoo)], ("leep",),
-                    device="cpu", loader=loader)
+    calls, _, w = _watched_worker(demo_zoo, tmp_path, monkeypatch, cycle)
     gc.disable()
     try:
         first = w.score("dg-all-resnet")
