@@ -165,3 +165,46 @@ def test_large_teachers_are_built_on_meta_small_ones_on_the_cpu(monkeypatch):
     assert seen == ["cpu", "meta"]
     a, b = small.model.state_dict(), large.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch,args", [
+    ("test_resnet", {"in_chans": 1}), ("test_efficientnet", {"in_chans": 3}), ("test_byobnet", {"in_chans": 3}),
+    ("test_nfnet", {"in_chans": 3}), ("test_mambaout", {"in_chans": 1}),
+    ("test_vit", {"in_chans": 1, "img_size": 32, "patch_size": 8})])
+def test_a_reused_model_equals_a_fresh_build(arch, args):
+    """Model reuse (the shard worker's): another teacher's model of the same body key, its head
+    resized to this teacher's classes and this teacher's weights copied in, holds exactly the
+    state of a fresh build and gives the same outputs, for each demo architecture."""
+    from sctd_ray.zoo.loading import body_key
+
+    def teacher(tid, k, seed):
+        torch.manual_seed(seed)
+        m = timm.create_model(arch, num_classes=k, **args)
+        cfg = TeacherConfig(tid, arch, k, [f"c{i}" for i in range(k)],
+                            {"input_size": [args["in_chans"], 32, 32], "mean": [0.5] * args["in_chans"],
+                             "std": [0.25] * args["in_chans"]}, model_args=dict(args))
+        return cfg, save({n: t.contiguous() for n, t in m.state_dict().items()})
+
+    (ca, wa), (cb, wb) = teacher("a", 7, 0), teacher("b", 3, 1)
+    assert body_key(ca) == body_key(cb)
+    previous = teacher_from_files(ca, wa).model
+    handed = []
+    reused = teacher_from_files(cb, wb, reuse=lambda key: handed.append(key) or previous)
+    fresh = teacher_from_files(cb, wb)
+    assert handed == [body_key(cb)] and reused.model is previous and not reused.model.training
+    a, b = reused.model.state_dict(), fresh.model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(4, args["in_chans"], 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(reused.model(x), fresh.model(x), rtol=0, atol=0)
+
+
+def test_a_model_that_cannot_take_the_weights_is_built_afresh():
+    """A parked model whose state does not match (here: other weights' dtype) is not used: the
+    teacher is built as if nothing were parked."""
+    cfg = _config("b", num_classes=3)
+    m, state = _state(3)
+    half = save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()})
+    previous = teacher_from_files(cfg, save(state)).model
+    loaded = teacher_from_files(cfg, half, reuse=lambda key: previous)
+    assert loaded.model is not previous
