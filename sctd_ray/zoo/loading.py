@@ -136,8 +136,11 @@ def _reload(config: TeacherConfig, model: torch.nn.Module, weights) -> torch.nn.
             return None
         model.reset_classifier(config.num_classes)   # a new linear head, the body unchanged
     own = model.state_dict()
-    if set(own) != set(state) or any(own[k].shape != state[k].shape or own[k].dtype != state[k].dtype
-                                     for k in own):
+    try:
+        check_weights(config, own, state)
+    except TeacherError:
+        return None
+    if any(own[k].dtype != state[k].dtype for k in own):
         return None
     with torch.no_grad():
         model.load_state_dict(state, strict=True)    # copies, on the device the model is on
