@@ -12,6 +12,11 @@ sees 28-32 px inputs).
 - pure forward: teachers already in memory, images already decoded, forward passes only.
 
     python bench/scan_bench.py [--zoo DEMO_ZOO] [--copies 4] [--samples 2000] [--workers 2] [--image-size S]
+                               [--baseline OTHER_CHECKOUT]
+
+With --baseline, `sctd assess` from another checkout of sctd-ray (e.g. a `git worktree` of an
+older commit) scans the same zoo and target right after this one's: its time, scores and
+workers' peak memory are printed beside this checkout's.
 """
 
 from __future__ import annotations
@@ -124,6 +129,22 @@ def naive_scan(zoo_uri: str, target_uri: str, batch_size: int) -> tuple[dict, fl
     return scores, time.perf_counter() - t0
 
 
+def assess(zoo_uri: str, target_uri: str, out: Path, workers: int, checkout: Path | None = None):
+    """`sctd assess` in a subprocess (from ``checkout`` if given): (seconds, its run.json)."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo_uri, "--target",
+                        target_uri, "--out", str(out), "--workers", str(workers), "--quiet"],
+                       capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if p.returncode != 0:
+        print(p.stdout[-3000:], p.stderr[-3000:])
+        raise SystemExit(f"sctd assess failed{f' (from {checkout})' if checkout else ''}")
+    return seconds, json.loads((out / "run.json").read_text())
+
+
 def pure_forward(zoo_uri: str, target_uri: str, batch_size: int) -> float:
     from sctd_ray.assess.engine import TeacherRunner
     from sctd_ray.data.targets import load_target
@@ -151,6 +172,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=None,
                     help="store the target's images enlarged to this size as JPEGs (default: 28x28 PNGs)")
+    ap.add_argument("--baseline", default=None, help="another sctd-ray checkout whose `sctd assess` to run too")
     args = ap.parse_args()
     from s3server import SeaweedS3
 
@@ -185,17 +207,10 @@ def main():
         subprocess.run([sys.executable, "-m", "sctd_ray.cli", "zoo", "index", zoo_uri], check=True,
                        capture_output=True)
         t_index = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo_uri, "--target",
-                            target_uri, "--out", str(out), "--workers", str(args.workers), "--quiet"],
-                           capture_output=True, text=True)
-        t_scan = time.perf_counter() - t0
-        if p.returncode != 0:
-            print(p.stdout[-3000:], p.stderr[-3000:])
-            raise SystemExit("sctd assess failed")
-        import json
-
-        run = json.loads((out / "run.json").read_text())
+        t_scan, run = assess(zoo_uri, target_uri, out, args.workers)
+        if args.baseline:
+            t_base, run_base = assess(zoo_uri, target_uri, tmp / "run-baseline", args.workers,
+                                      checkout=Path(args.baseline).resolve())
         t_fwd = pure_forward(str(zoo_dir), str(target_dir), args.batch_size)
 
     df = pd.read_parquet(out / "ranking.parquet").set_index("teacher_id")
@@ -217,6 +232,13 @@ def main():
               f"seconds by phase: {phases}")
     print(f"scan start-up and shut-down outside the two phases above: "
           f"{t_scan - tim['data_seconds'] - tim['scan_seconds']:.1f} s")
+    if args.baseline:
+        base = pd.read_parquet(tmp / "run-baseline" / "ranking.parquet").set_index("teacher_id")
+        rel_b = max(abs(df.loc[t, m] - base.loc[t, m]) / max(abs(base.loc[t, m]), 1e-12) for t in naive for m in NAMES)
+        print(f"baseline {args.baseline}: sctd assess end to end {t_base:.1f} s (this / baseline "
+              f"{t_scan / t_base:.3f}); max relative score difference to this checkout {rel_b:.2e}")
+        for w in run_base.get("workers", []):
+            print(f"baseline worker {w['worker']}: {w['teachers']} teachers, peak RSS {w['peak_rss_mb']} MB")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -228,6 +228,58 @@ def test_target_is_resized_once_per_input_geometry_with_the_same_scores(demo_zoo
         np.testing.assert_array_equal(cached[t], per_batch[t], err_msg=t)
 
 
+
+def test_row_blocks_read_as_one_tensor_with_views_inside_a_block():
+    import torch
+
+    from sctd_ray.assess.worker import RowBlocks
+
+    parts = [np.arange(n * 6, dtype=np.uint8).reshape(n, 2, 3) + 10 * i for i, n in enumerate((5, 0, 3, 7))]
+    whole = np.concatenate(parts)
+    rb = RowBlocks([torch.from_numpy(p) for p in parts])
+    assert len(rb) == 15 and rb.device == torch.device("cpu")
+    for a in range(16):
+        for b in range(a, 17):
+            np.testing.assert_array_equal(rb[a:b].numpy(), whole[a:b], err_msg=f"{a}:{b}")
+    inside = rb[6:8]                      # rows 1-2 of the third block: no copy
+    assert inside.data_ptr() == rb.blocks[1][1:3].data_ptr()
+    with pytest.raises(IndexError):
+        rb[0:10:2]
+    joined = worker_mod._joined(parts)    # one tensor, filled block by block (GPU targets)
+    np.testing.assert_array_equal(joined.numpy(), whole)
+
+
+def test_a_target_in_read_only_blocks_is_batched_from_them_without_a_copy(demo_zoo, tmp_path):
+    """A scan hands each worker the object store's read-only blocks: the worker batches
+    straight from them (no private concatenated copy per worker, no warning about read-only
+    arrays), and the rows equal those of the target as one array, whatever the block sizes."""
+    import warnings
+
+    whole = _target(demo_zoo)
+    n = len(whole.labels)
+    cuts = [0, 7, n // 2, n // 2 + 1, n]   # blocks of 7, ~n/2, 1 and the rest rows
+    blocks = [whole.images[a:b].copy() for a, b in zip(cuts, cuts[1:])]
+    for b in blocks:
+        b.flags.writeable = False
+    split = TargetData(whole.name, whole.class_names, blocks, whole.labels)
+    teachers = _teachers(demo_zoo)
+
+    def run(target, sub, cache_mb):
+        w = ShardWorker(open_store(demo_zoo), open_store(str(tmp_path / sub)), [target], NAMES,
+                        batch_size=64, device="cpu", resized_cache_mb=cache_mb)
+        return w, _scores([r for t in teachers for r in w.score(t)])
+
+    ref = run(whole, "whole", 512)[1]
+    for cache_mb in (512, 0):             # resized once per geometry, or per batch from the blocks
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            w, got = run(split, f"blocks{cache_mb}", cache_mb)
+        held = w._device_data[whole.name][0].blocks
+        assert [h.data_ptr() for h in held] == [b.ctypes.data for b in blocks]
+        for t in teachers:
+            np.testing.assert_allclose(got[t], ref[t], rtol=1e-12, err_msg=t)
+
+
 def _body_pairs(zoo: str):
     """Demo teachers by body key: same architecture and model arguments, other weights (and,
     for the EfficientNets, another head size)."""

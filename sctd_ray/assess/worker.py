@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,12 +40,48 @@ from .results import write_result
 
 @dataclass
 class TargetData:
-    """A decoded target split on the worker: uint8 images (N, H, W, C), int64 labels."""
+    """A decoded target split on the worker: uint8 images (N, H, W, C), as one array or as the
+    blocks that hold its rows in order (a scan's: Ray object-store blocks, never copied), and
+    int64 labels (N,)."""
 
     name: str
     class_names: list[str]
-    images: np.ndarray
+    images: np.ndarray | list[np.ndarray]
     labels: np.ndarray
+
+    @property
+    def blocks(self) -> list[np.ndarray]:
+        return [self.images] if isinstance(self.images, np.ndarray) else list(self.images)
+
+
+class RowBlocks:
+    """Row blocks (tensors of equal trailing shape) read as one tensor of their rows in order:
+    ``len``, ``device`` and slices. A slice inside one block is a view of it; one that spans
+    blocks is a copy of just its rows. Lets every worker batch a target straight from the
+    object store's shared blocks instead of keeping its own concatenated copy."""
+
+    def __init__(self, blocks: list[torch.Tensor]):
+        self.blocks = [b for b in blocks if len(b)]
+        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
+        self.device = self.blocks[0].device if self.blocks else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise IndexError("RowBlocks takes contiguous slices only")
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            block, first = self.blocks[i], int(self.starts[i])
+            part = block[start - first:stop - first]
+            parts.append(part)
+            start, i = start + len(part), i + 1
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else self.blocks[0][:0]
 
 
 # images per forward when the scan names none: on a GPU large batches keep it fed (fewer kernel
@@ -111,19 +148,24 @@ class ShardWorker:
     def _resolve(t) -> TargetData:
         if isinstance(t, TargetData):
             return t
-        from ..data.ray_data import gather  # a MaterializedTarget held in Ray's object store
+        from ..data.ray_data import target_blocks  # a MaterializedTarget held in Ray's object store
 
-        images, labels = gather(t)
-        return TargetData(t.name, list(t.class_names), images, labels)
+        blocks, labels = target_blocks(t)
+        return TargetData(t.name, list(t.class_names), blocks, labels)
 
     def _place(self, device_cache_mb: float):
-        """Keep targets on the device between teachers when they fit the memory limit."""
-        total = sum(t.images.nbytes + t.labels.nbytes for t in self.targets)
-        if self.device.type == "cpu" or total > device_cache_mb * 2**20:
-            pin = self.device.type == "cuda"   # pinned: batches reach the GPU without a sync
-            host = lambda a: torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)  # noqa: E731
-            return {t.name: (host(t.images), host(t.labels)) for t in self.targets}
-        return {t.name: (torch.from_numpy(t.images).to(self.device), torch.from_numpy(t.labels).to(self.device))
+        """Keep targets on the device between teachers when they fit the memory limit. Else on
+        the host: on a CPU the blocks as they are (a scan's lie in the object store, shared
+        with the node's other workers: no copy), for a GPU one pinned copy, so that batches
+        reach the device without a sync."""
+        total = sum(sum(b.nbytes for b in t.blocks) + t.labels.nbytes for t in self.targets)
+        if self.device.type == "cpu":
+            return {t.name: (RowBlocks([_tensor(b) for b in t.blocks]), torch.from_numpy(t.labels))
+                    for t in self.targets}
+        if total > device_cache_mb * 2**20:
+            return {t.name: (_joined(t.blocks, pin_memory=True), torch.from_numpy(t.labels).pin_memory())
+                    for t in self.targets}
+        return {t.name: (_joined(t.blocks, device=self.device), torch.from_numpy(t.labels).to(self.device))
                 for t in self.targets}
 
     def _batches(self, t: TargetData, bs: int | None = None, pre=None) -> TargetBatches:
@@ -375,3 +417,24 @@ class ShardWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _tensor(block: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the block's memory; object-store blocks are read-only, and nothing here
+    writes to target images (preprocessing makes new tensors), so torch's warning about
+    non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(block)
+
+
+def _joined(blocks: list[np.ndarray], **where) -> torch.Tensor:
+    """The blocks' rows in one new tensor (``device=...`` or ``pin_memory=True``), copied block
+    by block: no host-side concatenation first."""
+    n = sum(len(b) for b in blocks)
+    out = torch.empty((n, *blocks[0].shape[1:]), dtype=_tensor(blocks[0]).dtype, **where)
+    start = 0
+    for b in blocks:
+        out[start:start + len(b)].copy_(_tensor(b))
+        start += len(b)
+    return out

@@ -126,12 +126,13 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     return MaterializedTarget(target_name(uri), uri, list(class_names), int(len(labels)), refs)
 
 
-def gather(target: MaterializedTarget) -> tuple[np.ndarray, np.ndarray]:
-    """All rows of a materialised target: uint8 images (N,H,W,C) and int64 class ids."""
+def target_blocks(target: MaterializedTarget) -> tuple[list[np.ndarray], np.ndarray]:
+    """All rows of a materialised target, not copied: its uint8 image blocks (n_i, H, W, C) as
+    they lie in Ray's object store (read-only views, shared by every worker of a node), and the
+    int64 class ids of all rows, in order."""
     import ray
 
     blocks = [b for b in ray.get(list(target.block_refs)) if len(b["label"])]
     index = {c: i for i, c in enumerate(target.class_names)}
-    images = np.concatenate([b["image"] for b in blocks])
     labels = np.fromiter((index[v] for b in blocks for v in b["label"]), dtype=np.int64)
-    return images, labels
+    return [b["image"] for b in blocks], labels
