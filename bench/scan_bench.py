@@ -130,14 +130,15 @@ def naive_scan(zoo_uri: str, target_uri: str, batch_size: int) -> tuple[dict, fl
 
 
 def assess(zoo_uri: str, target_uri: str, out: Path, workers: int, checkout: Path | None = None):
-    """`sctd assess` in a subprocess (from ``checkout`` if given): (seconds, its run.json)."""
+    """`sctd assess` in a subprocess (from ``checkout`` if given: on the path and as the working
+    directory, which ``python -m`` puts first): (seconds, its run.json)."""
     import json
 
     env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo_uri, "--target",
                         target_uri, "--out", str(out), "--workers", str(workers), "--quiet"],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, cwd=checkout or HERE.parent)
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:])

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import SctdError
-from .metrics import DEFAULT_RANK_BY
+from .score_names import DEFAULT_RANK_BY
 
 
 def default_home() -> Path:
@@ -88,7 +88,7 @@ def cmd_zoo_build_demo(args) -> int:
 # ---------------------------------------------------------------- assess
 def _scan_settings(args):
     from .assess.scan import ScanSettings
-    from .metrics import NAMES
+    from .score_names import NAMES
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else NAMES
     return ScanSettings(zoo=args.zoo, targets=list(args.target), out=args.out, workers=args.workers,

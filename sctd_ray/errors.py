@@ -42,5 +42,9 @@ class TargetError(SctdError):
     """A target task is malformed (missing split, unknown label, undecodable image...)."""
 
 
+class FatalScanError(SctdError):
+    """The whole scan must stop (the store is unreachable or refuses the credentials)."""
+
+
 class ScoreInputError(SctdError, ValueError):
     """Inputs to a score are invalid (labels out of range, empty class, NaN/inf)."""

@@ -24,13 +24,8 @@ from . import scores_extra
 from .errors import ScoreInputError
 from .ot import cost_from_prototypes
 
-NAMES = ("sctd", "sctd_cost", "sctd_fused", "leep", "nce", "logme", "hscore", "transrate")
-# the score that ranks teachers unless --rank-by says otherwise: the best one on the quality
-# benchmark against both ground truths (SPEC 2 and 6; docs/benchmarks.md "Score quality")
-DEFAULT_RANK_BY = "sctd_fused"
-PROB_SCORES = frozenset({"sctd", "sctd_cost", "sctd_fused", "leep", "nce"})   # need probs
-FEATURE_SCORES = frozenset({"sctd", "sctd_cost", "sctd_fused", "logme", "hscore", "transrate"})
-WEIGHT_SCORES = frozenset({"sctd", "sctd_cost", "sctd_fused"})             # need the teacher head
+from .score_names import (DEFAULT_RANK_BY, FEATURE_SCORES, NAMES, PROB_SCORES,  # noqa: F401
+                          WEIGHT_SCORES)
 
 PROBS_SUM_ATOL = 1e-3          # tolerance on the row sums of probs
 LOGME_MAX_ITER = 11            # authors' LogME.py: at most 11 fixed-point steps

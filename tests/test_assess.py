@@ -172,6 +172,26 @@ def test_interrupted_driver_resumes_without_rescoring(demo_zoo, tmp_path):
     assert list(resumed.sort_values(["rank"])["teacher_id"]) == list(fresh.ranking.sort_values(["rank"])["teacher_id"])
 
 
+
+def test_the_driver_and_the_cli_never_import_torch(demo_zoo, tmp_path):
+    """torch (~2 s to import on 2 cores) loads only where teachers run: in the actors. The
+    ``sctd`` command's start, ``sctd zoo list`` and a whole scan's driver go without it."""
+    code = f"""
+import sys
+from sctd_ray.cli import build_parser, main
+build_parser()
+assert main(["zoo", "list", {demo_zoo!r}]) == 0
+rc = main(["assess", "--zoo", {demo_zoo!r}, "--target", {_targets(demo_zoo)[0]!r},
+           "--out", {str(tmp_path / "run")!r}, "--workers", "1", "--quiet"])
+print("rc", rc, "torch" in sys.modules, "timm" in sys.modules)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "rc 0 False False"
+    ranking = pd.read_parquet(tmp_path / "run" / "ranking.parquet")
+    assert len(ranking) == 8 and set(ranking["status"]) == {"ok"}
+
+
 def test_bad_teachers_become_error_rows(demo_zoo, ray_local, tmp_path, capsys):
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound
-from ..metrics import DEFAULT_RANK_BY, NAMES
+from ..score_names import DEFAULT_RANK_BY, NAMES
 
 RESULTS_PREFIX = "results"
 RANKING_FILE = "ranking.parquet"

@@ -1,6 +1,6 @@
 """``sctd assess``: the distributed zoo scan on Ray (ARCHITECTURE: data flow of a scan).
 
-manifest -> shard plan -> one ShardWorker actor per GPU (or CPU slot) -> every target read and
+manifest -> shard plan -> one ShardWorker actor (``ShardActor``) per GPU (or CPU slot) -> every target read and
 decoded once by Ray Data, materialised, shared by all actors -> per (teacher, target) result
 files -> ranking.parquet + run.json.
 """
@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..errors import SctdError, StoreAuthError, StoreUnreachable, ZooError
-from ..metrics import DEFAULT_RANK_BY, NAMES
+from ..errors import FatalScanError, SctdError, StoreAuthError, StoreUnreachable, ZooError
+from ..score_names import DEFAULT_RANK_BY, NAMES
 from .plan import estimate_seconds, plan_shards
 from .results import (RANKING_FILE, RUN_FILE, done_pairs, format_ranking, ranking_table,
                       read_results, write_result, write_table)
-from .worker import FatalScanError
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_WORKER_DEATHS_PER_TEACHER = 2
@@ -214,6 +213,25 @@ def _versions() -> dict:
             "python": sys.version.split()[0]}
 
 
+class ShardActor:
+    """The scan's Ray actor: a ``worker.ShardWorker`` built in the actor's own process, so that
+    the driver never imports the worker, and torch with it (~2 s of every ``sctd`` start)."""
+
+    def __init__(self, *args):
+        from .worker import ShardWorker
+
+        self.worker = ShardWorker(*args)
+
+    def score(self, *args):
+        return self.worker.score(*args)
+
+    def usage(self) -> dict:
+        return self.worker.usage()
+
+    def ping(self) -> str:
+        return self.worker.ping()
+
+
 def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples):
     """Feed each actor its shard (two calls in flight, so it can prefetch), steal work for idle
     actors from the longest remaining shard, and replace an actor that dies: its teachers go
@@ -226,12 +244,10 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
 
     from tqdm import tqdm
 
-    from .worker import ShardWorker
-
     scan_id = uuid.uuid4().hex[:8]
     # two calls run at once: one finalises while the next one's forward runs (worker docstring)
     Actor = ray.remote(**resources, max_restarts=0, max_task_retries=0,
-                       max_concurrency=IN_FLIGHT_PER_WORKER)(ShardWorker)
+                       max_concurrency=IN_FLIGHT_PER_WORKER)(ShardActor)
     generation = [0] * len(shards)
 
     def start(i):

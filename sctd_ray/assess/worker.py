@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import SctdError, StoreAuthError, StoreUnreachable, TeacherError
+from ..errors import FatalScanError, SctdError, StoreAuthError, StoreUnreachable, TeacherError
 from ..metrics import NAMES
 from .engine import TargetBatches, TeacherRunner, collect_stats, finalise
 from .results import write_result
@@ -89,10 +89,6 @@ class RowBlocks:
 DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 1024}
 # memory for targets resized to the teachers' input geometries (``ShardWorker._resized_target``)
 RESIZED_CACHE_MB = 512
-
-
-class FatalScanError(SctdError):
-    """The whole scan must stop (the store is unreachable or refuses the credentials)."""
 
 
 class ShardWorker:

@@ -17,8 +17,6 @@ import time
 
 import numpy as np
 
-from . import groundtruth as gtm
-
 MIN_SPREAD = 2.0          # accuracy points; SPEC 6
 RANDOM_PERMUTATIONS = 1000
 BOOTSTRAP = 2000
@@ -92,6 +90,7 @@ def score_pair(teacher, target, metrics=None) -> dict[str, float]:
     from .. import scores_extra
     from ..assess.engine import TeacherRunner, batches_from_arrays, collect_stats, finalise
     from ..metrics import NAMES
+    from . import groundtruth as gtm
 
     names = tuple(metrics or NAMES)
     split = target.task.splits["train"]
@@ -292,6 +291,7 @@ def run_quality(zoo: str, target_uris: list[str] | None, out: str, recipe="defau
     """Compute (or read from the cache in ``out``) the ground truths, score the zoo, evaluate.
     Returns (JSON-ready result, printed table)."""
     from ..errors import SctdError
+    from . import groundtruth as gtm   # torch: imported when the benchmark runs, not with the CLI
 
     refs = gtm.zoo_teachers(zoo, teachers, s3_endpoint=s3_endpoint)
     uris = target_uris or gtm.zoo_target_uris(zoo, s3_endpoint=s3_endpoint)

@@ -12,12 +12,14 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, SctdError, StoreAuthError, StoreError, StoreUnreachable
-from .bridge import Bridge
+if TYPE_CHECKING:   # bridge.py imports torch: only when a bridge is computed
+    from .bridge import Bridge
 
 RANKING_FILE = "ranking.parquet"
 RUN_FILE = "run.json"

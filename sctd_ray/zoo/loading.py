@@ -5,17 +5,16 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data.preprocess import Preprocessing
-from ..errors import NotFound, StoreAuthError, StoreError, StoreUnreachable, TeacherError
-from .teacher import TeacherConfig, config_key, weights_key
+from ..errors import StoreAuthError, StoreError, StoreUnreachable, TeacherError
+from .teacher import (TeacherConfig, config_key, parse_safetensors_header,  # noqa: F401 (re-exported)
+                      read_config, weights_key)
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Weights at least this large are built on the meta device (timm's random init of a big model
 # costs more than meta's per-op overhead: resnet50 66 ms vs ~0.5 s); smaller ones on the CPU,
 # which is faster for them (tiny demo teachers: 6-8 ms vs 10-34 ms) and spares a process that
@@ -34,34 +33,6 @@ class LoadedTeacher:
     @property
     def teacher_id(self) -> str:
         return self.config.teacher_id
-
-
-def parse_safetensors_header(teacher_id: str, read_range) -> dict:
-    """Read only the JSON header of a safetensors file via ``read_range(start, length)``.
-
-    Returns ``{"tensors": {name: {"dtype", "shape"}}, "params": int, "header_bytes": int}``.
-    """
-    head = read_range(0, 8)
-    if len(head) < 8:
-        raise TeacherError(teacher_id, "model.safetensors is truncated (no header)")
-    (n,) = struct.unpack("<Q", head)
-    if n <= 1 or n > MAX_HEADER_BYTES:
-        raise TeacherError(teacher_id, f"model.safetensors is corrupt (header length {n})")
-    raw = read_range(8, n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TeacherError(teacher_id, "model.safetensors is corrupt (header is not JSON)") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    params = 0
-    for name, t in tensors.items():
-        if not isinstance(t, dict) or "shape" not in t:
-            raise TeacherError(teacher_id, f"model.safetensors is corrupt (entry {name!r})")
-        size = 1
-        for d in t["shape"]:
-            size *= int(d)
-        params += size
-    return {"tensors": tensors, "params": params, "header_bytes": 8 + n}
 
 
 def build_model(config: TeacherConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -191,15 +162,6 @@ def _preprocessing(config: TeacherConfig) -> Preprocessing:
         return Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise TeacherError(config.teacher_id, f"bad preprocessing in config.json: {e}") from None
-
-
-def read_config(store, teacher_id: str) -> TeacherConfig:
-    """Read and parse ``teachers/<id>/config.json`` from a store."""
-    try:
-        data = store.read_bytes(config_key(teacher_id))
-    except NotFound:
-        raise TeacherError(teacher_id, "config.json is missing") from None
-    return TeacherConfig.from_json(teacher_id, data)
 
 
 def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None, reuse=None) -> LoadedTeacher:

@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, SctdError, StoreAuthError, StoreUnreachable, TeacherError, ZooError
-from .loading import parse_safetensors_header, read_config
-from .teacher import TEACHERS_PREFIX, check_teacher_id, weights_key
+from .teacher import TEACHERS_PREFIX, check_teacher_id, parse_safetensors_header, read_config, weights_key
 
 MANIFEST_FILE = "manifest.parquet"
 COLUMNS = ["id", "architecture", "num_classes", "num_features", "label_names", "input_size",

@@ -1,4 +1,5 @@
-"""A teacher's config.json (timm hub layout) and teacher-id validation.
+"""A teacher's files: config.json (timm hub layout), the safetensors header, teacher-id
+validation. Torch-free: what the zoo's manifest and a scan's driver read without loading a model.
 
     <zoo>/teachers/<id>/config.json        architecture, num_classes, num_features, model_args,
                                            label_names, pretrained_cfg (input_size, mean, std)
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 
-from ..errors import TeacherError, ZooError
+from ..errors import NotFound, TeacherError, ZooError
 
 TEACHERS_PREFIX = "teachers"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -87,3 +90,40 @@ class TeacherConfig:
                                "label_names": self.label_names},
             "source_task": self.source_task,
         }, indent=2)
+
+
+def read_config(store, teacher_id: str) -> TeacherConfig:
+    """Read and parse ``teachers/<id>/config.json`` from a store."""
+    try:
+        data = store.read_bytes(config_key(teacher_id))
+    except NotFound:
+        raise TeacherError(teacher_id, "config.json is missing") from None
+    return TeacherConfig.from_json(teacher_id, data)
+
+
+def parse_safetensors_header(teacher_id: str, read_range) -> dict:
+    """Read only the JSON header of a safetensors file via ``read_range(start, length)``.
+
+    Returns ``{"tensors": {name: {"dtype", "shape"}}, "params": int, "header_bytes": int}``.
+    """
+    head = read_range(0, 8)
+    if len(head) < 8:
+        raise TeacherError(teacher_id, "model.safetensors is truncated (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n <= 1 or n > MAX_HEADER_BYTES:
+        raise TeacherError(teacher_id, f"model.safetensors is corrupt (header length {n})")
+    raw = read_range(8, n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TeacherError(teacher_id, "model.safetensors is corrupt (header is not JSON)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    params = 0
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or "shape" not in t:
+            raise TeacherError(teacher_id, f"model.safetensors is corrupt (entry {name!r})")
+        size = 1
+        for d in t["shape"]:
+            size *= int(d)
+        params += size
+    return {"tensors": tensors, "params": params, "header_bytes": 8 + n}
