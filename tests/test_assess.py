@@ -57,14 +57,31 @@ def reference(demo_zoo, ray_local):
     return out
 
 
-def test_scan_from_s3_equals_engine(demo_zoo, s3_bucket, reference, ray_local, tmp_path):
+def test_scan_from_s3_equals_engine(demo_zoo, s3_bucket, reference, ray_local, tmp_path, monkeypatch):
+    from sctd_ray.assess.results import ranking_table, read_results
+    from sctd_ray.zoo.store import S3Store
+
     assert main(["zoo", "push", demo_zoo, f"{s3_bucket}/zoo", "--quiet"]) == 0
     targets = [f"{s3_bucket}/zoo/targets/{n}" for n in ("fm-mix5", "dg-high5")]
+    result_reads, real_read = [], S3Store.read_bytes
+
+    def read_bytes(self, key):   # the driver's reads (the actors run in other processes)
+        if key.startswith("results/"):
+            result_reads.append(key)
+        return real_read(self, key)
+    monkeypatch.setattr(S3Store, "read_bytes", read_bytes)
     res = run_scan(ScanSettings(zoo=f"{s3_bucket}/zoo", targets=targets, out=f"{s3_bucket}/run",
                                 workers=2, progress=False))
+    # the ranking comes from the rows the workers returned, not from a GET per result file,
+    # and equals the ranking of the files they wrote
+    assert result_reads == []
+    monkeypatch.setattr(S3Store, "read_bytes", real_read)
+    out = open_store(f"{s3_bucket}/run")
+    assert len(read_results(out)) == len(reference)
+    from_files = ranking_table(read_results(out), DEFAULT_RANK_BY, NAMES)
+    pd.testing.assert_frame_equal(res.ranking, from_files)
     _close(_scores(res.ranking), reference)
     assert res.errors == 0
-    out = open_store(f"{s3_bucket}/run")
     assert out.exists("ranking.parquet") and out.exists("run.json")
     assert len(out.list("results/")) == len(reference)
     run = json.loads(out.read_bytes("run.json"))
@@ -84,6 +101,24 @@ def test_done_pairs_needs_every_requested_metric():
             {"target": "t", "teacher_id": "c", "status": "error", "error": "corrupt"}]
     assert done_pairs(rows, ("sctd",)) == {("t", "a"), ("t", "b"), ("t", "c")}
     assert done_pairs(rows, ("sctd", "sctd_fused")) == {("t", "a"), ("t", "c")}
+
+
+
+def test_the_ranking_does_not_depend_on_the_order_rows_arrive_in():
+    """Rows reach the driver in completion order; equal scores (copies of one teacher) are
+    ranked by teacher id, so a resumed scan ranks as a fresh one."""
+    import random
+
+    from sctd_ray.assess.results import ranking_table
+
+    rows = [{"target": t, "teacher_id": i, "status": "ok", "error": "", "sctd": s}
+            for t in ("x", "y") for i, s in (("b", 1.0), ("a", 1.0), ("c", 2.0), ("d", 0.5))]
+    rows.append({"target": "x", "teacher_id": "e", "status": "error", "error": "corrupt", "sctd": None})
+    ref = ranking_table(rows, "sctd", ("sctd",))
+    assert list(ref[ref.target == "x"]["teacher_id"]) == ["c", "a", "b", "d", "e"]
+    for seed in range(5):
+        random.Random(seed).shuffle(rows)
+        pd.testing.assert_frame_equal(ranking_table(rows, "sctd", ("sctd",)), ref)
 
 
 def test_resume_with_more_metrics_scores_the_missing_ones(demo_zoo, reference, ray_local, tmp_path):

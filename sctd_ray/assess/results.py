@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ RANKING_FILE = "ranking.parquet"
 RUN_FILE = "run.json"
 BASE_COLUMNS = ["target", "teacher_id", "architecture", "status", "error"]
 TAIL_COLUMNS = ["rank", "samples", "seconds", "worker"]
+READ_THREADS = 16   # result files read at once: each is one small GET on S3, latency-bound
 
 
 def result_key(target: str, teacher_id: str) -> str:
@@ -38,16 +40,38 @@ def _jsonable(v):
 
 
 def read_results(store) -> list[dict]:
-    """Every result file of a run (unreadable ones are skipped: they will be rescored)."""
-    rows = []
-    for key in store.list(f"{RESULTS_PREFIX}/"):
-        if not key.endswith(".json"):
-            continue
+    """Every result file of a run (unreadable ones are skipped: they will be rescored), read
+    ``READ_THREADS`` at a time."""
+    def read(key):
         try:
-            rows.append(json.loads(store.read_bytes(key)))
+            return json.loads(store.read_bytes(key))
         except (NotFound, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-    return rows
+            return None
+    keys = [k for k in store.list(f"{RESULTS_PREFIX}/") if k.endswith(".json")]
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(keys)))) as pool:
+        return [r for r in pool.map(read, keys) if r is not None]
+
+
+class RunResults:
+    """A run's result rows by (target, teacher): the files already in RUN when the scan starts
+    (``previous``), then each row as the driver writes it or a worker returns it (the worker
+    wrote its file first). The ranking is built from these rather than by reading every file
+    back, which costs one GET per pair: minutes at the end of a large scan on S3."""
+
+    def __init__(self, store):
+        self.store = store
+        self.previous = read_results(store)
+        self._rows = {(r["target"], r["teacher_id"]): r for r in self.previous}
+
+    def write(self, row: dict) -> None:
+        write_result(self.store, row)
+        self.add(row)
+
+    def add(self, row: dict) -> None:
+        self._rows[(row["target"], row["teacher_id"])] = row
+
+    def rows(self) -> list[dict]:
+        return list(self._rows.values())
 
 
 def done_pairs(rows: list[dict], metrics=()) -> set[tuple[str, str]]:
@@ -60,11 +84,12 @@ def done_pairs(rows: list[dict], metrics=()) -> set[tuple[str, str]]:
 
 
 def ranking_table(rows: list[dict], rank_by: str = DEFAULT_RANK_BY, metrics=NAMES) -> pd.DataFrame:
-    """One row per (target, teacher); rank 1 = highest ``rank_by`` within the target;
-    error rows come last without a rank."""
+    """One row per (target, teacher); rank 1 = highest ``rank_by`` within the target, equal
+    scores ranked by teacher id (whatever order the rows come in); error rows come last
+    without a rank."""
     extra = sorted({k for r in rows for k in r} - set(BASE_COLUMNS) - set(TAIL_COLUMNS) - set(metrics))
     cols = BASE_COLUMNS + list(metrics) + [c for c in extra if c not in ("finished_at",)] + TAIL_COLUMNS
-    df = pd.DataFrame(rows).reindex(columns=cols)
+    df = pd.DataFrame(rows).reindex(columns=cols).sort_values(["target", "teacher_id"], kind="stable")
     for m in metrics:
         df[m] = pd.to_numeric(df[m], errors="coerce")
     if rank_by not in df.columns:

@@ -18,8 +18,8 @@ import pandas as pd
 from ..errors import FatalScanError, SctdError, StoreAuthError, StoreUnreachable, ZooError
 from ..score_names import DEFAULT_RANK_BY, NAMES
 from .plan import estimate_seconds, plan_shards
-from .results import (RANKING_FILE, RUN_FILE, done_pairs, format_ranking, ranking_table,
-                      read_results, write_result, write_table)
+from .results import (RANKING_FILE, RUN_FILE, RunResults, done_pairs, format_ranking, ranking_table,
+                      read_results, write_table)
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_WORKER_DEATHS_PER_TEACHER = 2
@@ -120,7 +120,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     _check_settings(s)
     t_start = time.time()
     out = open_store(s.out, s3_endpoint=s.s3_endpoint)
-    previous = read_results(out)
+    results = RunResults(out)
+    previous = results.previous
     if previous and not s.resume:
         raise SctdError(f"{s.out} already holds {len(previous)} results: pass --resume to continue "
                         "that scan, or choose another --out")
@@ -151,9 +152,9 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
             continue
         if r["status"] != "ok":  # the manifest already knows it is broken
             for tn in missing_targets:
-                write_result(out, {"target": tn, "teacher_id": r["id"], "architecture": r["architecture"],
-                                   "status": "error", "error": r["error"], "samples": 0, "seconds": 0.0,
-                                   "worker": "driver", "finished_at": time.time()})
+                results.write({"target": tn, "teacher_id": r["id"], "architecture": r["architecture"],
+                               "status": "error", "error": r["error"], "samples": 0, "seconds": 0.0,
+                               "worker": "driver", "finished_at": time.time()})
             continue
         todo[r["id"]] = missing_targets
     rows_by_id = {r["id"]: r for _, r in manifest.iterrows()}
@@ -170,10 +171,13 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     t_scan = time.time()
     fatal, usage = None, []
     if todo:
-        fatal, usage = _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples)
+        fatal, usage = _dispatch(ray, s, zoo, out, results, targets, shards, todo, rows_by_id,
+                                 resources, samples)
     scan_seconds = time.time() - t_scan
 
-    rows = read_results(out)
+    # every pair's row reached the driver; after a fatal error, workers may have written rows
+    # whose calls never returned: then the folder is read back
+    rows = results.rows() if fatal is None else read_results(out)
     ranking = ranking_table(rows, s.rank_by, s.metrics)
     write_table(out, RANKING_FILE, ranking)
     run = {
@@ -238,7 +242,7 @@ class ShardActor:
         return self.worker.ping()
 
 
-def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, samples):
+def _dispatch(ray, s, zoo, out, results, targets, shards, todo, rows_by_id, resources, samples):
     """Feed each actor its shard (two calls in flight, so it can prefetch), steal work for idle
     actors from the longest remaining shard, and replace an actor that dies: its teachers go
     back to the front of its queue (a teacher that kills workers twice becomes an error row).
@@ -297,13 +301,14 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
             if gen == generation[i]:
                 busy[i] -= 1
             try:
-                ray.get(ref)
+                for row in ray.get(ref):   # already written by the worker
+                    results.add(row)
             except ray.exceptions.RayTaskError as e:
                 cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
                 if isinstance(cause, (FatalScanError, StoreUnreachable, StoreAuthError)):
                     fatal = SctdError(str(getattr(e, "cause", cause) or cause).splitlines()[0])
                     break
-                _error_rows(out, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}")
+                _error_rows(results, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}")
             except ray.exceptions.RayActorError as e:
                 deaths[tid] = deaths.get(tid, 0) + 1
                 if gen == generation[i]:  # the first news of this death: replace the actor
@@ -312,7 +317,7 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
                     ray.kill(actors[i], no_restart=True)
                     actors[i] = start(i)
                 if deaths[tid] >= MAX_WORKER_DEATHS_PER_TEACHER:
-                    _error_rows(out, tid, todo[tid], f"worker died {deaths[tid]} times while scoring it: "
+                    _error_rows(results, tid, todo[tid], f"worker died {deaths[tid]} times while scoring it: "
                                 f"{str(e).splitlines()[0][:200]}")
                 else:
                     queues[i].insert(0, tid)
@@ -337,11 +342,11 @@ def _dispatch(ray, s, zoo, out, targets, shards, todo, rows_by_id, resources, sa
     return fatal, usage
 
 
-def _error_rows(out, tid, target_names, msg):
+def _error_rows(results, tid, target_names, msg):
     for tn in target_names:
-        write_result(out, {"target": tn, "teacher_id": tid, "architecture": None, "status": "error",
-                           "error": msg, "samples": 0, "seconds": 0.0, "worker": "driver",
-                           "finished_at": time.time()})
+        results.write({"target": tn, "teacher_id": tid, "architecture": None, "status": "error",
+                       "error": msg, "samples": 0, "seconds": 0.0, "worker": "driver",
+                       "finished_at": time.time()})
 
 
 def print_ranking(result: ScanResult, log=print) -> None:
