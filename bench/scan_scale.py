@@ -5,6 +5,12 @@ small and a large zoo: the worker's peak must not grow with the zoo's size (teac
 fetched one at a time, with one prefetched; only result files accumulate, on the store).
 
     python bench/scan_scale.py [--sizes 100,1000] [--samples 200] [--workers 2]
+                               [--out-s3] [--baseline OTHER_CHECKOUT]
+
+--out-s3 writes each run folder (one result file per pair, the ranking) to the same SeaweedFS
+instead of a local folder, as a cluster job does; "rest of driver" is the driver's time outside
+Ray Data and the scan (Ray start, manifest, ranking, run.json). --baseline also scans each zoo
+with `sctd assess` from another checkout of sctd-ray, right after this one's.
 """
 
 from __future__ import annotations
@@ -50,11 +56,31 @@ def generate_zoo(root: Path, n: int, seed: int = 0) -> None:
         (d / "config.json").write_text(cfg.to_json())
 
 
+def _assess(n: int, bucket: str, out: str, workers: int, checkout: Path | None):
+    """`sctd assess` of zoo n in a subprocess, from ``checkout`` when given (on the path and as
+    the working directory): (seconds, run.json)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", f"s3://{bucket}/zoo{n}",
+                        "--target", f"s3://{bucket}/target", "--out", out, "--workers", str(workers), "--quiet",
+                        "--metrics", "sctd,sctd_cost,leep,nce,logme,hscore,transrate", "--rank-by", "sctd"],
+                       capture_output=True, text=True, env=env, cwd=checkout or Path(__file__).resolve().parent.parent)
+    seconds = time.perf_counter() - t0
+    if p.returncode != 0:
+        print(p.stderr[-3000:])
+        raise SystemExit(f"scan of {n} teachers failed{f' (from {checkout})' if checkout else ''}")
+    from sctd_ray.zoo.store import open_store
+
+    return seconds, json.loads(open_store(out).read_bytes("run.json"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,1000")
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out-s3", action="store_true", help="write the run folders to the SeaweedFS S3 too")
+    ap.add_argument("--baseline", default=None, help="another sctd-ray checkout whose `sctd assess` to run too")
     args = ap.parse_args()
     from s3server import SeaweedS3
     from scan_bench import make_target
@@ -78,30 +104,27 @@ def main():
             t0 = time.perf_counter()
             subprocess.run(cli + ["zoo", "index", f"s3://{bucket}/zoo{n}"], check=True, capture_output=True)
             t_index = time.perf_counter() - t0
-            out = tmp / f"run{n}"
-            t0 = time.perf_counter()
-            p = subprocess.run(cli + ["assess", "--zoo", f"s3://{bucket}/zoo{n}", "--target", f"s3://{bucket}/target",
-                                      "--out", str(out), "--workers", str(args.workers), "--quiet",
-                                      "--metrics", "sctd,sctd_cost,leep,nce,logme,hscore,transrate",
-                                      "--rank-by", "sctd"],
-                               capture_output=True, text=True)
-            t_total = time.perf_counter() - t0
-            if p.returncode != 0:
-                print(p.stderr[-3000:])
-                raise SystemExit(f"scan of {n} teachers failed")
-            run = json.loads((out / "run.json").read_text())
-            peaks = [w["peak_rss_mb"] for w in run["workers"]]
-            row = {"teachers": n, "bytes_mb": res.bytes / 1e6, "make_s": t_make, "index_s": t_index,
-                   "scan_s": run["timings"]["scan_seconds"], "total_s": t_total,
-                   "per_teacher_ms": 1000 * run["timings"]["scan_seconds"] / n,
-                   "worker_peak_rss_mb": max(peaks), "errors": run["errors"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for label, checkout in [("this", None)] + ([("baseline", Path(args.baseline).resolve())]
+                                                       if args.baseline else []):
+                out = f"s3://{bucket}/run{n}-{label}" if args.out_s3 else str(tmp / f"run{n}-{label}")
+                t_total, run = _assess(n, bucket, out, args.workers, checkout)
+                peaks = [w["peak_rss_mb"] for w in run["workers"]]
+                tim = run["timings"]
+                row = {"code": label, "teachers": n, "bytes_mb": res.bytes / 1e6, "make_s": t_make,
+                       "index_s": t_index, "scan_s": tim["scan_seconds"], "total_s": t_total,
+                       "driver_rest_s": tim["total_seconds"] - tim["data_seconds"] - tim["scan_seconds"],
+                       "per_teacher_ms": 1000 * tim["scan_seconds"] / n,
+                       "worker_peak_rss_mb": max(peaks), "errors": run["errors"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print()
-    print(f"{'teachers':>8s} {'zoo MB':>8s} {'index s':>8s} {'scan s':>8s} {'ms/teacher':>11s} {'worker peak MB':>15s}")
+    print(f"{'code':>8s} {'teachers':>8s} {'zoo MB':>8s} {'index s':>8s} {'scan s':>8s} {'ms/teacher':>11s} "
+          f"{'rest of driver s':>17s} {'end to end s':>13s} {'worker peak MB':>15s}")
     for r in rows:
-        print(f"{r['teachers']:8d} {r['bytes_mb']:8.0f} {r['index_s']:8.1f} {r['scan_s']:8.1f} "
-              f"{r['per_teacher_ms']:11.1f} {r['worker_peak_rss_mb']:15.0f}")
+        print(f"{r['code']:>8s} {r['teachers']:8d} {r['bytes_mb']:8.0f} {r['index_s']:8.1f} {r['scan_s']:8.1f} "
+              f"{r['per_teacher_ms']:11.1f} {r['driver_rest_s']:17.1f} {r['total_s']:13.1f} "
+              f"{r['worker_peak_rss_mb']:15.0f}")
+    rows = [r for r in rows if r["code"] == "this"]
     if len(rows) > 1:
         print(f"worker peak memory ratio {rows[-1]['teachers']} vs {rows[0]['teachers']} teachers: "
               f"{rows[-1]['worker_peak_rss_mb'] / rows[0]['worker_peak_rss_mb']:.2f}")
