@@ -11,29 +11,18 @@ of an older commit) runs alternately with this one, so both are measured in one 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from assess_cli import REPO, run_assess
 
 
 def one_run(checkout: Path, zoo: str, target: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="assess-overhead-")) / "run"
-    env = dict(os.environ, PYTHONPATH=str(checkout))
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo, "--target", target,
-                        "--out", str(out), "--quiet"], cwd=checkout, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"sctd assess failed in {checkout}:\n{p.stderr[-2000:]}")
-    t = json.loads((out / "run.json").read_text())["timings"]
+    wall, run = run_assess(zoo, target, str(out), checkout=checkout)
+    t = run["timings"]
     shutil.rmtree(out.parent, ignore_errors=True)
     return {"wall": wall, "data": t["data_seconds"], "scan": t["scan_seconds"],
             "driver_other": t["total_seconds"] - t["data_seconds"] - t["scan_seconds"],
@@ -48,7 +37,7 @@ def main():
     ap.add_argument("--baseline", default=None, help="another sctd-ray checkout to compare with")
     args = ap.parse_args()
     target = args.target or str(Path(args.zoo) / "targets" / "fm-mix5")
-    checkouts = {"this": HERE.parent}
+    checkouts = {"this": REPO}
     if args.baseline:
         checkouts = {"baseline": Path(args.baseline).resolve(), **checkouts}
     runs: dict[str, list[dict]] = {k: [] for k in checkouts}

@@ -129,23 +129,6 @@ def naive_scan(zoo_uri: str, target_uri: str, batch_size: int) -> tuple[dict, fl
     return scores, time.perf_counter() - t0
 
 
-def assess(zoo_uri: str, target_uri: str, out: Path, workers: int, checkout: Path | None = None):
-    """`sctd assess` in a subprocess (from ``checkout`` if given: on the path and as the working
-    directory, which ``python -m`` puts first): (seconds, its run.json)."""
-    import json
-
-    env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", zoo_uri, "--target",
-                        target_uri, "--out", str(out), "--workers", str(workers), "--quiet"],
-                       capture_output=True, text=True, env=env, cwd=checkout or HERE.parent)
-    seconds = time.perf_counter() - t0
-    if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:])
-        raise SystemExit(f"sctd assess failed{f' (from {checkout})' if checkout else ''}")
-    return seconds, json.loads((out / "run.json").read_text())
-
-
 def pure_forward(zoo_uri: str, target_uri: str, batch_size: int) -> float:
     from sctd_ray.assess.engine import TeacherRunner
     from sctd_ray.data.targets import load_target
@@ -175,6 +158,7 @@ def main():
                     help="store the target's images enlarged to this size as JPEGs (default: 28x28 PNGs)")
     ap.add_argument("--baseline", default=None, help="another sctd-ray checkout whose `sctd assess` to run too")
     args = ap.parse_args()
+    from assess_cli import run_assess
     from s3server import SeaweedS3
 
     from sctd_ray.metrics import NAMES
@@ -208,10 +192,10 @@ def main():
         subprocess.run([sys.executable, "-m", "sctd_ray.cli", "zoo", "index", zoo_uri], check=True,
                        capture_output=True)
         t_index = time.perf_counter() - t0
-        t_scan, run = assess(zoo_uri, target_uri, out, args.workers)
+        t_scan, run = run_assess(zoo_uri, target_uri, str(out), "--workers", str(args.workers))
         if args.baseline:
-            t_base, run_base = assess(zoo_uri, target_uri, tmp / "run-baseline", args.workers,
-                                      checkout=Path(args.baseline).resolve())
+            t_base, run_base = run_assess(zoo_uri, target_uri, str(tmp / "run-baseline"), "--workers",
+                                          str(args.workers), checkout=args.baseline)
         t_fwd = pure_forward(str(zoo_dir), str(target_dir), args.batch_size)
 
     df = pd.read_parquet(out / "ranking.parquet").set_index("teacher_id")

@@ -56,24 +56,6 @@ def generate_zoo(root: Path, n: int, seed: int = 0) -> None:
         (d / "config.json").write_text(cfg.to_json())
 
 
-def _assess(n: int, bucket: str, out: str, workers: int, checkout: Path | None):
-    """`sctd assess` of zoo n in a subprocess, from ``checkout`` when given (on the path and as
-    the working directory): (seconds, run.json)."""
-    env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", f"s3://{bucket}/zoo{n}",
-                        "--target", f"s3://{bucket}/target", "--out", out, "--workers", str(workers), "--quiet",
-                        "--metrics", "sctd,sctd_cost,leep,nce,logme,hscore,transrate", "--rank-by", "sctd"],
-                       capture_output=True, text=True, env=env, cwd=checkout or Path(__file__).resolve().parent.parent)
-    seconds = time.perf_counter() - t0
-    if p.returncode != 0:
-        print(p.stderr[-3000:])
-        raise SystemExit(f"scan of {n} teachers failed{f' (from {checkout})' if checkout else ''}")
-    from sctd_ray.zoo.store import open_store
-
-    return seconds, json.loads(open_store(out).read_bytes("run.json"))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,1000")
@@ -82,6 +64,7 @@ def main():
     ap.add_argument("--out-s3", action="store_true", help="write the run folders to the SeaweedFS S3 too")
     ap.add_argument("--baseline", default=None, help="another sctd-ray checkout whose `sctd assess` to run too")
     args = ap.parse_args()
+    from assess_cli import run_assess
     from s3server import SeaweedS3
     from scan_bench import make_target
 
@@ -107,7 +90,9 @@ def main():
             for label, checkout in [("this", None)] + ([("baseline", Path(args.baseline).resolve())]
                                                        if args.baseline else []):
                 out = f"s3://{bucket}/run{n}-{label}" if args.out_s3 else str(tmp / f"run{n}-{label}")
-                t_total, run = _assess(n, bucket, out, args.workers, checkout)
+                t_total, run = run_assess(f"s3://{bucket}/zoo{n}", f"s3://{bucket}/target", out,
+                                          "--workers", str(args.workers), "--rank-by", "sctd", "--metrics",
+                                          "sctd,sctd_cost,leep,nce,logme,hscore,transrate", checkout=checkout)
                 peaks = [w["peak_rss_mb"] for w in run["workers"]]
                 tim = run["timings"]
                 row = {"code": label, "teachers": n, "bytes_mb": res.bytes / 1e6, "make_s": t_make,

@@ -171,8 +171,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     t_scan = time.time()
     fatal, usage = None, []
     if todo:
-        fatal, usage = _dispatch(ray, s, zoo, out, results, targets, shards, todo, rows_by_id,
-                                 resources, samples)
+        fatal, usage = _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources, samples)
     scan_seconds = time.time() - t_scan
 
     # every pair's row reached the driver; after a fatal error, workers may have written rows
@@ -242,7 +241,7 @@ class ShardActor:
         return self.worker.ping()
 
 
-def _dispatch(ray, s, zoo, out, results, targets, shards, todo, rows_by_id, resources, samples):
+def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources, samples):
     """Feed each actor its shard (two calls in flight, so it can prefetch), steal work for idle
     actors from the longest remaining shard, and replace an actor that dies: its teachers go
     back to the front of its queue (a teacher that kills workers twice becomes an error row).
@@ -262,7 +261,7 @@ def _dispatch(ray, s, zoo, out, results, targets, shards, todo, rows_by_id, reso
 
     def start(i):
         name = f"sctd-shard-{scan_id}-{i}" + (f"-r{generation[i]}" if generation[i] else "")
-        return Actor.options(name=name).remote(zoo, out, targets, s.metrics, s.batch_size, None,
+        return Actor.options(name=name).remote(zoo, results.store, targets, s.metrics, s.batch_size, None,
                                                s.prefetch, s.device_cache_mb)
 
     actors = [start(i) for i in range(len(shards))]
