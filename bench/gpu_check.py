@@ -57,7 +57,53 @@ def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "
         out["by_score_ms"] = score_breakdown(teacher, images, labels, 100, device, 512)
     except Exception as e:
         out["by_score_ms"] = f"error: {type(e).__name__}: {e}"
+    out["parallel_finalise"] = _engine_parallel_finalise(teacher, images, labels, device, repeats)
+    try:
+        out["finalise_profile"] = profile_finalise(teacher, images, labels, 100, device, 512)
+    except Exception as e:
+        out["finalise_profile"] = f"error: {type(e).__name__}: {e}"
     return out
+
+
+def profile_finalise(teacher, images, labels, num_classes, device, batch_size) -> str:
+    """torch.profiler's top operators (by device time on a GPU) of one finalise with all the
+    scores, on statistics of the whole target: where the rest of the engine's gap lies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sctd_ray.assess.engine import TeacherRunner
+    from sctd_ray.stats import TeacherStats
+
+    runner = TeacherRunner(teacher, device)
+    dtype = torch.float32 if runner.cuda else torch.float64
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    y = torch.from_numpy(labels).to(device)
+    stats = TeacherStats(num_classes, runner.weight.to(dtype), device=runner.device, dtype=dtype)
+    for i in range(0, len(y), batch_size):
+        stats.update(*runner.forward(x[i:i + batch_size]), y[i:i + batch_size])
+    stats.compute()     # warm-up: kernels, the allocator, cuSOLVER's workspaces
+    _sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.cuda else [])
+    with profile(activities=acts) as prof:
+        stats.compute()
+        _sync()
+    key = "self_cuda_time_total" if runner.cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=48)
+
+
+def _engine_parallel_finalise(teacher, images, labels, device, repeats) -> dict | str:
+    """The same engine timing with ``stats.PARALLEL_FINALISE`` (LogME, H-score and TransRate's
+    total on side streams at once), to compare with the default in the same run."""
+    from sctd_ray import stats as stats_mod
+
+    try:
+        stats_mod.PARALLEL_FINALISE = True
+        f, e, upd, fin = time_teacher(teacher, images, labels, 100, device, 512, repeats)
+        return {"forward_s": f, "engine_s": e, "engine_vs_forward": f / e, "update_s": upd,
+                "finalise_s": fin}
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"
+    finally:
+        stats_mod.PARALLEL_FINALISE = False
 
 
 def score_breakdown(teacher, images, labels, num_classes, device, batch_size) -> dict:
@@ -75,24 +121,35 @@ def score_breakdown(teacher, images, labels, num_classes, device, batch_size) ->
     outs = [(*runner.forward(x[i:i + batch_size]), y[i:i + batch_size])
             for i in range(0, len(y), batch_size)]
     sync = torch.cuda.synchronize if runner.cuda else (lambda: None)
+    from sctd_ray import stats as stats_mod
+
+    batched = stats_mod._batched_class_rates
+    # TransRate again with its class rates one factorisation at a time (the route before
+    # session 9), to compare with the batched one in the same run
+    runs = [(name, name, batched) for name in NAMES]
+    runs.append(("transrate_per_class", "transrate", lambda device: False))
     res = {}
-    for name in NAMES:
-        best = None
-        for _ in range(2):   # the first pass warms up kernels and the allocator
-            stats = TeacherStats(num_classes, runner.weight.to(dtype), metrics=(name,),
-                                 device=runner.device, dtype=dtype)
-            sync()
-            t0 = time.perf_counter()
-            for feats, logits, yb in outs:
-                stats.update(feats, logits, yb)
-            sync()
-            t1 = time.perf_counter()
-            stats.compute()
-            sync()
-            t2 = time.perf_counter()
-            if best is None or t2 - t0 < best[0] + best[1]:
-                best = (t1 - t0, t2 - t1)
-        res[name] = {"update_ms": 1000 * best[0], "finalise_ms": 1000 * best[1]}
+    try:
+        for label, name, route in runs:
+            stats_mod._batched_class_rates = route
+            best = None
+            for _ in range(2):   # the first pass warms up kernels and the allocator
+                stats = TeacherStats(num_classes, runner.weight.to(dtype), metrics=(name,),
+                                     device=runner.device, dtype=dtype)
+                sync()
+                t0 = time.perf_counter()
+                for feats, logits, yb in outs:
+                    stats.update(feats, logits, yb)
+                sync()
+                t1 = time.perf_counter()
+                stats.compute()
+                sync()
+                t2 = time.perf_counter()
+                if best is None or t2 - t0 < best[0] + best[1]:
+                    best = (t1 - t0, t2 - t1)
+            res[label] = {"update_ms": 1000 * best[0], "finalise_ms": 1000 * best[1]}
+    finally:
+        stats_mod._batched_class_rates = batched
     return res
 
 
@@ -141,6 +198,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
     import timm
     from safetensors.torch import save
 
+    from sctd_ray import stats as stats_mod
     from sctd_ray.assess.engine import TeacherRunner, collect_stats, finalise
     from sctd_ray.assess.worker import ShardWorker, TargetData
     from sctd_ray.metrics import NAMES
@@ -200,6 +258,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
                "cheap_metrics_only": lambda: setattr(worker, "metrics", ("sctd_cost", "leep", "nce")),
                "gil_switch_0.1ms": lambda: sys.setswitchinterval(1e-4),
                "no_reuse": lambda: setattr(worker, "reuse_models", False),   # build every model
+               "parallel_finalise": lambda: setattr(stats_mod, "PARALLEL_FINALISE", True),
                **{f"batch_{n}": (lambda n=n: setattr(worker, "batch_size", n)) for n in (256, 512, 1024)}}
     for name in variants:   # what the gap between the loop and pure forward is made of
         saved = worker.prefetch, worker.metrics, worker.batch_size, worker.reuse_models, sys.getswitchinterval()
@@ -210,6 +269,7 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
         finally:
             worker.prefetch, worker.metrics, worker.batch_size, worker.reuse_models = saved[:4]
             sys.setswitchinterval(saved[4])
+            stats_mod.PARALLEL_FINALISE = False
     worker.overlap = False
     wall_seq, util_seq, phases_seq = loop()
     rel = max(float(np.max(np.abs(overlapped[t] - last_scores[t]) /
@@ -375,7 +435,7 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated subset: sinkhorn,engine,shard_loop,distill_step")
     ap.add_argument("--teachers", type=int, default=20)
     ap.add_argument("--variants", default="",
-                    help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, "
+                    help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, parallel_finalise, "
                          "gil_switch_0.1ms, no_reuse, batch_256, batch_512, batch_1024 (the default batch "
                          "is the worker's for the device: 1024 on a GPU)")
     args = ap.parse_args()

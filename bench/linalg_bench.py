@@ -6,7 +6,9 @@ in ``TeacherStats.compute`` on CPU, measured in one run on N = 2000 synthetic po
 - TransRate's class Grams: ``metrics.gram_lower`` (BLAS syrk, lower triangle) vs ``z.T @ z``
   in torch, for --classes classes of N / C rows each;
 - its log-determinants and H-score's factor: ``metrics.cholesky_lower`` (scipy's LAPACK potrf)
-  vs ``torch.linalg.cholesky_ex``, on ``I + G / (n eps)``.
+  vs ``torch.linalg.cholesky_ex``, on ``I + G / (n eps)``;
+- TransRate's class rates and the global scatter: the batched route of a GPU (zero-padded class
+  rows, one batched Cholesky) vs the per-class route the CPU keeps.
 
     python bench/linalg_bench.py [--dims 64,128,256,512] [--classes 10]
 
@@ -40,6 +42,29 @@ def best_ms(fn, repeats: int) -> float:
 def full_eigh(gram: np.ndarray, b: np.ndarray):
     w, v = np.linalg.eigh(gram)
     return w, v.T @ b
+
+
+def class_rate_routes(z: torch.Tensor, classes: int, repeats: int):
+    """TransRate's class rates and the global scatter (``TeacherStats._scatter_and_class_rates``)
+    by the batched route a GPU takes vs the per-class LAPACK route of the CPU, on the same rows."""
+    from sctd_ray import stats as stats_mod
+
+    n, d = z.shape
+    y = torch.arange(n) % classes
+    st = stats_mod.TeacherStats(classes, torch.zeros(2, d, dtype=torch.float64), metrics=("transrate",))
+    st.update(z, torch.zeros(n, 2, dtype=torch.float64), y)
+    counts, rows = st._counts.numpy(), torch.cat(st._tr_x)
+    default = stats_mod._batched_class_rates
+    out = {}
+    try:
+        for batched in (True, False):
+            stats_mod._batched_class_rates = lambda device, b=batched: b
+            out[batched] = (best_ms(lambda: st._scatter_and_class_rates(counts, rows), repeats),
+                            st._scatter_and_class_rates(counts, rows)[2])
+    finally:
+        stats_mod._batched_class_rates = default
+    diff = max(abs(a - b) / abs(b) for a, b in zip(out[True][1], out[False][1]))
+    return out[True][0], out[False][0], diff
 
 
 def main():
@@ -81,6 +106,8 @@ def main():
             l0, l1 = torch.linalg.cholesky_ex(mt)[0].numpy(), np.tril(cholesky_lower(m))
             rows.append(("Cholesky torch | potrf", d, t_torch, t_lapack,
                          float(np.abs(l1 - l0).max() / np.abs(l0).max())))
+            rows.append(("class rates + S: batched | per class", d,
+                         *class_rate_routes(z, args.classes, args.repeats)))
     print(f"{'routine: before | now':40s} {'D':>5s} {'before ms':>10s} {'now ms':>8s} {'ratio':>6s} "
           f"{'max rel diff':>13s}")
     for name, d, t0, t1, diff in sorted(rows, key=lambda r: (r[0], r[1])):

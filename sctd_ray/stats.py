@@ -8,6 +8,9 @@ hands them to the formulas of ``metrics`` (the same ones the in-memory scores us
 
 from __future__ import annotations
 
+import concurrent.futures as _futures
+import threading
+
 import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
@@ -18,6 +21,7 @@ from .errors import ScoreInputError
 from .ot import _unit_rows, cost_from_prototypes
 
 _BLAS = ThreadpoolController()
+_BATCH_BYTES = 1 << 28   # one chunk of batched class factorisations: 256 MB of Grams or rows
 _SEMANTIC = ("num_classes", "metrics", "tau_a", "temperature", "transrate_eps")  # must match to merge
 
 
@@ -355,8 +359,8 @@ class TeacherStats:
             mean, scat, class_rates = self._scatter_and_class_rates(counts, tr_x)
         elif self._welford:
             mean, scat = self._mean, self._scat
-        out = {}
-        for name in self.metrics:
+
+        def score(name: str) -> float:
             if name == "sctd":   # A = P M, or 1 - (P W_unit) mu_unit^T (class docstring)
                 if self._rows_kind == "probs":
                     a = rows @ on_dev(cost)
@@ -390,7 +394,19 @@ class TeacherStats:
             else:   # TransRate: R(Z) from the global scatter, minus the mean class rate
                 total = 0.5 * _m.logdet_identity_plus(scat, 1.0 / (n * self.transrate_eps))
                 v = total - float(np.mean(class_rates))
-            out[name] = _m._finite(name, v)
+            return v
+
+        jobs = {}
+        if _parallel_finalise(dev or torch.device("cpu")):
+            ready = torch.cuda.current_stream(dev).record_event() if dev is not None else None
+            jobs = {name: _lanes().submit(_on_side_stream, dev, ready, score, name)
+                    for name in self.metrics if name in _LANE_SCORES}
+        out = {}
+        try:
+            for name in self.metrics:
+                out[name] = _m._finite(name, jobs[name].result() if name in jobs else score(name))
+        finally:
+            _futures.wait(jobs.values())
         return out
 
     def _scatter_and_class_rates(self, counts: np.ndarray, tr_x: torch.Tensor | None):
@@ -400,15 +416,19 @@ class TeacherStats:
         ``S = sum_k Z_k^T Z_k``, so the class Grams give the scatter: from the folded class
         scatters (``scat_k + n_k (m_k - mu)(m_k - mu)^T``), or from the raw buffered rows, where
         a class takes its D x D Gram (which is its share of S) when that is cheaper than the
-        Gram of the smaller side plus its share of one ``Z^T Z`` product."""
+        Gram of the smaller side plus its share of one ``Z^T Z`` product. Off the CPU the class
+        rates come from batched factorisations (``_batched_class_rates``)."""
         eps, d = self.transrate_eps, self.weight.shape[1]
         mean = self._sums.sum(0) / self.n
+        batched = _batched_class_rates(self._sums.device)
         rates = []
         if self._tr_scat is None:                   # raw features only (few-shot targets)
             y = torch.cat(self._tr_y)
             order = torch.argsort(y, stable=True)
             z = tr_x.double()[order]                # one N x D copy: sorted by class ...
             z -= mean                               # ... and centred in place
+            if batched:
+                return mean, z.T @ z, _class_rates_from_rows(z, counts, eps)
             scat = torch.zeros(d, d, dtype=torch.float64, device=z.device).T   # syrk order
             rest = []                               # row ranges whose part of S is still missing
             start = 0
@@ -429,10 +449,17 @@ class TeacherStats:
             return mean, _m.symmetrise_lower(scat), rates
         self._fold()                                # the rest of the buffer, then per-class D x D
         tr_scat, tr_sums, cnt = self._tr_scat, self._tr_sums, self._tr_counts.double()
+        offset = tr_sums / cnt[:, None] - mean                                  # (C, D)
+        if batched:   # the class Grams, a chunk of classes at a time, factorised together
+            step = max(1, _BATCH_BYTES // (8 * d * d))
+            for k in range(0, self.num_classes, step):
+                c = slice(k, k + step)
+                grams = tr_scat[c] + cnt[c, None, None] * offset[c, :, None] * offset[c, None, :]
+                rates.extend(0.5 * _m.logdet_identity_plus_batched(grams, 1.0 / (cnt[c] * eps)))
+            return mean, tr_scat.sum(0) + (offset.T * cnt) @ offset, rates
         scat = torch.zeros(d, d, dtype=torch.float64, device=tr_scat.device)
         for k in range(self.num_classes):
-            dev_k = tr_sums[k] / cnt[k] - mean
-            gram = tr_scat[k] + cnt[k] * torch.outer(dev_k, dev_k)
+            gram = tr_scat[k] + cnt[k] * torch.outer(offset[k], offset[k])
             scat += gram
             rates.append(0.5 * _m.logdet_identity_plus(gram, 1.0 / (float(cnt[k]) * eps)))
         return mean, scat, rates
@@ -500,6 +527,85 @@ class TeacherStats:
             self._fx = [t("fused_x")]
         self.n = n
         return self
+
+
+PARALLEL_FINALISE = False   # off until measured on a GPU (docs/benchmarks.md, "Pending device checks")
+_LANE_SCORES = ("logme", "hscore", "transrate")   # the D x D factorisations, independent
+_LANE_STATE = threading.local()
+_LANE_POOL: list = []
+
+
+def _parallel_finalise(device: torch.device) -> bool:
+    """Whether ``compute`` runs LogME, H-score and TransRate's total at the same time, each on
+    its own CUDA stream from its own thread (their factorisations leave a GPU mostly idle: a
+    float64 eigendecomposition of a 2048 x 2048 Gram takes ~57 ms on an H200); the other scores
+    run meanwhile in the calling thread."""
+    return PARALLEL_FINALISE and device.type == "cuda"
+
+
+def _lanes() -> _futures.ThreadPoolExecutor:
+    if not _LANE_POOL:
+        _LANE_POOL.append(_futures.ThreadPoolExecutor(len(_LANE_SCORES), "sctd-finalise"))
+    return _LANE_POOL[0]
+
+
+def _on_side_stream(device, ready, fn, *args):
+    """``fn(*args)`` on this thread's own stream of ``device``, after ``ready`` (an event recorded
+    on the caller's stream once the statistics were complete); without a device, just run."""
+    if device is None:
+        return fn(*args)
+    streams = _LANE_STATE.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    stream = streams[device]
+    stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        return fn(*args)
+
+
+def _batched_class_rates(device: torch.device) -> bool:
+    """Whether TransRate's class rates come from batched factorisations: off the CPU, where one
+    small factorisation per class costs two host syncs and a dozen kernel launches (C = 100
+    classes: ~28 ms on an H200, docs/benchmarks.md). The CPU keeps its per-class LAPACK route
+    (syrk, potrf): 1.8x faster there at 2,000 x 256 (``bench/linalg_bench.py``)."""
+    return device.type != "cpu"
+
+
+def _class_rates_from_rows(z: torch.Tensor, counts: np.ndarray, eps: float) -> list[float]:
+    """SPEC 3 TransRate's class rates ``1/2 logdet(I + Z_k^T Z_k / (n_k eps))`` from the centred
+    rows z (N, D) sorted by class, by batched factorisations with one host sync per chunk.
+
+    A class uses the Gram of its smaller side (``Z_k Z_k^T`` when n_k < D: the same determinant).
+    Classes, largest first, are cut into chunks of one side whose rows are padded with zeros to
+    the chunk's largest class, wasting at most as many rows as the chunk holds and staying under
+    ``_BATCH_BYTES``: zero rows add nothing to either Gram, and their diagonal entries of
+    ``I + G`` are 1. Each class's rows are scaled by ``(n_k eps)^-1/2`` as they are copied."""
+    n_k = counts.astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(n_k)[:-1]])
+    order = np.argsort(-n_k, kind="stable")
+    d = z.shape[1]
+    rates = np.empty(len(n_k))
+    i = 0
+    while i < len(order):
+        top = int(n_k[order[i]])
+        few_rows = top < d                          # then the n_k x n_k Gram, else D x D
+        j, rows = i + 1, top
+        while j < len(order) and (int(n_k[order[j]]) < d) == few_rows:
+            g, nxt = j - i + 1, int(n_k[order[j]])
+            if g * top > 2 * (rows + nxt) or g * top * d * 8 > _BATCH_BYTES:
+                break
+            rows += nxt
+            j += 1
+        ks = order[i:j]
+        padded = z.new_zeros((len(ks), top, d))
+        for slot, k in enumerate(ks.tolist()):
+            torch.mul(z[starts[k]:starts[k] + n_k[k]], float((n_k[k] * eps) ** -0.5),
+                      out=padded[slot, :n_k[k]])
+        grams = padded @ padded.mT if few_rows else padded.mT @ padded
+        del padded
+        rates[ks] = 0.5 * _m.logdet_identity_plus_batched(grams)
+        i = j
+    return rates.tolist()
 
 
 def _check_batch(name: str, x, shape: tuple[int, int]) -> None:

@@ -202,6 +202,23 @@ def test_logdet_identity_plus_reads_the_lower_triangle_and_survives_round_off():
     assert metrics.logdet_identity_plus(bad, 1.0) == pytest.approx(np.log(np.maximum(ev, 1)).sum())
 
 
+def test_batched_logdet_identity_plus_equals_one_at_a_time():
+    """The batched factorisation (TransRate's class rates off the CPU) gives each matrix's value,
+    scaled per matrix, lower triangles read, and falls back to eigenvalues only where needed."""
+    rng = np.random.default_rng(7)
+    grams = [torch.from_numpy((lambda z: z.T @ z)(rng.normal(size=(m, 6)))) for m in (3, 9, 20)]
+    grams.append(torch.tensor([[-2.0, 0, 0, 0, 0, 0], [1.0, 3.0, 0, 0, 0, 0]] + [[0.0] * 6] * 4,
+                              dtype=torch.float64))   # I + G indefinite: the eigenvalue route
+    scales = [0.3, 1.0 / 9, 2.0, 1.0]
+    ref = [metrics.logdet_identity_plus(g, s) for g, s in zip(grams, scales)]
+    batch = torch.stack([torch.tril(g) for g in grams])
+    got = metrics.logdet_identity_plus_batched(batch, torch.tensor(scales, dtype=torch.float64))
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    assert torch.equal(batch[0], torch.tril(grams[0]))           # the input is left as it was
+    scaled = batch * torch.tensor(scales, dtype=torch.float64)[:, None, None]
+    np.testing.assert_allclose(metrics.logdet_identity_plus_batched(scaled), ref, rtol=1e-12)
+
+
 def test_hscore_cholesky_route_equals_the_eigen_route():
     _, y, feats, _ = random_task(n=120, d=10, seed=8)
     f = feats - feats.mean(0)

@@ -74,6 +74,75 @@ def test_scatter_from_transrate_class_grams_equals_metrics(class_sizes, d):
     assert_close(st.compute(), reference(*t), 1e-9)
 
 
+@pytest.mark.parametrize("class_sizes, d, buffer", [((100, 60, 8, 5), 30, None),     # both sides
+                                                     ((300, 3, 2, 1, 50, 49, 48), 40, None),
+                                                     ((40, 41, 39, 10), 60, 16)])  # folded
+def test_batched_class_rates_equal_metrics(monkeypatch, class_sizes, d, buffer):
+    """Off the CPU TransRate's class rates come from batched factorisations of zero-padded class
+    rows, a chunk of classes at a time (forced here on the CPU): the same scores, with chunks
+    that never pad more rows than they hold."""
+    from sctd_ray import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_batched_class_rates", lambda device: True)
+    monkeypatch.setattr(stats_mod, "_BATCH_BYTES", 3 * 60 * d * 8)   # a chunk: <= 180 padded rows
+    shapes = []
+    batched = metrics.logdet_identity_plus_batched
+    monkeypatch.setattr(metrics, "logdet_identity_plus_batched",
+                        lambda grams, *a: shapes.append(tuple(grams.shape)) or batched(grams, *a))
+    one_at_a_time = []
+    single = metrics.logdet_identity_plus
+    monkeypatch.setattr(metrics, "logdet_identity_plus",
+                        lambda *a: one_at_a_time.append(a) or single(*a))
+    rng = np.random.default_rng(d)
+    y = np.concatenate([np.full(m, i) for i, m in enumerate(class_sizes)])
+    rng.shuffle(y)
+    feats = rng.normal(size=(len(y), d)) * rng.uniform(0.2, 5, d) + 4.0
+    weight = rng.normal(size=(6, d))
+    logits = feats @ weight.T / 5 + rng.normal(size=(len(y), 6))
+    t = [torch.from_numpy(a) for a in (feats, logits, y, weight)]
+    names = ("transrate", "logme", "hscore")
+    st = feed(TeacherStats(len(class_sizes), t[3], metrics=names, transrate_buffer=buffer),
+              t[0], t[1], t[2], random_sizes(len(y), rng))
+    got = st.compute()
+    assert len(one_at_a_time) == 1                                  # only TransRate's total
+    monkeypatch.undo()
+    assert_close(got, reference(*t, names=names), 1e-9)
+    assert sum(s[0] for s in shapes) == len(class_sizes)            # every class, once
+    if buffer is None:
+        sizes = sorted(class_sizes, reverse=True)
+        assert len(shapes) < len(class_sizes)                       # batched, in a few chunks
+        for b, m, _ in shapes:                                      # padding <= the chunk's rows
+            chunk, sizes = sizes[:b], sizes[b:]
+            assert min(m, d) == min(chunk[0], d) and b * chunk[0] <= 2 * sum(chunk)
+
+
+def test_parallel_finalise_gives_the_same_scores_and_its_errors(monkeypatch):
+    """With PARALLEL_FINALISE (a GPU option, forced here on the CPU) LogME, H-score and
+    TransRate's total run in threads of their own: the same scores, in the metrics' order, and
+    an error in one of them is raised by compute."""
+    import threading
+
+    from sctd_ray import stats as stats_mod
+
+    feats, logits, y, weight = teacher_outputs(seed=8)
+    ref = reference(feats, logits, y, weight)
+    monkeypatch.setattr(stats_mod, "_parallel_finalise", lambda device: True)
+    threads = {}
+    for name in ("logme_from_gram", "hscore_from_scatter"):
+        real = getattr(metrics, name)
+        monkeypatch.setattr(metrics, name, lambda *a, _f=real, _n=name: threads.setdefault(
+            _n, threading.current_thread().name) and _f(*a))
+    st = feed(TeacherStats(5, weight), feats, logits, y, [100, 103])
+    assert_close(st.compute(), ref, 1e-12)
+    assert all(t.startswith("sctd-finalise") for t in threads.values()) and len(threads) == 2
+
+    def broken(*a):
+        raise ScoreInputError("LogME failed on purpose")
+    monkeypatch.setattr(metrics, "logme_from_gram", broken)
+    with pytest.raises(ScoreInputError, match="on purpose"):
+        st.compute()
+
+
 def test_split_among_workers_merges_in_any_order_and_survives_shipping():
     feats, logits, y, weight = teacher_outputs(seed=2)
     ref = reference(feats, logits, y, weight)
@@ -229,3 +298,20 @@ def test_cuda_accumulates_on_device_and_matches_cpu():
     feed(st, feats.float().cuda(), logits.float().cuda(), y.cuda(), [50, 50, 103])
     assert st._sums.device.type == st._prob_sum.device.type == "cuda"   # accumulated there
     assert_close(st.compute(), ref, 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("buffer", [None, 16])
+def test_cuda_batched_class_rates_and_parallel_finalise_match_cpu(monkeypatch, buffer):
+    """On CUDA TransRate's class rates are batched (raw rows and folded scatters), and with
+    PARALLEL_FINALISE the D x D scores run on side streams: both equal the CPU's scores."""
+    from sctd_ray import stats as stats_mod
+
+    feats, logits, y, weight = teacher_outputs(n=403, d=40, seed=12)
+    ref = feed(TeacherStats(5, weight, transrate_buffer=buffer), feats, logits, y, [403]).compute()
+    for parallel in (False, True):
+        monkeypatch.setattr(stats_mod, "PARALLEL_FINALISE", parallel)
+        st = TeacherStats(5, weight.cuda(), device="cuda", transrate_buffer=buffer)
+        feed(st, feats.cuda(), logits.cuda(), y.cuda(), [200, 203])
+        assert stats_mod._batched_class_rates(st._sums.device)
+        assert_close(st.compute(), ref, 1e-9)
