@@ -59,15 +59,17 @@ def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "
         out["by_score_ms"] = f"error: {type(e).__name__}: {e}"
     out["parallel_finalise"] = _engine_parallel_finalise(teacher, images, labels, device, repeats)
     try:
-        out["finalise_profile"] = profile_finalise(teacher, images, labels, 100, device, 512)
+        out["update_profile"], out["finalise_profile"] = profile_stats(teacher, images, labels, 100,
+                                                                       device, 512)
     except Exception as e:
         out["finalise_profile"] = f"error: {type(e).__name__}: {e}"
     return out
 
 
-def profile_finalise(teacher, images, labels, num_classes, device, batch_size) -> str:
-    """torch.profiler's top operators (by device time on a GPU) of one finalise with all the
-    scores, on statistics of the whole target: where the rest of the engine's gap lies."""
+def profile_stats(teacher, images, labels, num_classes, device, batch_size) -> tuple[str, str]:
+    """torch.profiler's top operators (by device time on a GPU) of the statistics' updates over
+    the whole target (teacher outputs computed beforehand) and of one finalise with all the
+    scores: where the rest of the engine's gap lies."""
     from torch.profiler import ProfilerActivity, profile
 
     from sctd_ray.assess.engine import TeacherRunner
@@ -77,17 +79,27 @@ def profile_finalise(teacher, images, labels, num_classes, device, batch_size) -
     dtype = torch.float32 if runner.cuda else torch.float64
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     y = torch.from_numpy(labels).to(device)
-    stats = TeacherStats(num_classes, runner.weight.to(dtype), device=runner.device, dtype=dtype)
-    for i in range(0, len(y), batch_size):
-        stats.update(*runner.forward(x[i:i + batch_size]), y[i:i + batch_size])
-    stats.compute()     # warm-up: kernels, the allocator, cuSOLVER's workspaces
-    _sync()
+    outs = [(*runner.forward(x[i:i + batch_size]), y[i:i + batch_size])
+            for i in range(0, len(y), batch_size)]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.cuda else [])
-    with profile(activities=acts) as prof:
+    key = "self_cuda_time_total" if runner.cuda else "self_cpu_time_total"
+
+    def updated():
+        stats = TeacherStats(num_classes, runner.weight.to(dtype), device=runner.device, dtype=dtype)
+        for feats, logits, yb in outs:
+            stats.update(feats, logits, yb)
+        return stats
+
+    updated().compute()     # warm-up: kernels, the allocator, cuSOLVER's workspaces
+    _sync()
+    with profile(activities=acts) as prof_update:
+        stats = updated()
+        _sync()
+    with profile(activities=acts) as prof_finalise:
         stats.compute()
         _sync()
-    key = "self_cuda_time_total" if runner.cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=48)
+    return tuple(p.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=48)
+                 for p in (prof_update, prof_finalise))
 
 
 def _engine_parallel_finalise(teacher, images, labels, device, repeats) -> dict | str:
