@@ -5,6 +5,7 @@ CUDA: a larger timm teacher (default resnet50 at 224, bf16 autocast, channels_la
 
     python bench/engine_bench.py --zoo ~/.cache/sctd-ray/demo-zoo          # CPU, demo teachers
     python bench/engine_bench.py --device cuda --arch resnet50 --samples 16384
+    python bench/engine_bench.py --arch resnet50 --size 64 --samples 100 --classes 5   # CPU, few-shot
 
 Prints per-teacher times and the overall ratio, measured in one run (best of --repeats).
 """
@@ -112,7 +113,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default=None, help="zoo whose teachers to time (CPU default: the demo zoo)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--arch", default="resnet50", help="synthetic teacher when no --zoo (CUDA default)")
+    ap.add_argument("--arch", default=None,
+                    help="a synthetic timm teacher instead of a zoo (the CUDA default: resnet50)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--teacher-classes", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=2000)
@@ -124,7 +126,7 @@ def main():
                     help="run the teachers in NCHW order (before session 7 the CPU default) instead of channels_last")
     args = ap.parse_args()
 
-    if args.zoo or args.device == "cpu":
+    if args.zoo or (args.device == "cpu" and not args.arch):
         from pathlib import Path
 
         from sctd_ray.cli import default_home
@@ -135,7 +137,7 @@ def main():
         src = fashion_mnist("test")
         images, labels = src.images[:args.samples], src.labels[:args.samples] % args.classes
     else:
-        teachers = [synthetic_teacher(args.arch, args.teacher_classes, args.size)]
+        teachers = [synthetic_teacher(args.arch or "resnet50", args.teacher_classes, args.size)]
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (args.samples, 64, 64, 3), dtype=np.uint8)
         labels = np.arange(args.samples) % args.classes

@@ -101,7 +101,12 @@ def main():
                        "per_teacher_ms": 1000 * tim["scan_seconds"] / n,
                        "worker_peak_rss_mb": max(peaks), "errors": run["errors"]}
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                phases = {}   # seconds per phase over the workers, as ms per teacher
+                for w in run["workers"]:
+                    for k, v in w.get("phase_seconds", {}).items():
+                        phases[k] = phases.get(k, 0.0) + 1000 * v / n
+                print(json.dumps({**row, "phase_ms_per_teacher": {k: round(v, 1) for k, v in phases.items()}}),
+                      flush=True)
     print()
     print(f"{'code':>8s} {'teachers':>8s} {'zoo MB':>8s} {'index s':>8s} {'scan s':>8s} {'ms/teacher':>11s} "
           f"{'rest of driver s':>17s} {'end to end s':>13s} {'worker peak MB':>15s}")

@@ -295,6 +295,52 @@ def _logme_evidences(sigma: np.ndarray, x: np.ndarray, y2: np.ndarray, n: int, d
     return evidence / n
 
 
+def row_gram_route(n: int, d: int) -> bool:
+    """Whether LogME, H-score and TransRate's total use the N x N Gram of the samples instead of
+    the D x D one (fewer samples than features: few-shot targets of wide teachers). The non-zero
+    eigenvalues are the same; an N x N decomposition costs (N / D)^3 of a D x D one."""
+    return n < d
+
+
+def class_eigen_projections(gram, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) of a symmetric N x N Gram and ``Y^T U`` (C, N): each eigenvector
+    summed over each class's rows, in float64 on the host. A torch Gram is decomposed on its
+    device, ``labels`` (N,) a tensor there too; only the eigenvalues and (C, N) come back."""
+    if isinstance(gram, torch.Tensor):
+        g = gram.double()
+        w, u = torch.linalg.eigh((g + g.T) / 2)
+        proj = torch.zeros(num_classes, u.shape[1], dtype=u.dtype, device=u.device)
+        proj.index_add_(0, labels.to(u.device), u)
+        w, proj = w.cpu().numpy(), proj.cpu().numpy()
+    else:
+        w, u = sym_eigh(gram)
+        proj = np.eye(num_classes)[np.asarray(labels)].T @ u
+    return w[::-1], proj[:, ::-1]
+
+
+def logme_from_row_gram(gram, labels, counts: np.ndarray, n: int, d: int) -> float:
+    """SPEC 3 LogME from the N x N Gram ``F F^T`` of the raw features (``row_gram_route``;
+    numpy, or torch on its device). This is the authors' own branch for N <= D, which takes
+    ``F = U s V^T`` from F itself: ``s^2`` are the eigenvalues and ``u^T y_c`` each eigenvector's
+    sum over class c's rows (``labels``: each row's class). Same rank cutoff and fixed point as
+    ``logme_from_gram``; D stays the feature dimension."""
+    lam, proj = class_eigen_projections(gram, labels, len(counts))
+    keep = lam > max(lam[0] * LOGME_RANK_RTOL, 1e-20)
+    return float(np.mean(_logme_evidences(lam[keep], np.ascontiguousarray(proj[:, keep]), counts, n, d)))
+
+
+def hscore_from_row_gram(gram, labels, counts: np.ndarray) -> float:
+    """SPEC 3 H-score from the N x N Gram ``Z Z^T`` of the centred features (``row_gram_route``;
+    numpy, or torch on its device). With ``Z = U s V^T`` and ``d_c = Z^T y_c / n_c``, each term
+    ``n_c d_c^T S^+ d_c`` of ``hscore_from_scatter`` is ``|U_k^T y_c|^2 / n_c`` over the kept
+    directions k (the same pseudo-inverse cutoff, relative to the largest eigenvalue)."""
+    w, proj = class_eigen_projections(gram, labels, len(counts))
+    if w[0] <= 0:
+        return 0.0                    # constant features
+    keep = w > HSCORE_RCOND * w[0]
+    return float(((proj[:, keep] ** 2).sum(1) / counts).sum())
+
+
 def hscore_from_scatter(scatter, sums: np.ndarray, counts: np.ndarray, n: int,
                         eig: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """SPEC 3 H-score ``tr(pinv(cov f) cov E[f|y])`` from the centred scatter (D, D; numpy, or
@@ -532,9 +578,10 @@ def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int |
         joint = soft_joint(p, y, c)
     if want & WEIGHT_SCORES:
         cost = cost_from_prototypes(w, sums, counts)
+    rows = x is not None and row_gram_route(n, x.shape[1])   # N x N Grams (few-shot, wide)
     if want & {"hscore", "transrate"}:
         z = x - x.mean(0)
-        scatter = z.T @ z
+        scatter = z.T @ z if "hscore" in want and not rows else None
     for name in names:
         if name == "sctd":
             v = sctd_from_costs(p @ cost, y, temperature)
@@ -548,9 +595,11 @@ def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int |
         elif name == "nce":
             v = nce_from_counts(argmax_counts(p, y, c))
         elif name == "logme":
-            v = logme_from_gram(x.T @ x, sums, counts, n)
+            v = (logme_from_row_gram(x @ x.T, y, counts, n, x.shape[1]) if rows else
+                 logme_from_gram(x.T @ x, sums, counts, n))
         elif name == "hscore":
-            v = hscore_from_scatter(scatter, sums, counts, n)
+            v = hscore_from_row_gram(z @ z.T, y, counts) if rows else \
+                hscore_from_scatter(scatter, sums, counts, n)
         else:  # transrate
             total = coding_rate(_small_gram(z), n, transrate_eps)
             per_class = [coding_rate(_small_gram(z[y == k]), int(counts[k]), transrate_eps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as _futures
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -354,8 +355,10 @@ class TeacherStats:
         on_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         tr_x = torch.cat(self._tr_x) if self._tr_x else None
         same = len(self._fx) == len(self._tr_x) and all(a is b for a, b in zip(self._fx, self._tr_x))
-        mean = scat = class_rates = None
-        if self._transrate:
+        mean = scat = class_rates = rg = None
+        if self._transrate and self._tr_scat is None and _m.row_gram_route(n, self.weight.shape[1]):
+            mean, rg, class_rates = self._row_grams(counts, tr_x)     # few-shot: no D x D matrix
+        elif self._transrate:
             mean, scat, class_rates = self._scatter_and_class_rates(counts, tr_x)
         elif self._welford:
             mean, scat = self._mean, self._scat
@@ -381,6 +384,10 @@ class TeacherStats:
                 v = _m.leep_from_expected(eyz.cpu().numpy())
             elif name == "nce":
                 v = _m.nce_from_counts(self._nce_t.cpu().numpy())
+            elif name == "logme" and rg is not None:
+                v = _m.logme_from_row_gram(rg.raw if dev is not None else rg.raw.numpy(),
+                                           rg.labels if dev is not None else rg.labels.numpy(),
+                                           counts, n, self.weight.shape[1])
             elif name == "logme":   # on a GPU the D x D work stays there (metrics docstrings)
                 if dev is not None:
                     m64 = mean.double()
@@ -389,10 +396,14 @@ class TeacherStats:
                     mean_h = host(mean)
                     gram = host(scat) + n * np.outer(mean_h, mean_h)
                 v = _m.logme_from_gram(gram, sums, counts, n)
+            elif name == "hscore" and rg is not None:
+                v = _m.hscore_from_row_gram(rg.centred if dev is not None else rg.centred.numpy(),
+                                            rg.labels if dev is not None else rg.labels.numpy(), counts)
             elif name == "hscore":
                 v = _m.hscore_from_scatter(scat if dev is not None else host(scat), sums, counts, n)
-            else:   # TransRate: R(Z) from the global scatter, minus the mean class rate
-                total = 0.5 * _m.logdet_identity_plus(scat, 1.0 / (n * self.transrate_eps))
+            else:   # TransRate: R(Z) from the global scatter (or Z Z^T), minus the mean class rate
+                total = 0.5 * _m.logdet_identity_plus(scat if rg is None else rg.centred,
+                                                      1.0 / (n * self.transrate_eps))
                 v = total - float(np.mean(class_rates))
             return v
 
@@ -408,6 +419,32 @@ class TeacherStats:
         finally:
             _futures.wait(jobs.values())
         return out
+
+    def _row_grams(self, counts: np.ndarray, tr_x: torch.Tensor):
+        """The few-shot route (``metrics.row_gram_route``: fewer samples than features, TransRate's
+        rows all still raw): the N x N Gram of the globally centred rows, sorted by class, gives
+        TransRate's total and, from its diagonal blocks, the class rates; H-score decomposes it,
+        LogME the raw rows' Gram ``F F^T = Z Z^T + a 1^T + 1 a^T + |mu|^2`` (``a = Z mu``). No
+        D x D matrix is formed (a 2048-wide teacher on 500 images: 500 x 500 decompositions)."""
+        eps = self.transrate_eps
+        mean = self._sums.sum(0) / self.n
+        y = torch.cat(self._tr_y)
+        order = torch.argsort(y, stable=True)
+        z = tr_x.double()[order]                    # sorted by class ...
+        z -= mean                                   # ... and centred in place
+        if z.device.type == "cpu":
+            centred = _m.symmetrise_lower(_m.gram_lower(z.T))          # syrk: Z Z^T
+            rates, start = [], 0
+            for nk in counts.astype(int).tolist():
+                block = centred[start:start + nk, start:start + nk]     # Z_k Z_k^T
+                rates.append(0.5 * _m.logdet_identity_plus(block, 1.0 / (nk * eps)))
+                start += nk
+        else:
+            centred = z @ z.T
+            rates = _class_rates_from_rows(z, counts, eps)
+        a = z @ mean.double()
+        raw = centred + a[:, None] + a[None, :] + mean.double() @ mean.double()
+        return mean, _RowGrams(centred, raw, y[order]), rates
 
     def _scatter_and_class_rates(self, counts: np.ndarray, tr_x: torch.Tensor | None):
         """Global mean and centred scatter (D, D) and TransRate's class coding rates
@@ -527,6 +564,13 @@ class TeacherStats:
             self._fx = [t("fused_x")]
         self.n = n
         return self
+
+
+class _RowGrams(NamedTuple):
+    """N x N Grams of a target's rows, sorted by class (``TeacherStats._row_grams``)."""
+    centred: torch.Tensor    # Z Z^T, Z the globally centred features
+    raw: torch.Tensor        # F F^T
+    labels: torch.Tensor     # each row's class (sorted)
 
 
 PARALLEL_FINALISE = False   # off until measured on a GPU (docs/benchmarks.md, "Pending device checks")

@@ -253,6 +253,25 @@ def test_device_route_for_logme_and_hscore_equals_the_host_route(d, n):
     assert metrics.logme_from_gram(torch.from_numpy(gram), sums, counts, n) == pytest.approx(host, rel=1e-9)
 
 
+@pytest.mark.parametrize("n,d", [(12, 40), (30, 31), (25, 200)])
+def test_few_shot_row_gram_route_equals_the_feature_gram_route(monkeypatch, n, d):
+    """With fewer samples than features LogME and H-score decompose the N x N Gram of the
+    samples (on the host, or as torch on a device): the values of the D x D route."""
+    _, y, feats, _ = random_task(n=n, d=d, seed=n + d)
+    assert metrics.row_gram_route(n, d)
+    got = metrics.compute_all(None, y, feats, None, names=("logme", "hscore", "transrate"))
+    monkeypatch.setattr(metrics, "row_gram_route", lambda n, d: False)
+    ref = metrics.compute_all(None, y, feats, None, names=("logme", "hscore", "transrate"))
+    assert got == pytest.approx(ref, rel=1e-9)
+    assert got["hscore"] == pytest.approx(3.0, rel=1e-8)     # C - 1 when N <= D + 1
+    counts = np.bincount(y).astype(np.float64)
+    z = feats - feats.mean(0)
+    t = torch.from_numpy
+    assert metrics.logme_from_row_gram(t(feats @ feats.T), t(y), counts, n, d) == \
+        pytest.approx(got["logme"], rel=1e-9)
+    assert metrics.hscore_from_row_gram(t(z @ z.T), t(y), counts) == pytest.approx(3.0, rel=1e-8)
+
+
 def test_sctd_from_costs_on_a_tensor_equals_the_host_route():
     rng = np.random.default_rng(3)
     a, y = rng.uniform(0, 2, size=(50, 4)), rng.integers(0, 4, 50)

@@ -143,7 +143,32 @@ def test_parallel_finalise_gives_the_same_scores_and_its_errors(monkeypatch):
         st.compute()
 
 
-def test_split_among_workers_merges_in_any_order_and_survives_shipping():
+@pytest.mark.parametrize("n, d", [(37, 64), (24, 25)])
+def test_few_shot_statistics_use_the_row_gram_and_equal_metrics(monkeypatch, n, d):
+    """Fewer samples than features (few-shot target, wide teacher): compute forms no D x D
+    matrix (LogME, H-score and TransRate from the N x N Gram of the rows), in any batching and
+    after merging parts, and gives the in-memory scores of both routes."""
+    from sctd_ray import stats as stats_mod
+
+    feats, logits, y, weight = teacher_outputs(n=n, d=d, seed=n)
+    ref = reference(feats, logits, y, weight)
+
+    def no_d_by_d(*a):
+        raise AssertionError("a D x D scatter was built")
+    monkeypatch.setattr(stats_mod.TeacherStats, "_scatter_and_class_rates", no_d_by_d)
+    st = feed(TeacherStats(5, weight), feats, logits, y, random_sizes(n, np.random.default_rng(n), 9))
+    assert_close(st.compute(), ref, 1e-9)
+    half = TeacherStats(5, weight)
+    feed(half, feats[:n // 2], logits[:n // 2], y[:n // 2], [n // 2])
+    rest = TeacherStats.from_state(feed(TeacherStats(5, weight), feats[n // 2:], logits[n // 2:],
+                                        y[n // 2:], [n - n // 2]).to_state())
+    assert_close(half.merge(rest).compute(), ref, 1e-9)
+    monkeypatch.undo()
+    monkeypatch.setattr(metrics, "row_gram_route", lambda n, d: False)   # the D x D route
+    assert_close(feed(TeacherStats(5, weight), feats, logits, y, [n]).compute(), ref, 1e-9)
+
+
+
     feats, logits, y, weight = teacher_outputs(seed=2)
     ref = reference(feats, logits, y, weight)
     cuts = [0, 50, 51, 140, len(y)]
@@ -303,15 +328,17 @@ def test_cuda_accumulates_on_device_and_matches_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("buffer", [None, 16])
 def test_cuda_batched_class_rates_and_parallel_finalise_match_cpu(monkeypatch, buffer):
-    """On CUDA TransRate's class rates are batched (raw rows and folded scatters), and with
-    PARALLEL_FINALISE the D x D scores run on side streams: both equal the CPU's scores."""
+    """On CUDA TransRate's class rates are batched (raw rows and folded scatters), few-shot
+    targets take the N x N route, and with PARALLEL_FINALISE LogME, H-score and TransRate run on
+    side streams: all equal the CPU's scores."""
     from sctd_ray import stats as stats_mod
 
-    feats, logits, y, weight = teacher_outputs(n=403, d=40, seed=12)
-    ref = feed(TeacherStats(5, weight, transrate_buffer=buffer), feats, logits, y, [403]).compute()
-    for parallel in (False, True):
-        monkeypatch.setattr(stats_mod, "PARALLEL_FINALISE", parallel)
-        st = TeacherStats(5, weight.cuda(), device="cuda", transrate_buffer=buffer)
-        feed(st, feats.cuda(), logits.cuda(), y.cuda(), [200, 203])
-        assert stats_mod._batched_class_rates(st._sums.device)
-        assert_close(st.compute(), ref, 1e-9)
+    for n in (403, 30):    # 30 < D: the few-shot route (N x N Grams)
+        feats, logits, y, weight = teacher_outputs(n=n, d=40, seed=12)
+        ref = feed(TeacherStats(5, weight, transrate_buffer=buffer), feats, logits, y, [n]).compute()
+        for parallel in (False, True):
+            monkeypatch.setattr(stats_mod, "PARALLEL_FINALISE", parallel)
+            st = TeacherStats(5, weight.cuda(), device="cuda", transrate_buffer=buffer)
+            feed(st, feats.cuda(), logits.cuda(), y.cuda(), [n // 2, n - n // 2])
+            assert stats_mod._batched_class_rates(st._sums.device)
+            assert_close(st.compute(), ref, 1e-9)
