@@ -58,6 +58,8 @@ def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "
     except Exception as e:
         out["by_score_ms"] = f"error: {type(e).__name__}: {e}"
     out["parallel_finalise"] = _engine_parallel_finalise(teacher, images, labels, device, repeats)
+    few = min(512, samples)
+    out["few_shot"] = _engine_few_shot(teacher, images[:few], np.arange(few) % 10, device, repeats)
     try:
         out["update_profile"], out["finalise_profile"] = profile_stats(teacher, images, labels, 100,
                                                                        device, 512)
@@ -100,6 +102,27 @@ def profile_stats(teacher, images, labels, num_classes, device, batch_size) -> t
         _sync()
     return tuple(p.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=48)
                  for p in (prof_update, prof_finalise))
+
+
+def _engine_few_shot(teacher, images, labels, device, repeats) -> dict | str:
+    """A few-shot target (512 images, 10 classes: fewer than resnet50's 2048 features): the
+    engine with LogME, H-score and TransRate from the N x N Gram of the samples (the default)
+    and from the D x D one (``metrics.row_gram_route`` off), in one run."""
+    from sctd_ray import metrics
+
+    out = {}
+    default = metrics.row_gram_route
+    try:
+        for label, route in (("row_gram", default), ("feature_gram", lambda n, d: False)):
+            metrics.row_gram_route = route
+            f, e, upd, fin = time_teacher(teacher, images, labels, 10, device, 512, repeats)
+            out[label] = {"forward_s": f, "engine_s": e, "engine_vs_forward": f / e,
+                          "update_s": upd, "finalise_s": fin}
+        return out
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"
+    finally:
+        metrics.row_gram_route = default
 
 
 def _engine_parallel_finalise(teacher, images, labels, device, repeats) -> dict | str:
