@@ -45,7 +45,8 @@ class TeacherStats:
     class feature sums        C x D                                      sctd*, logme, hscore,
                                                                          transrate
     mean + centred scatter    D + D x D (batched Welford; Chan to merge)  logme, hscore (with
-                                                                         transrate: derived)
+                              while fewer than D samples: their raw      transrate: derived)
+                              rows N x D (+ N labels) instead
     per-sample P, or P W_unit N x min(K, D) (+ N int64 labels); P when  sctd, sctd_fused, leep
                               leep is requested (it needs P)
     per-sample features       N x D, the very rows of the transrate       sctd_fused
@@ -150,6 +151,9 @@ class TeacherStats:
         self._tr_rows = 0
         self._tr_counts = self._tr_sums = self._tr_scat = None   # folded part (class-centred)
         self._fx: list[torch.Tensor] = []          # sctd_fused: per-sample features
+        # without transrate, below D samples: the raw rows instead of the Welford moments
+        self._few_x: list[torch.Tensor] | None = [] if self._welford else None
+        self._few_y: list[torch.Tensor] | None = []
         self._ready = True
 
     # ------------------------------------------------------------------ update
@@ -201,11 +205,13 @@ class TeacherStats:
             x = _tensor(features, dev, dt)
             x64 = x.double()
             self._sums.index_add_(0, y, x64)
-            if self._welford:   # batched Welford: S += (x - m_old)^T (x - m_new), exact
+            few = self._welford and self._few_x is not None and self.n + b < d
+            if self._welford and not few:   # batched Welford: S += (x - m_old)^T (x - m_new), exact
+                self._fold_few()
                 xa = x64 - self._mean
                 self._mean.add_(xa.sum(0), alpha=1.0 / (self.n + b))
                 self._scat.addmm_(xa.T, x64 - self._mean)
-            if self._transrate or self._fused:
+            if self._transrate or self._fused or few:
                 aliased = isinstance(features, torch.Tensor) and x.data_ptr() == features.data_ptr()
                 x = x.clone() if aliased else x         # the caller may reuse its buffer
             if self._transrate:
@@ -214,10 +220,30 @@ class TeacherStats:
                 self._tr_rows += b
             if self._fused:
                 self._fx.append(x)                      # the same tensor: no extra memory
+            if few:
+                self._few_x.append(x)
+                self._few_y.append(y)
         self.n += b
         if self._transrate and self._tr_rows > self.transrate_buffer:
             self._fold()
         return self
+
+    def _fold_few(self) -> None:
+        """From D samples on, the raw rows kept for the few-shot route become the Welford mean
+        and scatter (one N x D^2 product, what the per-batch updates would have cost)."""
+        if self._few_x is None:
+            return
+        if self._few_x:
+            mean, scat = _moments(torch.cat(self._few_x))
+            self._mean.copy_(mean)
+            self._scat.copy_(scat)
+        self._few_x = self._few_y = None
+
+    def _welford_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and centred scatter of the features seen, without changing the statistics."""
+        if self._few_x:
+            return _moments(torch.cat(self._few_x))
+        return self._mean, self._scat
 
     def _fold(self) -> None:
         """Move the transrate buffer into per-class centred scatters (one sync; rare)."""
@@ -273,14 +299,20 @@ class TeacherStats:
             self._nce_t += mv(other._nce_t)
         if self._feats:
             self._sums += mv(other._sums)
-        if self._welford:
+        if self._welford and self._few_x is not None and other._few_x is not None \
+                and self.n + other.n < self.weight.shape[1]:       # still few: raw rows
+            self._few_x += [mv(t) for t in other._few_x]
+            self._few_y += [mv(t) for t in other._few_y]
+        elif self._welford:
+            self._fold_few()
+            o_mean, o_scat = other._welford_moments()
             if self.n == 0:
-                self._mean.copy_(mv(other._mean))
-                self._scat.copy_(mv(other._scat))
+                self._mean.copy_(mv(o_mean))
+                self._scat.copy_(mv(o_scat))
             else:
-                delta = mv(other._mean) - self._mean
+                delta = mv(o_mean) - self._mean
                 tot = self.n + other.n
-                self._scat.add_(mv(other._scat)).addr_(delta, delta, alpha=self.n * other.n / tot)
+                self._scat.add_(mv(o_scat)).addr_(delta, delta, alpha=self.n * other.n / tot)
                 self._mean.add_(delta, alpha=other.n / tot)
         self._rows += [mv(t) for t in other._rows]
         self._rows_y += [mv(t) for t in other._rows_y]
@@ -312,7 +344,8 @@ class TeacherStats:
 
     def compute(self) -> dict[str, float]:
         """The requested scores, {name: float}, equal to ``metrics`` on the concatenated data."""
-        if self.device is not None and self.device.type != "cpu" or self.weight.shape[1] > 1024:
+        # (the largest matrix decomposed is N x N when N < D: metrics.row_gram_route)
+        if self.device is not None and self.device.type != "cpu" or min(self.n, self.weight.shape[1]) > 1024:
             return self._compute()
         # Small host linear algebra runs on one BLAS thread: right after a forward pass torch's
         # OpenMP threads are still spinning, and a multi-threaded OpenBLAS call competing with
@@ -334,8 +367,9 @@ class TeacherStats:
             raise ScoreInputError(f"every one of the {self.num_classes} target classes needs at "
                                   f"least one sample; classes without samples: {shown}")
         # every feature row is in the class sums, every probability in their running sum
-        for t in (self._prob_sum, self._joint_t, self._sums, self._mean, self._scat, self._tr_sums,
-                  self._tr_scat):
+        few = self._few_x is not None      # then mean and scatter are unused zeros
+        for t in (self._prob_sum, self._joint_t, self._sums, None if few else self._mean,
+                  None if few else self._scat, self._tr_sums, self._tr_scat):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ScoreInputError("features and logits must be finite; the statistics contain "
                                       "NaN or inf")
@@ -356,12 +390,15 @@ class TeacherStats:
         tr_x = torch.cat(self._tr_x) if self._tr_x else None
         same = len(self._fx) == len(self._tr_x) and all(a is b for a, b in zip(self._fx, self._tr_x))
         mean = scat = class_rates = rg = None
-        if self._transrate and self._tr_scat is None and _m.row_gram_route(n, self.weight.shape[1]):
-            mean, rg, class_rates = self._row_grams(counts, tr_x)     # few-shot: no D x D matrix
+        few_shot = _m.row_gram_route(n, self.weight.shape[1])      # then no D x D matrix
+        if self._transrate and self._tr_scat is None and few_shot:
+            mean, rg, class_rates = self._row_grams(counts, tr_x, torch.cat(self._tr_y))
         elif self._transrate:
             mean, scat, class_rates = self._scatter_and_class_rates(counts, tr_x)
+        elif self._welford and self._few_x is not None and few_shot:
+            mean, rg, _ = self._row_grams(counts, torch.cat(self._few_x), torch.cat(self._few_y))
         elif self._welford:
-            mean, scat = self._mean, self._scat
+            mean, scat = self._welford_moments()
 
         def score(name: str) -> float:
             if name == "sctd":   # A = P M, or 1 - (P W_unit) mu_unit^T (class docstring)
@@ -420,28 +457,30 @@ class TeacherStats:
             _futures.wait(jobs.values())
         return out
 
-    def _row_grams(self, counts: np.ndarray, tr_x: torch.Tensor):
+    def _row_grams(self, counts: np.ndarray, x: torch.Tensor, y: torch.Tensor):
         """The few-shot route (``metrics.row_gram_route``: fewer samples than features, TransRate's
         rows all still raw): the N x N Gram of the globally centred rows, sorted by class, gives
         TransRate's total and, from its diagonal blocks, the class rates; H-score decomposes it,
         LogME the raw rows' Gram ``F F^T = Z Z^T + a 1^T + 1 a^T + |mu|^2`` (``a = Z mu``). No
-        D x D matrix is formed (a 2048-wide teacher on 500 images: 500 x 500 decompositions)."""
+        D x D matrix is formed (a 2048-wide teacher on 500 images: 500 x 500 decompositions).
+        The rows ``x`` and labels ``y`` are TransRate's buffer, or the few-shot rows kept instead
+        of the Welford moments when TransRate is not requested (then no class rates)."""
         eps = self.transrate_eps
         mean = self._sums.sum(0) / self.n
-        y = torch.cat(self._tr_y)
         order = torch.argsort(y, stable=True)
-        z = tr_x.double()[order]                    # sorted by class ...
+        z = x.double()[order]                       # sorted by class ...
         z -= mean                                   # ... and centred in place
+        rates = None
         if z.device.type == "cpu":
             centred = _m.symmetrise_lower(_m.gram_lower(z.T))          # syrk: Z Z^T
             rates, start = [], 0
-            for nk in counts.astype(int).tolist():
+            for nk in counts.astype(int).tolist() if self._transrate else ():
                 block = centred[start:start + nk, start:start + nk]     # Z_k Z_k^T
                 rates.append(0.5 * _m.logdet_identity_plus(block, 1.0 / (nk * eps)))
                 start += nk
         else:
             centred = z @ z.T
-            rates = _class_rates_from_rows(z, counts, eps)
+            rates = _class_rates_from_rows(z, counts, eps) if self._transrate else None
         a = z @ mean.double()
         raw = centred + a[:, None] + a[None, :] + mean.double() @ mean.double()
         return mean, _RowGrams(centred, raw, y[order]), rates
@@ -516,8 +555,10 @@ class TeacherStats:
         np_ = lambda t: t.cpu().numpy()  # noqa: E731
         st["counts"], st["bad_labels"] = np_(self._counts), np_(self._bad)
         st["prob_sum"] = np_(self._prob_sum)
+        few = self._few_x is not None           # the few-shot rows stand for mean and scatter
         for key, t in (("joint", self._joint_t), ("nce_counts", self._nce_t), ("sums", self._sums),
-                       ("mean", self._mean), ("scatter", self._scat), ("tr_counts", self._tr_counts),
+                       ("mean", None if few else self._mean), ("scatter", None if few else self._scat),
+                       ("tr_counts", self._tr_counts),
                        ("tr_sums", self._tr_sums), ("tr_scatter", self._tr_scat)):
             if t is not None:
                 st[key] = np_(t)
@@ -527,6 +568,8 @@ class TeacherStats:
             st["tr_x"], st["tr_y"] = np_(torch.cat(self._tr_x)), np_(torch.cat(self._tr_y))
         if self._fx:
             st["fused_x"] = np_(torch.cat(self._fx))
+        if few:
+            st["few_x"], st["few_y"] = np_(torch.cat(self._few_x)), np_(torch.cat(self._few_y))
         return st
 
     @classmethod
@@ -562,8 +605,19 @@ class TeacherStats:
             self._tr_rows = int(self._tr_x[0].shape[0])
         if "fused_x" in state:
             self._fx = [t("fused_x")]
+        if self._welford:   # without its rows, a state holds the Welford moments
+            self._few_x, self._few_y = ([t("few_x")], [t("few_y").long()]) if "few_x" in state \
+                else (None, None)
         self.n = n
         return self
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and centred scatter ``(x - m)^T (x - m)`` of rows x, in float64."""
+    x64 = x.double()
+    mean = x64.mean(0)
+    xc = x64 - mean
+    return mean, xc.T @ xc
 
 
 class _RowGrams(NamedTuple):

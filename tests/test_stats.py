@@ -168,7 +168,39 @@ def test_few_shot_statistics_use_the_row_gram_and_equal_metrics(monkeypatch, n, 
     assert_close(feed(TeacherStats(5, weight), feats, logits, y, [n]).compute(), ref, 1e-9)
 
 
+def test_without_transrate_few_shot_rows_stand_for_the_scatter_until_d_samples():
+    """LogME and H-score alone keep the raw rows while there are fewer samples than features
+    (no D x D product per batch, the N x N route at compute) and switch to the Welford moments
+    once D samples are seen, also when merging parts: every path gives the in-memory scores."""
+    names = ("logme", "hscore")
+    feats, logits, y, weight = teacher_outputs(n=60, d=40, seed=13)
+    rng = np.random.default_rng(13)
 
+    def part(lo, hi):
+        return feed(TeacherStats(5, weight, metrics=names), feats[lo:hi], logits[lo:hi], y[lo:hi],
+                    random_sizes(hi - lo, rng, 9))
+
+    few = part(0, 30)
+    state = few.to_state()
+    assert state["few_x"].shape == (30, 40) and "scatter" not in state     # rows, no D x D
+    assert_close(few.compute(), reference(feats[:30], logits[:30], y[:30], weight, names=names), 1e-9)
+    assert_close(TeacherStats.from_state(state).compute(), few.compute(), 1e-12)
+    ref = reference(feats, logits, y, weight, names=names)
+    whole = part(0, 60)                                         # crosses D = 40 while updating
+    assert "few_x" not in whole.to_state() and whole.to_state()["scatter"].shape == (40, 40)
+    assert_close(whole.compute(), ref, 1e-9)
+    for cuts in ([0, 10, 25, 60], [0, 30, 60], [0, 45, 50, 60]):   # few + few, few + moments, ...
+        parts = [TeacherStats.from_state(part(a, b).to_state()) for a, b in zip(cuts, cuts[1:])]
+        total = TeacherStats(5, weight, metrics=names)
+        for p in parts[::-1]:
+            total.merge(p)
+        assert_close(total.compute(), ref, 1e-9)
+    small = part(0, 10).merge(part(10, 25))                      # still few after merging
+    assert "few_x" in small.to_state()
+    assert_close(small.compute(), reference(feats[:25], logits[:25], y[:25], weight, names=names), 1e-9)
+
+
+def test_split_among_workers_merges_in_any_order_and_survives_shipping():
     feats, logits, y, weight = teacher_outputs(seed=2)
     ref = reference(feats, logits, y, weight)
     cuts = [0, 50, 51, 140, len(y)]
