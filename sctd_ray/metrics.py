@@ -588,7 +588,7 @@ def compute_all(probs, labels, features, weight, names=NAMES, num_classes: int |
         elif name == "sctd_cost":
             v = sctd_cost_from_joint(joint, cost, n)
         elif name == "sctd_fused":
-            h, wu = scores_extra.h_rows(p, scores_extra.unit_rows(w))
+            h, wu = scores_extra.h_rows(p, scores_extra.unit_rows(w), c)
             v = scores_extra.fused_from_rows(h, x, y, sums, wu)
         elif name == "leep":
             v = leep_from_joint(p, y, joint)

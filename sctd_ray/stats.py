@@ -412,7 +412,8 @@ class TeacherStats:
                 v = _m.sctd_cost_from_joint(host(self._joint_t), cost, n)
             elif name == "sctd_fused":
                 fx = tr_x if same and tr_x is not None else torch.cat(self._fx)
-                h = (_scores_extra.h_rows(rows, self._w_unit.double()) if self._rows_kind == "probs"
+                h = (_scores_extra.h_rows(rows, self._w_unit.double(), self.num_classes)
+                     if self._rows_kind == "probs"
                      else (rows, None))
                 v = _scores_extra.fused_from_rows(h[0], fx, row_y, self._sums, h[1])
             elif name == "leep":

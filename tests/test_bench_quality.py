@@ -287,6 +287,18 @@ def test_loo_costs_from_probability_rows_equal_those_from_h_rows():
     np.testing.assert_allclose(f_p.numpy(), f_h.numpy(), rtol=0, atol=0)
 
 
+def test_h_rows_takes_the_route_with_less_work():
+    """A small teacher head on many samples keeps the rows of P; a 1000-class head of 2048
+    features on a few-shot target forms h = P W_unit (W_unit W_unit^T alone would be 2 G)."""
+    from sctd_ray import scores_extra as se
+
+    small, p = np.eye(10, 256), np.full((2000, 10), 0.1)
+    assert se.h_rows(p, small, 10)[1] is small
+    wide, p = np.eye(1000, 2048), np.full((100, 1000), 1e-3)
+    h, w = se.h_rows(p, wide, 5)
+    assert w is None and h.shape == (100, 2048)
+
+
 def test_calibrated_loglik_is_the_maximum_and_zero_without_signal():
     from scipy.special import log_softmax
 
