@@ -5,7 +5,7 @@ small and a large zoo: the worker's peak must not grow with the zoo's size (teac
 fetched one at a time, with one prefetched; only result files accumulate, on the store).
 
     python bench/scan_scale.py [--sizes 100,1000] [--samples 200] [--workers 2]
-                               [--out-s3] [--baseline OTHER_CHECKOUT]
+                               [--out-s3] [--baseline OTHER_CHECKOUT] [--arch resnet50]
 
 --out-s3 writes each run folder (one result file per pair, the ranking) to the same SeaweedFS
 instead of a local folder, as a cluster job does; "rest of driver" is the driver's time outside
@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def generate_zoo(root: Path, n: int, seed: int = 0) -> None:
-    """n tiny timm teachers (test_efficientnet, 28x28 grey, 3-10 classes), random weights."""
+def generate_zoo(root: Path, n: int, seed: int = 0, arch: str = "test_efficientnet") -> None:
+    """n timm teachers (by default the tiny test_efficientnet), 28x28 grey, 3-10 classes,
+    random weights."""
     import timm
     from safetensors.torch import save
 
@@ -43,14 +44,14 @@ def generate_zoo(root: Path, n: int, seed: int = 0) -> None:
         k = int(rng.integers(3, 11))
         if k not in base:
             torch.manual_seed(k)
-            base[k] = timm.create_model("test_efficientnet", num_classes=k, in_chans=1).state_dict()
+            base[k] = timm.create_model(arch, num_classes=k, in_chans=1).state_dict()
         state = {name: (t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t).contiguous()
                  for name, t in base[k].items()}
         tid = f"sim-{i:05d}"
         d = root / "teachers" / tid
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(save(state))
-        cfg = TeacherConfig(tid, "test_efficientnet", k, [f"class-{j}" for j in range(k)],
+        cfg = TeacherConfig(tid, arch, k, [f"class-{j}" for j in range(k)],
                             {"input_size": [1, 28, 28], "mean": [0.286], "std": [0.353]},
                             model_args={"in_chans": 1}, source_task={"simulated": True})
         (d / "config.json").write_text(cfg.to_json())
@@ -63,6 +64,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out-s3", action="store_true", help="write the run folders to the SeaweedFS S3 too")
     ap.add_argument("--baseline", default=None, help="another sctd-ray checkout whose `sctd assess` to run too")
+    ap.add_argument("--arch", default="test_efficientnet",
+                    help="the teachers' timm architecture (e.g. resnet50: 2048 features)")
     args = ap.parse_args()
     from assess_cli import run_assess
     from s3server import SeaweedS3
@@ -80,7 +83,7 @@ def main():
         sync(str(target), f"s3://{bucket}/target", progress=False)
         for n in sizes:
             t0 = time.perf_counter()
-            generate_zoo(tmp / f"zoo{n}", n)
+            generate_zoo(tmp / f"zoo{n}", n, arch=args.arch)
             res = sync(str(tmp / f"zoo{n}"), f"s3://{bucket}/zoo{n}", progress=False)
             t_make = time.perf_counter() - t0
             cli = [sys.executable, "-m", "sctd_ray.cli"]
