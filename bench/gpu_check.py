@@ -74,15 +74,9 @@ def profile_stats(teacher, images, labels, num_classes, device, batch_size) -> t
     scores: where the rest of the engine's gap lies."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sctd_ray.assess.engine import TeacherRunner
     from sctd_ray.stats import TeacherStats
 
-    runner = TeacherRunner(teacher, device)
-    dtype = torch.float32 if runner.cuda else torch.float64
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    y = torch.from_numpy(labels).to(device)
-    outs = [(*runner.forward(x[i:i + batch_size]), y[i:i + batch_size])
-            for i in range(0, len(y), batch_size)]
+    runner, dtype, outs = _teacher_outputs(teacher, images, labels, device, batch_size)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.cuda else [])
     key = "self_cuda_time_total" if runner.cuda else "self_cpu_time_total"
 
@@ -141,13 +135,10 @@ def _engine_parallel_finalise(teacher, images, labels, device, repeats) -> dict 
         stats_mod.PARALLEL_FINALISE = False
 
 
-def score_breakdown(teacher, images, labels, num_classes, device, batch_size) -> dict:
-    """Each score alone: its update (over the whole target) and finalise times in ms, on the
-    teacher's outputs computed once and kept on the device, so the next step knows where the
-    engine's time goes."""
+def _teacher_outputs(teacher, images, labels, device, batch_size):
+    """The teacher's runner, the statistics' dtype and its (features, logits, labels) batches over
+    the whole target, computed once and kept on the device."""
     from sctd_ray.assess.engine import TeacherRunner
-    from sctd_ray.metrics import NAMES
-    from sctd_ray.stats import TeacherStats
 
     runner = TeacherRunner(teacher, device)
     dtype = torch.float32 if runner.cuda else torch.float64
@@ -155,6 +146,17 @@ def score_breakdown(teacher, images, labels, num_classes, device, batch_size) ->
     y = torch.from_numpy(labels).to(device)
     outs = [(*runner.forward(x[i:i + batch_size]), y[i:i + batch_size])
             for i in range(0, len(y), batch_size)]
+    return runner, dtype, outs
+
+
+def score_breakdown(teacher, images, labels, num_classes, device, batch_size) -> dict:
+    """Each score alone: its update (over the whole target) and finalise times in ms, on the
+    teacher's outputs computed once and kept on the device, so the next step knows where the
+    engine's time goes."""
+    from sctd_ray.metrics import NAMES
+    from sctd_ray.stats import TeacherStats
+
+    runner, dtype, outs = _teacher_outputs(teacher, images, labels, device, batch_size)
     sync = torch.cuda.synchronize if runner.cuda else (lambda: None)
     from sctd_ray import stats as stats_mod
 

@@ -40,6 +40,17 @@ def random_sizes(n, rng, hi=40):
     return sizes
 
 
+def class_task(class_sizes, d, rng):
+    """Features (shuffled classes of the given sizes, scaled per dimension, far from 0), logits,
+    labels and a 6-class head, as tensors."""
+    y = np.concatenate([np.full(m, i) for i, m in enumerate(class_sizes)])
+    rng.shuffle(y)
+    feats = rng.normal(size=(len(y), d)) * rng.uniform(0.2, 5, d) + 4.0
+    weight = rng.normal(size=(6, d))
+    logits = feats @ weight.T / 5 + rng.normal(size=(len(y), 6))
+    return [torch.from_numpy(a) for a in (feats, logits, y, weight)]
+
+
 def assert_close(got, ref, rel):
     assert list(got) == list(ref)
     for k in ref:
@@ -63,13 +74,8 @@ def test_scatter_from_transrate_class_grams_equals_metrics(class_sizes, d):
     """With transrate requested the global scatter (LogME, H-score, TransRate's total) is built
     from the class Grams at compute; every route gives the in-memory scores."""
     rng = np.random.default_rng(d)
-    y = np.concatenate([np.full(m, i) for i, m in enumerate(class_sizes)])
-    rng.shuffle(y)
-    feats = rng.normal(size=(len(y), d)) * rng.uniform(0.2, 5, d) + 4.0
-    weight = rng.normal(size=(6, d))
-    logits = feats @ weight.T / 5 + rng.normal(size=(len(y), 6))
-    t = [torch.from_numpy(a) for a in (feats, logits, y, weight)]
-    st = feed(TeacherStats(len(class_sizes), t[3]), t[0], t[1], t[2], random_sizes(len(y), rng))
+    t = class_task(class_sizes, d, rng)
+    st = feed(TeacherStats(len(class_sizes), t[3]), t[0], t[1], t[2], random_sizes(len(t[2]), rng))
     assert "scatter" not in st.to_state()
     assert_close(st.compute(), reference(*t), 1e-9)
 
@@ -94,15 +100,10 @@ def test_batched_class_rates_equal_metrics(monkeypatch, class_sizes, d, buffer):
     monkeypatch.setattr(metrics, "logdet_identity_plus",
                         lambda *a: one_at_a_time.append(a) or single(*a))
     rng = np.random.default_rng(d)
-    y = np.concatenate([np.full(m, i) for i, m in enumerate(class_sizes)])
-    rng.shuffle(y)
-    feats = rng.normal(size=(len(y), d)) * rng.uniform(0.2, 5, d) + 4.0
-    weight = rng.normal(size=(6, d))
-    logits = feats @ weight.T / 5 + rng.normal(size=(len(y), 6))
-    t = [torch.from_numpy(a) for a in (feats, logits, y, weight)]
+    t = class_task(class_sizes, d, rng)
     names = ("transrate", "logme", "hscore")
     st = feed(TeacherStats(len(class_sizes), t[3], metrics=names, transrate_buffer=buffer),
-              t[0], t[1], t[2], random_sizes(len(y), rng))
+              t[0], t[1], t[2], random_sizes(len(t[2]), rng))
     got = st.compute()
     assert len(one_at_a_time) == 1                                  # only TransRate's total
     monkeypatch.undo()
