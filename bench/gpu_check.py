@@ -1,6 +1,9 @@
 """GPU checks, without Ray (the engine and the shard worker run bare), in one run:
 
-1. engine throughput vs pure forward for a resnet50 teacher at 224 in bf16  (goal >= 90%)
+1. engine throughput vs pure forward for a resnet50 teacher at 224 in bf16  (goal >= 90%);
+   with it, each score's update and finalise times (TransRate's class terms batched and one at
+   a time), the engine with stats.PARALLEL_FINALISE, a 512-image few-shot target by the N x N
+   and the D x D routes, and torch.profiler tables of the statistics' update and finalise
 2. shared-kernel Sinkhorn, B=16384, K=1000, C=200, 100 iterations, float32  (goal < 100 ms)
 3. the shard worker's loop (prefetch + forward + stats) over >= 20 resnet50-sized teachers held
    in host memory as safetensors bytes, two calls in flight as in the scan: the teachers' pure
