@@ -459,22 +459,16 @@ def logdet_identity_plus(gram: torch.Tensor, scale: float) -> float:
         if chol is not None:
             return 2.0 * float(np.log(chol.diagonal()).sum())
         m = symmetrise_lower(torch.from_numpy(shifted()))
-    else:
-        m = gram * scale
-        m.diagonal().add_(1.0)
-        chol, info = torch.linalg.cholesky_ex(m)
-        if int(info) == 0:
-            return 2.0 * float(torch.log(chol.diagonal()).sum())
-        m = symmetrise_lower(m)
-    ev = torch.linalg.eigvalsh(m).clamp_min(1.0)
-    return float(torch.log(ev).sum())
+        ev = torch.linalg.eigvalsh(m).clamp_min(1.0)
+        return float(torch.log(ev).sum())
+    return float(logdet_identity_plus_batched(gram[None], scale)[0])   # on the device: one sync
 
 
-def logdet_identity_plus_batched(grams: torch.Tensor, scales: torch.Tensor | None = None) -> np.ndarray:
+def logdet_identity_plus_batched(grams: torch.Tensor, scales: torch.Tensor | float = 1.0) -> np.ndarray:
     """``logdet(I + scale_b * G_b)`` for a batch of PSD Grams (B, m, m) (torch, any device; lower
-    triangles read), ``scales`` (B,) on the same device or None (1): one batched Cholesky and one
-    host sync for the whole batch; eigenvalues for any matrix whose factorisation failed."""
-    m = grams * scales[:, None, None] if scales is not None else grams.clone()
+    triangles read), ``scales`` (B,) on the same device or one number: one batched Cholesky and
+    one host sync for the whole batch; eigenvalues for any matrix whose factorisation failed."""
+    m = grams * (scales[:, None, None] if isinstance(scales, torch.Tensor) else scales)
     m.diagonal(dim1=-2, dim2=-1).add_(1.0)
     chol, info = torch.linalg.cholesky_ex(m)
     logdet = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)

@@ -153,7 +153,7 @@ class TeacherStats:
         self._fx: list[torch.Tensor] = []          # sctd_fused: per-sample features
         # without transrate, below D samples: the raw rows instead of the Welford moments
         self._few_x: list[torch.Tensor] | None = [] if self._welford else None
-        self._few_y: list[torch.Tensor] | None = []
+        self._few_y: list[torch.Tensor] | None = [] if self._welford else None
         self._ready = True
 
     # ------------------------------------------------------------------ update
@@ -387,6 +387,7 @@ class TeacherStats:
         rows = torch.cat(self._rows).double() if self._rows else None
         row_y = torch.cat(self._rows_y) if self._rows else None
         on_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        here = lambda t: t if dev is not None else t.numpy()  # noqa: E731  (host: numpy LAPACK)
         tr_x = torch.cat(self._tr_x) if self._tr_x else None
         same = len(self._fx) == len(self._tr_x) and all(a is b for a, b in zip(self._fx, self._tr_x))
         mean = scat = class_rates = rg = None
@@ -423,9 +424,7 @@ class TeacherStats:
             elif name == "nce":
                 v = _m.nce_from_counts(self._nce_t.cpu().numpy())
             elif name == "logme" and rg is not None:
-                v = _m.logme_from_row_gram(rg.raw if dev is not None else rg.raw.numpy(),
-                                           rg.labels if dev is not None else rg.labels.numpy(),
-                                           counts, n, self.weight.shape[1])
+                v = _m.logme_from_row_gram(here(rg.raw), here(rg.labels), counts, n, self.weight.shape[1])
             elif name == "logme":   # on a GPU the D x D work stays there (metrics docstrings)
                 if dev is not None:
                     m64 = mean.double()
@@ -435,8 +434,7 @@ class TeacherStats:
                     gram = host(scat) + n * np.outer(mean_h, mean_h)
                 v = _m.logme_from_gram(gram, sums, counts, n)
             elif name == "hscore" and rg is not None:
-                v = _m.hscore_from_row_gram(rg.centred if dev is not None else rg.centred.numpy(),
-                                            rg.labels if dev is not None else rg.labels.numpy(), counts)
+                v = _m.hscore_from_row_gram(here(rg.centred), here(rg.labels), counts)
             elif name == "hscore":
                 v = _m.hscore_from_scatter(scat if dev is not None else host(scat), sums, counts, n)
             else:   # TransRate: R(Z) from the global scatter (or Z Z^T), minus the mean class rate
@@ -467,10 +465,7 @@ class TeacherStats:
         The rows ``x`` and labels ``y`` are TransRate's buffer, or the few-shot rows kept instead
         of the Welford moments when TransRate is not requested (then no class rates)."""
         eps = self.transrate_eps
-        mean = self._sums.sum(0) / self.n
-        order = torch.argsort(y, stable=True)
-        z = x.double()[order]                       # sorted by class ...
-        z -= mean                                   # ... and centred in place
+        mean, z, y_sorted = self._sorted_centred(x, y)
         rates = None
         if z.device.type == "cpu":
             centred = _m.symmetrise_lower(_m.gram_lower(z.T))          # syrk: Z Z^T
@@ -479,12 +474,21 @@ class TeacherStats:
                 block = centred[start:start + nk, start:start + nk]     # Z_k Z_k^T
                 rates.append(0.5 * _m.logdet_identity_plus(block, 1.0 / (nk * eps)))
                 start += nk
-        else:
+        else:   # one sync per chunk of classes instead of one per class (the rows' Grams again)
             centred = z @ z.T
             rates = _class_rates_from_rows(z, counts, eps) if self._transrate else None
         a = z @ mean.double()
         raw = centred + a[:, None] + a[None, :] + mean.double() @ mean.double()
-        return mean, _RowGrams(centred, raw, y[order]), rates
+        return mean, _RowGrams(centred, raw, y_sorted), rates
+
+    def _sorted_centred(self, x: torch.Tensor, y: torch.Tensor):
+        """The global feature mean, the rows x in float64 sorted by class (stable) and centred by
+        it (one N x D copy), and their labels in that order."""
+        mean = self._sums.sum(0) / self.n
+        order = torch.argsort(y, stable=True)
+        z = x.double()[order]
+        z -= mean
+        return mean, z, y[order]
 
     def _scatter_and_class_rates(self, counts: np.ndarray, tr_x: torch.Tensor | None):
         """Global mean and centred scatter (D, D) and TransRate's class coding rates
@@ -496,14 +500,10 @@ class TeacherStats:
         Gram of the smaller side plus its share of one ``Z^T Z`` product. Off the CPU the class
         rates come from batched factorisations (``_batched_class_rates``)."""
         eps, d = self.transrate_eps, self.weight.shape[1]
-        mean = self._sums.sum(0) / self.n
         batched = _batched_class_rates(self._sums.device)
         rates = []
         if self._tr_scat is None:                   # raw features only (few-shot targets)
-            y = torch.cat(self._tr_y)
-            order = torch.argsort(y, stable=True)
-            z = tr_x.double()[order]                # one N x D copy: sorted by class ...
-            z -= mean                               # ... and centred in place
+            mean, z, _ = self._sorted_centred(tr_x, torch.cat(self._tr_y))
             if batched:
                 return mean, z.T @ z, _class_rates_from_rows(z, counts, eps)
             scat = torch.zeros(d, d, dtype=torch.float64, device=z.device).T   # syrk order
@@ -525,6 +525,7 @@ class TeacherStats:
                 scat += _m.gram_lower(z if len(rest) == len(rates) else torch.cat(rest))
             return mean, _m.symmetrise_lower(scat), rates
         self._fold()                                # the rest of the buffer, then per-class D x D
+        mean = self._sums.sum(0) / self.n
         tr_scat, tr_sums, cnt = self._tr_scat, self._tr_sums, self._tr_counts.double()
         offset = tr_sums / cnt[:, None] - mean                                  # (C, D)
         if batched:   # the class Grams, a chunk of classes at a time, factorised together
