@@ -453,7 +453,7 @@ def logdet_identity_plus(gram: torch.Tensor, scale: float) -> float:
     if gram.device.type == "cpu":
         def shifted():          # a fresh I + scale G, in G's memory order
             m = gram.double().numpy() * scale
-            m[np.diag_indices_from(m)] += 1.0
+            np.einsum("ii->i", m)[...] += 1.0       # the diagonal as a view
             return m
         chol = cholesky_lower(shifted(), overwrite=True)
         if chol is not None:
