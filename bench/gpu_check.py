@@ -465,6 +465,32 @@ def _train_step_syncs(device: str = "cuda") -> str:
             torch.cuda.set_sync_debug_mode("default")
 
 
+def goal_lines(res: dict) -> list[str]:
+    """One line per issue goal (docs/benchmarks.md, "GPU"), from what this run measured, so the
+    verdict survives a truncated log: each value, its goal and whether it is met."""
+    def get(*path):
+        v = res
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        return v if isinstance(v, (int, float)) else None
+
+    sk = res.get("sinkhorn") or {}
+    rows = [(f"Sinkhorn B={sk.get('B')} K={sk.get('K')} C={sk.get('C')}, ms", get("sinkhorn", "best_ms"), "<", 100.0),
+            ("engine / forward throughput", get("engine", "engine_vs_forward"), ">=", 0.90),
+            ("  with parallel_finalise", get("engine", "parallel_finalise", "engine_vs_forward"), ">=", 0.90),
+            ("shard loop GPU busy (NVML mean, %)", get("shard_loop", "nvml_util_mean"), ">=", 85.0)]
+    for name in sorted((res.get("shard_loop") or {}).get("variants") or {}):
+        rows.append((f"  variant {name}", get("shard_loop", "variants", name, "nvml_util_mean"), ">=", 85.0))
+    rows.append(("OT step / ce step", get("distill_step", "ot_vs_ce"), "<=", 1.15))
+    out = []
+    for label, value, op, goal in rows:
+        if value is None:
+            continue
+        met = value < goal if op == "<" else value >= goal if op == ">=" else value <= goal
+        out.append(f"GOAL {label}: {value:.3f} (goal {op} {goal:g}): {'met' if met else 'NOT met'}")
+    return out
+
+
 def main():
     global DEVICE
     ap = argparse.ArgumentParser()
@@ -510,6 +536,8 @@ def main():
         if args.json:  # after every check, so a cut-off run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2)
+    for line in goal_lines(res):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
