@@ -233,6 +233,75 @@ class UtilSampler(threading.Thread):
             time.sleep(0.02)
 
 
+class GraphedForward:
+    """``TeacherRunner.forward`` with the teacher's body (features, then pre-logits, in bf16
+    autocast) captured as a CUDA graph per (model, input shape) and replayed: one launch per batch
+    instead of hundreds, so the thread feeding the GPU no longer falls behind it while other
+    threads hold the GIL (building the next teacher, finalising the last one). An experiment for
+    the ``cuda_graphs`` shard-loop variant, not (yet) the product's path.
+
+    A graph reads the model's parameters where they were at capture: it stays valid while the
+    model lives and keeps its storage, which a reused model does (``zoo.loading._reload`` copies
+    the next teacher's weights in place; the head, resized there, runs outside the graph). Each
+    graph holds a weak reference to its model and is dropped when the model is gone. Only full
+    batches replay; a batch of another shape, and any CPU runner, run eagerly. The output is
+    copied before it is handed on, since the next replay overwrites it."""
+
+    def __init__(self, eager):
+        self.eager = eager
+        self.graphs = {}
+        self.captures = 0
+        self.replays = 0
+        self.pool = None
+
+    @staticmethod
+    def _body(runner, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return runner.model.forward_head(runner.model.forward_features(x), pre_logits=True)
+
+    def _capture(self, runner, x):
+        import weakref
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        static_in = torch.empty_like(x, memory_format=runner.memory_format)
+        static_in.copy_(x)
+        side = torch.cuda.Stream(runner.device)
+        side.wait_stream(torch.cuda.current_stream(runner.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):                          # cudnn autotuning, the allocator
+                self._body(runner, static_in)
+        torch.cuda.current_stream(runner.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            static_out = self._body(runner, static_in)
+        self.captures += 1
+        model = runner.model
+        key = (id(model), tuple(x.shape), x.dtype)
+        self.graphs[key] = entry = (weakref.ref(model, lambda _, k=key: self.graphs.pop(k, None)),
+                                    graph, static_in, static_out)
+        return entry
+
+    @torch.inference_mode()
+    def __call__(self, runner, images):
+        if not runner.cuda:
+            return self.eager(runner, images)
+        x = runner.teacher.preprocessing(images.to(runner.device, non_blocking=True))
+        x = x.contiguous(memory_format=runner.memory_format)
+        key = (id(runner.model), tuple(x.shape), x.dtype)
+        entry = self.graphs.get(key)
+        if entry is None or entry[0]() is not runner.model:
+            entry = self._capture(runner, x)        # its capture run computes this batch too
+        else:
+            entry[2].copy_(x)
+            entry[1].replay()
+            self.replays += 1
+        feats = entry[3].to(torch.float32, copy=True)
+        logits = torch.nn.functional.linear(feats, runner.head.weight.float(),
+                                            None if runner.head.bias is None else runner.head.bias.float())
+        return feats, logits
+
+
 def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size: int = 224,
                      variants: tuple[str, ...] = ()) -> dict:
     import timm
@@ -299,17 +368,27 @@ def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size
                "gil_switch_0.1ms": lambda: sys.setswitchinterval(1e-4),
                "no_reuse": lambda: setattr(worker, "reuse_models", False),   # build every model
                "parallel_finalise": lambda: setattr(stats_mod, "PARALLEL_FINALISE", True),
+               "cuda_graphs": lambda: setattr(TeacherRunner, "forward", lambda r, images: graphed(r, images)),
                **{f"batch_{n}": (lambda n=n: setattr(worker, "batch_size", n)) for n in (256, 512, 1024)}}
+    eager_forward = TeacherRunner.forward
+    graphed = GraphedForward(eager_forward)
     for name in variants:   # what the gap between the loop and pure forward is made of
         saved = worker.prefetch, worker.metrics, worker.batch_size, worker.reuse_models, sys.getswitchinterval()
         options[name]()
         try:
             w_, u_, p_ = loop()
             found[name] = {"wall_s": w_, "nvml_util_mean": u_, "phase_seconds": p_}
+            if worker.metrics == NAMES:   # the same scores as the default loop, to bf16 noise
+                found[name]["scores_vs_default_max_rel_diff"] = max(
+                    float(np.max(np.abs(last_scores[t] - overlapped[t]) /
+                                 np.maximum(np.abs(overlapped[t]), 1e-12))) for t in ids)
+            if name == "cuda_graphs":
+                found[name].update(captures=graphed.captures, replays=graphed.replays)
         finally:
             worker.prefetch, worker.metrics, worker.batch_size, worker.reuse_models = saved[:4]
             sys.setswitchinterval(saved[4])
             stats_mod.PARALLEL_FINALISE = False
+            TeacherRunner.forward = eager_forward
     worker.overlap = False
     wall_seq, util_seq, phases_seq = loop()
     rel = max(float(np.max(np.abs(overlapped[t] - last_scores[t]) /
@@ -501,7 +580,7 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated subset: sinkhorn,engine,shard_loop,distill_step")
     ap.add_argument("--teachers", type=int, default=20)
     ap.add_argument("--variants", default="",
-                    help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, parallel_finalise, "
+                    help="comma-separated shard_loop variants: no_prefetch, cheap_metrics_only, parallel_finalise, cuda_graphs, "
                          "gil_switch_0.1ms, no_reuse, batch_256, batch_512, batch_1024 (the default batch "
                          "is the worker's for the device: 1024 on a GPU)")
     args = ap.parse_args()
