@@ -170,31 +170,30 @@ def calibrated_loglik(costs: list, labels) -> tuple[float, np.ndarray]:
         evaluate, n, c = _objective_torch(costs, labels)
     else:
         evaluate, n, c = _objective_numpy(costs, labels)
-    j = len(costs)
-    beta = np.zeros(j)
+    beta = np.zeros(len(costs))
     val, grad, hess = evaluate(beta)
     for _ in range(100):
-        free = ~(((beta <= 0) & (grad <= 0)) | ((beta >= BETA_MAX) & (grad >= 0)))
-        if not free.any() or np.max(np.abs(grad[free])) <= 1e-12:
+        free = ((beta > 0) | (grad > 0)) & ((beta < BETA_MAX) | (grad < 0))   # not held by a bound
+        g = grad[free]
+        if not g.size or np.abs(g).max() <= 1e-12:
             break
-        step = np.zeros(j)
-        f = np.flatnonzero(free)
-        step[f] = _psd_solve(-hess[np.ix_(f, f)], grad[f])
-        if not grad @ step > 0:                                   # no curvature: plain ascent
+        step = np.zeros_like(beta)
+        step[free] = _psd_solve(-hess[free][:, free], g)
+        gain = grad @ step
+        if not gain > 0:                                          # no curvature: plain ascent
             step = np.where(free, grad, 0.0)
-        elif grad @ step < 2e-15:                                 # Newton gain < 1e-15: done
+        elif gain < 2e-15:                                        # Newton gain < 1e-15: done
             break
-        t, moved = 1.0, False
+        t = 1.0
         for _ in range(60):
             cand = np.clip(beta + t * step, 0.0, BETA_MAX)
             cval, cgrad, chess = evaluate(cand)
-            if cval >= val + 1e-4 * grad @ (cand - beta):
-                moved = bool(np.any(cand != beta))
+            if cval >= val + 1e-4 * (grad @ (cand - beta)):
                 break
             t /= 2
         else:
             break
-        if not moved:
+        if (cand == beta).all():
             break
         beta, val, grad, hess = cand, cval, cgrad, chess
     return float(val + np.log(c)), beta
@@ -203,7 +202,17 @@ def calibrated_loglik(costs: list, labels) -> tuple[float, np.ndarray]:
 def _psd_solve(h: np.ndarray, g: np.ndarray, rcond: float = 1e-12) -> np.ndarray:
     """The minimum-norm least-squares solution of ``h x = g`` for a small symmetric ``h``, with
     eigenvalues at or below ``rcond`` of the largest counting as zero (``np.linalg.lstsq``'s
-    rule; its SVD costs several times more for a 2 x 2 matrix)."""
+    rule; its SVD costs several times more for a 2 x 2 matrix). A well-conditioned 1 x 1 or
+    2 x 2 system, the ascent's usual one, is solved in closed form."""
+    if h.shape == (1, 1) and h[0, 0] != 0:
+        return g / h[0, 0]
+    if h.shape == (2, 2):
+        a, b, c = float(h[0, 0]), float(h[0, 1]), float(h[1, 1])
+        r = float(np.hypot(0.5 * (a - c), b))
+        lo, hi = abs(0.5 * (a + c)) - r, abs(0.5 * (a + c)) + r    # |eigenvalues|, when a c > b^2
+        if a * c - b * b > 0 and lo > 1e-8 * hi:
+            det = a * c - b * b
+            return np.array([(c * g[0] - b * g[1]) / det, (a * g[1] - b * g[0]) / det])
     w, v = np.linalg.eigh(h)
     big = np.abs(w) > rcond * np.abs(w).max()
     return v[:, big] @ ((v[:, big].T @ g) / w[big])

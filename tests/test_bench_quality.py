@@ -321,13 +321,14 @@ def test_calibrated_loglik_is_the_maximum_and_zero_without_signal():
 
 def test_newton_step_solve_equals_lstsq_also_when_singular():
     """The ascent's step solves ``-H s = g`` as np.linalg.lstsq would: the minimum-norm solution
-    with the same cutoff, for 1 x 1 and 2 x 2 Hessians, singular and zero ones included."""
+    with the same cutoff, for 1 x 1 and 2 x 2 Hessians (in closed form when well conditioned),
+    ill-conditioned, singular and zero ones included."""
     from sctd_ray import scores_extra as se
 
     rng = np.random.default_rng(3)
     a = rng.normal(size=(2, 2))
     cases = [a @ a.T, np.outer(a[0], a[0]), np.zeros((2, 2)), np.array([[2.5]]), np.zeros((1, 1)),
-             np.diag([1.0, 1e-14])]
+             np.diag([1.0, 1e-14]), np.diag([1.0, 1e-6]), np.diag([1.0, 1e-10])]   # closed form, then not
     for h in cases:
         g = rng.normal(size=h.shape[0])
         np.testing.assert_allclose(se._psd_solve(h, g), np.linalg.lstsq(h, g, rcond=1e-12)[0],
