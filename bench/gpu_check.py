@@ -52,10 +52,8 @@ def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (samples, 64, 64, 3), dtype=np.uint8)
     labels = np.arange(samples) % 100
-    f, e, upd, fin = time_teacher(teacher, images, labels, 100, device, 512, repeats)
-    out = {"samples": samples, "forward_s": f, "engine_s": e, "forward_img_s": samples / f,
-           "engine_img_s": samples / e, "engine_vs_forward": f / e,
-           "update_s": upd, "finalise_s": fin}
+    out = {"samples": samples, **_timed_engine(teacher, images, labels, 100, device, repeats)}
+    out.update(forward_img_s=samples / out["forward_s"], engine_img_s=samples / out["engine_s"])
     try:  # after the timings, which a failure here must not lose
         out["by_score_ms"] = score_breakdown(teacher, images, labels, 100, device, 512)
     except Exception as e:
@@ -69,6 +67,13 @@ def check_engine(samples: int, repeats: int, device: str = "cuda", arch: str = "
     except Exception as e:
         out["finalise_profile"] = f"error: {type(e).__name__}: {e}"
     return out
+
+
+def _timed_engine(teacher, images, labels, num_classes, device, repeats) -> dict:
+    """engine_bench's timing of one teacher (batch 512) as a dict."""
+    f, e, upd, fin = time_teacher(teacher, images, labels, num_classes, device, 512, repeats)
+    return {"forward_s": f, "engine_s": e, "engine_vs_forward": f / e, "update_s": upd,
+            "finalise_s": fin}
 
 
 def profile_stats(teacher, images, labels, num_classes, device, batch_size) -> tuple[str, str]:
@@ -112,9 +117,7 @@ def _engine_few_shot(teacher, images, labels, device, repeats) -> dict | str:
     try:
         for label, route in (("row_gram", default), ("feature_gram", lambda n, d: False)):
             metrics.row_gram_route = route
-            f, e, upd, fin = time_teacher(teacher, images, labels, 10, device, 512, repeats)
-            out[label] = {"forward_s": f, "engine_s": e, "engine_vs_forward": f / e,
-                          "update_s": upd, "finalise_s": fin}
+            out[label] = _timed_engine(teacher, images, labels, 10, device, repeats)
         return out
     except Exception as e:
         return f"error: {type(e).__name__}: {e}"
@@ -129,9 +132,7 @@ def _engine_parallel_finalise(teacher, images, labels, device, repeats) -> dict 
 
     try:
         stats_mod.PARALLEL_FINALISE = True
-        f, e, upd, fin = time_teacher(teacher, images, labels, 100, device, 512, repeats)
-        return {"forward_s": f, "engine_s": e, "engine_vs_forward": f / e, "update_s": upd,
-                "finalise_s": fin}
+        return _timed_engine(teacher, images, labels, 100, device, repeats)
     except Exception as e:
         return f"error: {type(e).__name__}: {e}"
     finally:
@@ -254,11 +255,6 @@ class GraphedForward:
         self.replays = 0
         self.stream = None
 
-    @staticmethod
-    def _body(runner, x):
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            return runner.model.forward_head(runner.model.forward_features(x), pre_logits=True)
-
     def _capture(self, runner, x):
         import weakref
 
@@ -270,10 +266,10 @@ class GraphedForward:
         side.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(side):
             for _ in range(2):   # cudnn autotuning, cuBLAS handles of this stream, the allocator
-                self._body(runner, static_in)
+                runner.pre_logits(static_in, autocast_cache=False)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-            static_out = self._body(runner, static_in)   # recorded, not run
+            static_out = runner.pre_logits(static_in, autocast_cache=False)   # recorded, not run
         torch.cuda.current_stream(runner.device).wait_stream(side)
         graph.replay()                                    # this batch
         self.captures += 1
@@ -287,8 +283,7 @@ class GraphedForward:
     def __call__(self, runner, images):
         if not runner.cuda:
             return self.eager(runner, images)
-        x = runner.teacher.preprocessing(images.to(runner.device, non_blocking=True))
-        x = x.contiguous(memory_format=runner.memory_format)
+        x = runner.prepare(images)
         key = (id(runner.model), tuple(x.shape), x.dtype)
         entry = self.graphs.get(key)
         if entry is None or entry[0]() is not runner.model:
@@ -298,9 +293,7 @@ class GraphedForward:
             entry[1].replay()
             self.replays += 1
         feats = entry[3].to(torch.float32, copy=True)
-        logits = torch.nn.functional.linear(feats, runner.head.weight.float(),
-                                            None if runner.head.bias is None else runner.head.bias.float())
-        return feats, logits
+        return feats, runner.logits(feats)
 
 
 def check_shard_loop(n_teachers: int, samples: int, arch: str = "resnet50", size: int = 224,

@@ -208,10 +208,8 @@ def _psd_solve(h: np.ndarray, g: np.ndarray, rcond: float = 1e-12) -> np.ndarray
         return g / h[0, 0]
     if h.shape == (2, 2):
         a, b, c = float(h[0, 0]), float(h[0, 1]), float(h[1, 1])
-        r = float(np.hypot(0.5 * (a - c), b))
-        lo, hi = abs(0.5 * (a + c)) - r, abs(0.5 * (a + c)) + r    # |eigenvalues|, when a c > b^2
-        if a * c - b * b > 0 and lo > 1e-8 * hi:
-            det = a * c - b * b
+        det, half_trace, r = a * c - b * b, abs(0.5 * (a + c)), float(np.hypot(0.5 * (a - c), b))
+        if det > 0 and half_trace - r > 1e-8 * (half_trace + r):   # |eigenvalues| when det > 0
             return np.array([(c * g[0] - b * g[1]) / det, (a * g[1] - b * g[0]) / det])
     w, v = np.linalg.eigh(h)
     big = np.abs(w) > rcond * np.abs(w).max()

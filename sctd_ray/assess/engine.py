@@ -75,17 +75,26 @@ class TeacherRunner:
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher preprocessing on the device, then pre-logits and logits (float32)."""
+        feats = self.pre_logits(self.prepare(images)).float()
+        return feats, self.logits(feats)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, C) -> the teacher's input on the device, in its memory order."""
         x = self.teacher.preprocessing(images.to(self.device, non_blocking=True))
-        x = x.contiguous(memory_format=self.memory_format)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def pre_logits(self, x: torch.Tensor, autocast_cache: bool = True) -> torch.Tensor:
+        """The teacher's body on a prepared batch (SPEC 0 features), in bf16 autocast on CUDA
+        (``autocast_cache=False`` while a CUDA graph captures it)."""
         if self.cuda:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        else:
-            feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        feats = feats.float()
-        logits = torch.nn.functional.linear(feats, self.head.weight.float(), None if self.head.bias is None
-                                            else self.head.bias.float())
-        return feats, logits
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
+                return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The linear head on float32 pre-logits."""
+        bias = None if self.head.bias is None else self.head.bias.float()
+        return torch.nn.functional.linear(feats, self.head.weight.float(), bias)
 
 
 def assess_teacher(teacher, targets: TargetBatches | Iterable[TargetBatches], metrics=NAMES,
