@@ -312,6 +312,35 @@ def test_bad_settings_are_one_line_before_anything_runs(demo_zoo, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_target_is_one_line_before_ray_starts(demo_zoo, tmp_path, capsys, monkeypatch):
+    """What can be checked without Ray (the target exists, is a target, has the split, its
+    first image decodes) fails in one line before Ray starts (it takes 5-10 s to start)."""
+    import sctd_ray.assess.scan as scan
+
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a: pytest.fail("Ray started before the target was checked"))
+    not_parquet = tmp_path / "not-parquet"
+    not_parquet.mkdir()
+    (not_parquet / "train.parquet").write_bytes(b"garbage")
+    no_train = tmp_path / "no-train"
+    no_train.mkdir()
+    shutil.copy(Path(_targets(demo_zoo)[0]) / "test.parquet", no_train)
+    bad_first = tmp_path / "bad-first"
+    shutil.copytree(_targets(demo_zoo)[0], bad_first)
+    df = pd.read_parquet(bad_first / "train.parquet")
+    df.loc[0, "image"] = b"not an image"
+    df.to_parquet(bad_first / "train.parquet")
+    cases = [(tmp_path / "nowhere", "not a target task"), (not_parquet, "not a Parquet file"),
+             (no_train, "missing split 'train'"), (bad_first, "row 0")]
+    for target, needle in cases:
+        argv = ["assess", "--zoo", demo_zoo, "--target", str(target), "--out", str(tmp_path / "run"), "--quiet"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert main(["assess", "--zoo", demo_zoo, "--target", _targets(demo_zoo)[0], "--target",
+                 str(tmp_path / "x" / Path(_targets(demo_zoo)[0]).name), "--out", str(tmp_path / "run")]) == 2
+    assert "two targets share a name" in capsys.readouterr().err
+
+
 def test_bad_target_data_is_one_line_from_the_ray_data_pass(demo_zoo, ray_local, tmp_path, capsys):
     """Read and decoded by Ray Data: a corrupt image, a file that is not Parquet and missing
     columns each end the scan with one line naming them (no Ray task traceback)."""

@@ -106,6 +106,36 @@ def test_wrong_columns_and_not_parquet(tmp_path):
         load_target(str(tmp_path / "t"))
 
 
+def test_probe_reads_a_parquet_split_by_ranges_not_whole(tmp_path, monkeypatch):
+    """Checking a target before a scan (its layout, first image, size and channels) reads the
+    Parquet footer and first row group, not the whole split; errors are the whole read's."""
+    from sctd_ray.data.ray_data import probe_target
+
+    store = open_store(str(tmp_path / "t"))
+    images = _imgs(400, shape=(32, 32))
+    table = pa.table({"image": pa.array([encode_png(im) for im in images], pa.binary()),
+                      "label": pa.array(["cat", "dog"] * 200)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=20)
+    store.write_bytes("train.parquet", buf.getvalue())
+    read, real = [], type(store).read_range
+    with monkeypatch.context() as m:
+        m.setattr(type(store), "read_range",
+                  lambda self, key, start, length: read.append(length) or real(self, key, start, length))
+        m.setattr(type(store), "read_bytes", lambda self, key: pytest.fail(f"the whole of {key} was read"))
+        probe = probe_target(str(tmp_path / "t"))
+    assert probe.layout == "parquet" and probe.shape == (32, 32, 1)
+    assert 0 < sum(read) < len(buf.getvalue()) / 4   # the footer and the first page
+    store.write_bytes("train.parquet", b"garbage")
+    with pytest.raises(TargetError, match="not a Parquet file"):
+        probe_target(str(tmp_path / "t"))
+    store.write_bytes("val.parquet", buf.getvalue())
+    store.delete("train.parquet")
+    with pytest.raises(TargetError, match="missing split 'train'"):
+        probe_target(str(tmp_path / "t"), "train")
+    assert probe_target(str(tmp_path / "t"), "val").shape == (32, 32, 1)
+
+
 def test_preprocessing_maps_size_channels_and_builds_its_constants_once():
     """A teacher's preprocessing (SPEC 0): grey 4x4 to its RGB 8x8 input, its mean and std; the
     mean/std tensors are made once per device and dtype, not per batch (on a GPU each would be

@@ -132,15 +132,17 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         if missing:
             raise ZooError(f"teacher(s) not in the zoo: {missing}")
         manifest = manifest[manifest["id"].isin(s.teachers)]
-    ray = ensure_ray(s.address)
+    from ..data.ray_data import materialize_target, probe_target
+    from ..data.targets import target_name
 
-    from ..data.ray_data import materialize_target
-
-    t_data = time.time()
-    targets = [materialize_target(u, s.split, s3_endpoint=s.s3_endpoint) for u in s.targets]
-    names = [t.name for t in targets]
+    names = [target_name(u) for u in s.targets]
     if len(set(names)) != len(names):
         raise SctdError(f"two targets share a name: {names}")
+    probes = [probe_target(u, s.split, s3_endpoint=s.s3_endpoint) for u in s.targets]  # before Ray
+    ray = ensure_ray(s.address)
+
+    t_data = time.time()
+    targets = [materialize_target(p.uri, s.split, s3_endpoint=s.s3_endpoint, probe=p) for p in probes]
     data_seconds = time.time() - t_data
 
     done = done_pairs(previous, s.metrics)

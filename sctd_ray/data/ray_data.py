@@ -69,12 +69,13 @@ class MaterializedTarget:
 
 
 def _first_image(store, split: str, layout: str) -> bytes:
-    """The first image of a split, read directly (to fix the split's size and channels)."""
+    """The first image of a split, read directly (to fix the split's size and channels); of a
+    Parquet split only the footer and the first data page are read."""
     if layout == "parquet":
-        pf = parquet_split(store, split)
+        pf = parquet_split(store, split, whole=False)
         if pf.metadata.num_rows == 0:
             raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
-        return pf.read_row_group(0, columns=["image"]).column("image")[0].as_py()
+        return next(pf.iter_batches(batch_size=1, columns=["image"])).column("image")[0].as_py()
     keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     if not keys:
         raise TargetError(f"{store.join(split)}: missing or empty split {split!r}")
@@ -93,19 +94,48 @@ def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str 
     return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2]})
 
 
-def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
-                       class_names: list[str] | None = None) -> MaterializedTarget:
-    """Read + decode one split with Ray Data (one pass), validate it, and keep its blocks in
-    the object store. Class names default to the sorted labels of this split (the train split
-    defines a task's classes); with ``class_names`` given, other labels are an error."""
-    import ray
+@dataclass
+class TargetProbe:
+    """A target split as far as it can be checked without Ray (``probe_target``)."""
 
+    uri: str
+    split: str
+    store: object
+    layout: str                      # "parquet" or "folders" (``targets.detect_layout``)
+    shape: tuple[int, int, int]      # (H, W, C) of its first image: every image is decoded to it
+
+    @property
+    def where(self) -> str:
+        return _where(self.uri, self.split)
+
+
+def _where(uri: str, split: str) -> str:
+    return f"{uri.rstrip('/')} split {split!r}"
+
+
+def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None) -> TargetProbe:
+    """The target's layout and its split's first image, read directly: a missing, empty or
+    malformed target (or an unreachable store) fails here, in about a second, before any Ray
+    work starts."""
     from ..zoo.store import open_store
 
-    where = f"{uri.rstrip('/')} split {split!r}"
     store = open_store(uri, s3_endpoint=s3_endpoint)
     layout = detect_layout(store)
-    probe = decode_image(_first_image(store, split, layout), where=f"{where} row 0")
+    probe = decode_image(_first_image(store, split, layout), where=f"{_where(uri, split)} row 0")
+    return TargetProbe(uri, split, store, layout, tuple(probe.shape))
+
+
+def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
+                       class_names: list[str] | None = None,
+                       probe: TargetProbe | None = None) -> MaterializedTarget:
+    """Read + decode one split with Ray Data (one pass), validate it, and keep its blocks in
+    the object store. Class names default to the sorted labels of this split (the train split
+    defines a task's classes); with ``class_names`` given, other labels are an error. ``probe``:
+    the split's ``probe_target``, when the caller checked it already."""
+    import ray
+
+    probe = probe or probe_target(uri, split, s3_endpoint)
+    store, layout, where = probe.store, probe.layout, probe.where
     ds = _records_dataset(store, uri, split, layout, s3_endpoint)
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()

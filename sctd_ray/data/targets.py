@@ -67,15 +67,48 @@ def detect_layout(store) -> str:
                       "test.parquet, or train/<class>/<image> folders)")
 
 
-def parquet_split(store, split: str) -> pq.ParquetFile:
-    """``<split>.parquet`` opened and checked: it exists, is Parquet, has image and label."""
+class _StoredFile(io.RawIOBase):
+    """One stored object as a read-only, seekable file that reads byte ranges (local or S3):
+    a Parquet footer and a row group without fetching the whole file."""
+
+    def __init__(self, store, key: str):
+        self.store, self.key = store, key
+        self.length, self.pos = store.size(key), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        data = self.store.read_range(self.key, self.pos, min(len(buffer), max(0, self.length - self.pos)))
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def parquet_split(store, split: str, whole: bool = True) -> pq.ParquetFile:
+    """``<split>.parquet`` opened and checked: it exists, is Parquet, has image and label.
+    ``whole=False`` reads it by ranges as it is used (a probe of its first rows reads the footer
+    and the first data page, not the whole split)."""
     key = f"{split}.parquet"
     try:
-        data = store.read_bytes(key)
+        data = io.BytesIO(store.read_bytes(key)) if whole else _StoredFile(store, key)
     except NotFound:
         raise TargetError(f"{store.join(key)}: missing split {split!r}") from None
     try:
-        pf = pq.ParquetFile(io.BytesIO(data))
+        # by ranges: each of Arrow's reads is one request, and a column chunk is read as it is
+        # decoded (64 KiB at a time, up to the page that holds the rows asked for)
+        pf = pq.ParquetFile(data) if whole else pq.ParquetFile(data, buffer_size=1 << 16, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise TargetError(f"{store.join(key)}: not a Parquet file ({e})") from None
     missing = {"image", "label"} - set(pf.schema_arrow.names)
