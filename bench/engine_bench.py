@@ -7,7 +7,10 @@ CUDA: a larger timm teacher (default resnet50 at 224, bf16 autocast, channels_la
     python bench/engine_bench.py --device cuda --arch resnet50 --samples 16384
     python bench/engine_bench.py --arch resnet50 --size 64 --samples 100 --classes 5   # CPU, few-shot
 
-Prints per-teacher times and the overall ratio, measured in one run (best of --repeats).
+Prints per-teacher times and the overall ratio, measured in one run (best of --repeats), and the
+median of the paired ratios (each repeat's engine over the forward timed just before it): on a
+VM whose speed drifts within minutes, the best-of times of the two sides can come from different
+moments, the pairs cannot.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ class _TimedForward:
 
 
 def time_teacher(teacher, images, labels, num_classes, device, batch_size, repeats, metrics=NAMES,
-                 channels_last=True):
+                 channels_last=True, pairs=None):
+    """Best-of-``repeats`` seconds: (forward alone, engine, its update, its finalise). ``pairs``,
+    a list, also receives each repeat's (forward, engine) seconds, timed one right after the
+    other (a drift of the machine's speed moves both)."""
     runner = TeacherRunner(teacher, device, channels_last=channels_last)
     dtype = torch.float32 if runner.cuda else torch.float64
     x = torch.from_numpy(np.ascontiguousarray(images).copy())
@@ -83,6 +89,8 @@ def time_teacher(teacher, images, labels, num_classes, device, batch_size, repea
         t0 = time.perf_counter(); forward_only(); t_fwd.append(time.perf_counter() - t0)
         t0 = time.perf_counter(); engine(); t_eng.append(time.perf_counter() - t0)
         t_parts.append(parts())
+    if pairs is not None:
+        pairs.extend(zip(t_fwd, t_eng))
     return min(t_fwd), min(t_eng), min(p[0] for p in t_parts), min(p[1] for p in t_parts)
 
 
@@ -149,15 +157,22 @@ def main():
     print(f"{'teacher':28s} {'forward s':>10s} {'engine s':>10s} {'ratio':>7s} {'engine img/s':>13s}"
           f" {'update ms':>10s} {'finalise ms':>12s}")
     tf = te = tu = tz = 0.0
+    paired = np.zeros((args.repeats, 2))   # repeat r: sum over teachers of (forward, engine)
     for t in teachers:
+        pairs = []
         f, e, u, z = time_teacher(t, images, labels, args.classes, args.device, args.batch_size,
-                                  args.repeats, metrics, channels_last=not args.contiguous)
+                                  args.repeats, metrics, channels_last=not args.contiguous, pairs=pairs)
+        paired += np.array(pairs)
         tf, te, tu, tz = tf + f, te + e, tu + u, tz + z
         print(f"{t.teacher_id:28s} {f:10.4f} {e:10.4f} {e / f:7.3f} {len(labels) / e:13.0f}"
               f" {1e3 * u:10.1f} {1e3 * z:12.1f}")
     print(f"{'TOTAL':28s} {tf:10.4f} {te:10.4f} {te / tf:7.3f} {'':13s} {1e3 * tu:10.1f} {1e3 * tz:12.1f}"
           f"\n(engine throughput = {100 * tf / te:.1f}% of pure forward; update and finalise are the "
           f"best of the repeats of one more engine pass, timed apart)")
+    ratios = np.sort(paired[:, 1] / paired[:, 0])
+    print(f"paired ratio (each repeat's engine over the forward timed just before it, summed over "
+          f"the teachers): median {np.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f} "
+          f"over {len(ratios)} repeats")
 
 
 if __name__ == "__main__":
