@@ -291,6 +291,29 @@ def test_unreachable_s3_and_bad_credentials_fail_fast(demo_zoo, s3, s3_bucket, t
         assert "not-the-secret" not in p.stderr
 
 
+def test_an_unreachable_cluster_is_one_line(demo_zoo, tmp_path):
+    """--address or RAY_ADDRESS where nothing listens: one line and exit 2 (Ray alone retries
+    such an address for minutes); a malformed address likewise."""
+    import socket
+
+    with socket.socket() as sock:          # a loopback port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", demo_zoo, "--target",
+            _targets(demo_zoo)[0], "--out", str(tmp_path / "run"), "--quiet"]
+    cases = [(["--address", f"127.0.0.1:{port}"], {}, "cannot reach the Ray cluster"),
+             (["--address", f"ray://127.0.0.1:{port}"], {}, "cannot reach the Ray cluster"),
+             ([], {"RAY_ADDRESS": f"127.0.0.1:{port}"}, "cannot reach the Ray cluster"),
+             (["--address", "head-node"], {}, "expected HOST:PORT")]
+    for extra, env, needle in cases:
+        p = subprocess.run(argv + extra, capture_output=True, text=True, env={**os.environ, **env},
+                           timeout=120)
+        assert p.returncode == 2, p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "run" / "ranking.parquet").exists()
+
+
 def test_existing_run_needs_resume(demo_zoo, ray_local, tmp_path):
     t = _targets(demo_zoo)[0]
     run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=str(tmp_path / "r"), progress=False,

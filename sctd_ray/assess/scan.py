@@ -54,6 +54,29 @@ class ScanResult:
         return int((self.ranking["status"] != "ok").sum())
 
 
+CLUSTER_CONNECT_TIMEOUT = 5.0   # seconds to open a TCP connection to a cluster's address
+
+
+def check_cluster_reachable(address: str) -> None:
+    """One clear line if nothing answers at a cluster address (``host:port`` of the head's GCS,
+    or ``ray://host:port``); Ray itself retries such an address for minutes, printing warnings.
+    ``auto`` and ``local`` are left to Ray."""
+    import socket
+
+    rest = address.split("://", 1)[-1].rstrip("/")
+    if address in ("auto", "local") or not rest:
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise SctdError(f"--address {address!r}: expected HOST:PORT (the head node's GCS, e.g. "
+                        "10.0.0.5:6379), ray://HOST:PORT, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise SctdError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); check "
+                        "--address or RAY_ADDRESS, and that the cluster is up (`ray status`)") from None
+
+
 def ensure_ray(address: str | None = None):
     """Join ``address``/$RAY_ADDRESS, or start the embedded local Ray."""
     import ray
@@ -64,7 +87,14 @@ def ensure_ray(address: str | None = None):
     kwargs = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        check_cluster_reachable(address)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except ConnectionError as e:   # something answers there, but not a Ray head (Ray's own
+            # warnings, one per attempt for ~20 s, come first: its core logs them, not sctd)
+            raise SctdError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}; "
+                            "check --address or RAY_ADDRESS (the head node's GCS port, 6379 by "
+                            "default)") from None
     else:
         ray.init(**kwargs)
     import logging
