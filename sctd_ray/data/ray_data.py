@@ -101,7 +101,7 @@ class TargetProbe:
     uri: str
     split: str
     store: object
-    layout: str                      # "parquet" or "folders" (``targets.detect_layout``)
+    layout: str                      # "parquet" or "imagefolder" (``targets.detect_layout``)
     shape: tuple[int, int, int]      # (H, W, C) of its first image: every image is decoded to it
 
     @property

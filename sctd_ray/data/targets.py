@@ -90,7 +90,10 @@ class _StoredFile(io.RawIOBase):
         return self.pos
 
     def readinto(self, buffer) -> int:
-        data = self.store.read_range(self.key, self.pos, min(len(buffer), max(0, self.length - self.pos)))
+        n = min(len(buffer), self.length - self.pos)
+        if n <= 0:   # at or past the end: no request (an S3 read of 0 bytes is still a HEAD)
+            return 0
+        data = self.store.read_range(self.key, self.pos, n)
         buffer[:len(data)] = data
         self.pos += len(data)
         return len(data)
