@@ -19,6 +19,7 @@ from sctd_ray.zoo.store import (
     S3_CONNECT_ATTEMPTS, S3_MAX_ATTEMPTS, ContentCache, LocalStore, S3Store, open_store,
     sha256_file,
 )
+from sctd_ray.zoo import store as store_module
 from sctd_ray.zoo.sync import sync
 
 MB = 1 << 20
@@ -295,6 +296,118 @@ def test_s3_throttling_is_retried(flaky_s3):
     endpoint, requests = flaky_s3
     assert open_store("s3://b", s3_endpoint=endpoint).list() == ["k.json"]
     assert len(requests) == 2
+
+
+@pytest.fixture
+def part_size(monkeypatch):
+    """S3Store.read_bytes in parts of 64 KiB, so a test object of a few parts stays small."""
+    monkeypatch.setattr(store_module, "S3_READ_PART", 64 << 10)
+    return 64 << 10
+
+
+def _count_gets(store) -> list[str]:
+    """The Range header of every GetObject request the store sends from now on."""
+    ranges = []
+    store.client.meta.events.register(
+        "before-call.s3.GetObject",
+        lambda params, **kw: ranges.append(params.get("headers", {}).get("Range")))
+    return ranges
+
+
+def test_s3_read_bytes_fetches_large_objects_in_concurrent_ranges(s3_bucket, part_size):
+    store = open_store(s3_bucket + "/zoo")
+    for size in (0, 1, part_size - 1, part_size, part_size + 1, 5 * part_size + 123):
+        data = os.urandom(size)
+        store.write_bytes("w.safetensors", data)
+        ranges = _count_gets(store)
+        assert store.read_bytes("w.safetensors") == data, size
+        parts = max(1, -(-size // part_size))
+        assert len(ranges) == parts, (size, ranges)   # one request for an object of one part
+        assert ranges[0] == f"bytes=0-{part_size - 1}"
+        assert sorted(ranges[1:]) == sorted(f"bytes={i * part_size}-{min((i + 1) * part_size, size) - 1}"
+                                            for i in range(1, parts))
+        store.client.meta.events.unregister("before-call.s3.GetObject")
+    with pytest.raises(NotFound, match="w2.safetensors"):
+        store.read_bytes("w2.safetensors")
+
+
+@pytest.fixture
+def range_s3(monkeypatch):
+    """A fake S3 endpoint serving one object by byte ranges, with knobs: ``broken`` (ranges
+    whose first response breaks off halfway through its body), ``etags`` (the ETag of each
+    response in turn; then the last) and ``ranges`` (False: ignore Range, send everything)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    state = {"data": os.urandom(300_000), "broken": set(), "etags": ['"v1"'], "ranges": True,
+             "requests": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            data, header = state["data"], self.headers.get("Range")
+            state["requests"].append(header)
+            etags = state["etags"]
+            etag = etags[min(len(state["requests"]), len(etags)) - 1]
+            if header and state["ranges"]:
+                start, end = map(int, header.removeprefix("bytes=").split("-"))
+                body, status = data[start:end + 1], 206
+            else:
+                body, status = data, 200
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", etag)
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+            self.end_headers()
+            if header in state["broken"]:
+                state["broken"].discard(header)
+                self.wfile.write(body[:len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):   # a client closing its connections
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield open_store("s3://b", s3_endpoint=f"http://127.0.0.1:{server.server_port}"), state
+    server.shutdown()
+    server.server_close()
+
+
+def test_s3_read_retries_a_part_whose_body_breaks_off(range_s3, part_size):
+    store, state = range_s3
+    state["broken"] = {"bytes=0-65535", "bytes=131072-196607"}   # the first part and a later one
+    assert store.read_bytes("m.safetensors") == state["data"]
+    assert state["requests"].count("bytes=131072-196607") == 2
+    assert state["requests"].count("bytes=0-65535") == 2
+    state["broken"] = {"bytes=10-19"}
+    assert store.read_range("m.safetensors", 10, 10) == state["data"][10:20]
+
+
+def test_s3_read_refuses_an_object_that_changes_between_parts(range_s3, part_size):
+    store, state = range_s3
+    state["etags"] = ['"v1"', '"v2"']
+    with pytest.raises(StoreError, match=r"changed while it was being read"):
+        store.read_bytes("m.safetensors")
+
+
+def test_s3_read_from_a_server_that_ignores_ranges(range_s3, part_size):
+    store, state = range_s3
+    state["ranges"] = False
+    assert store.read_bytes("m.safetensors") == state["data"]
+    assert len(state["requests"]) == 1
+    assert store.read_range("m.safetensors", 70_000, 5) == state["data"][70_000:70_005]
 
 
 def test_s3_wrong_credentials_are_refused_without_leaking(s3, s3_bucket, monkeypatch,

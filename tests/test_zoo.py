@@ -147,6 +147,10 @@ def test_teacher_from_bytes_is_eval_mode():
     _, state = _state()
     t = teacher_from_files(_config(), save(state))
     assert not t.model.training
+    # a bytearray (what a buffer filled in place is) loads the same
+    t2 = teacher_from_files(_config(), bytearray(save(state)))
+    assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(),
+                                                 t2.model.state_dict().values()))
 
 
 def test_large_teachers_are_built_on_meta_small_ones_on_the_cpu(monkeypatch):

@@ -59,7 +59,9 @@ def read_weights(config: TeacherConfig, weights: bytes | str | Path) -> dict[str
     from safetensors.torch import load, load_file
 
     try:
-        return load(weights) if isinstance(weights, (bytes, bytearray)) else load_file(str(weights))
+        if isinstance(weights, (bytes, bytearray)):   # safetensors parses bytes only
+            return load(weights if isinstance(weights, bytes) else bytes(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise TeacherError(config.teacher_id, f"model.safetensors is corrupt or unreadable: {e}") from None
 
