@@ -574,7 +574,7 @@ class S3Store(Store):
                                      f"({S3_MAX_ATTEMPTS} attempts): {exc}") from exc
                 time.sleep(min(2.0, 0.1 * 2 ** attempt))
                 continue
-            except Exception as exc:
+            except Exception as exc:      # e.g. a checksum that does not match: one line
                 mapped = self._error(exc, key)
                 if mapped is None:
                     raise
@@ -592,20 +592,18 @@ class S3Store(Store):
     def _ranged_get(self, key: str, start: int, length: int) -> dict | None:
         """One ranged GetObject response (its body not read yet); None for a range that starts
         at or past the object's end."""
-        from botocore.exceptions import ClientError
+        def get():
+            from botocore.exceptions import ClientError
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key),
-                                          Range=f"bytes={start}-{start + length - 1}")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return None
-            raise self._error(exc, key) from exc
-        except Exception as exc:
-            mapped = self._error(exc, key)
-            if mapped is None:
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                              Range=f"bytes={start}-{start + length - 1}")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return None
                 raise
-            raise mapped from exc
+
+        return self._call(key, get)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         sha = hashlib.sha256(data).hexdigest()
