@@ -93,6 +93,83 @@ def test_scan_from_s3_equals_engine(demo_zoo, s3_bucket, reference, ray_local, t
         assert g["sctd_fused"].is_monotonic_decreasing
 
 
+@pytest.fixture
+def s3_breaking_weights(s3):
+    """An HTTP proxy in front of the `s3` server that breaks off the first response to each
+    GET of a model.safetensors halfway through its body (headers and Content-Length intact,
+    then the connection closes), as a network does now and then; everything else passes."""
+    import http.client
+    import http.server
+    import socket
+
+    upstream = s3.env()["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]
+    broken: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def forward(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            conn = http.client.HTTPConnection("127.0.0.1", int(upstream), timeout=60)
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in self.headers.items():   # Host too: the client signed it
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            self.send_response_only(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("connection", "transfer-encoding"):
+                    self.send_header(k, v)
+            if resp.getheader("Content-Length") is None:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            path = self.path.split("?")[0]
+            if (self.command == "GET" and path.endswith("/model.safetensors") and path not in broken
+                    and len(data) > 1000):
+                broken.append(path)
+                self.wfile.write(data[:len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):   # a client closing its connections
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", broken
+    server.shutdown()
+    server.server_close()
+
+
+def test_weights_whose_download_breaks_off_are_fetched_again(demo_zoo, s3_bucket, s3_breaking_weights,
+                                                            reference, ray_local, tmp_path):
+    """Issue 4: transient S3 errors are retried. A weights download cut off mid-body (which
+    botocore does not retry: its retries end once the headers arrived) is fetched again by the
+    worker's store, so every teacher is scored, with the undisturbed scores."""
+    assert main(["zoo", "push", demo_zoo, f"{s3_bucket}/zoo", "--quiet"]) == 0
+    endpoint, broken = s3_breaking_weights
+    target = _targets(demo_zoo)[0]
+    res = run_scan(ScanSettings(zoo=f"{s3_bucket}/zoo", targets=[target], out=str(tmp_path / "run"),
+                                workers=2, progress=False, s3_endpoint=endpoint))
+    assert res.errors == 0, res.ranking[["teacher_id", "error"]].to_string()
+    assert len(broken) == 8   # every teacher's first download was cut off
+    name = Path(target).name
+    _close(_scores(res.ranking), {k: v for k, v in reference.items() if k[0] == name})
+
+
 def test_done_pairs_needs_every_requested_metric():
     from sctd_ray.assess.results import done_pairs
 
