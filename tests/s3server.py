@@ -10,11 +10,16 @@ are refused as on real S3.
         s3.make_bucket("zoo")
 
 Run `python tests/s3server.py` to keep one running by hand; it prints its environment.
+
+`serve_fake_s3(handler)` stands a hand-written S3 endpoint up instead (throttling, broken
+bodies, a proxy that misbehaves): what a real server will not do on demand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import http.server
 import json
 import os
 import random
@@ -24,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -264,6 +270,32 @@ class SeaweedS3:
             return "(no log)"
         text = (self.workdir / "weed.log").read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def serve_fake_s3(handler: type[http.server.BaseHTTPRequestHandler]):
+    """A stand-in S3 endpoint for one test: ``handler`` on a free loopback port, served from a
+    thread, quietly (no request log, no traceback when a client drops a connection). Yields its
+    URL, for ``open_store(..., s3_endpoint=url)``."""
+
+    class Quiet(handler):
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    server = Server((LOOPBACK, 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":

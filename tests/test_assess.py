@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from s3server import serve_fake_s3
 
 from sctd_ray.assess.engine import assess_teacher, batches_from_arrays
 from sctd_ray.assess.scan import ScanSettings, run_scan
@@ -139,19 +140,8 @@ def s3_breaking_weights(s3):
 
         do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
 
-        def log_message(self, *args):
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):   # a client closing its connections
-            pass
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", broken
-    server.shutdown()
-    server.server_close()
+    with serve_fake_s3(Handler) as url:
+        yield url, broken
 
 
 def test_weights_whose_download_breaks_off_are_fetched_again(demo_zoo, s3_bucket, s3_breaking_weights,

@@ -10,16 +10,16 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
+from s3server import serve_fake_s3
 
 from sctd_ray.errors import NotFound, StoreAuthError, StoreError, StoreUnreachable
+from sctd_ray.zoo import store as store_module
 from sctd_ray.zoo.store import (
     S3_CONNECT_ATTEMPTS, S3_MAX_ATTEMPTS, ContentCache, LocalStore, S3Store, open_store,
     sha256_file,
 )
-from sctd_ray.zoo import store as store_module
 from sctd_ray.zoo.sync import sync
 
 MB = 1 << 20
@@ -281,15 +281,8 @@ def flaky_s3(monkeypatch):
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", requests
-    server.shutdown()
-    server.server_close()
+    with serve_fake_s3(Handler) as url:
+        yield url, requests
 
 
 def test_s3_throttling_is_retried(flaky_s3):
@@ -370,19 +363,8 @@ def range_s3(monkeypatch):
                 return
             self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):   # a client closing its connections
-            pass
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield open_store("s3://b", s3_endpoint=f"http://127.0.0.1:{server.server_port}"), state
-    server.shutdown()
-    server.server_close()
+    with serve_fake_s3(Handler) as url:
+        yield open_store("s3://b", s3_endpoint=url), state
 
 
 def test_s3_read_retries_a_part_whose_body_breaks_off(range_s3, part_size):
