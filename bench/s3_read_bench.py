@@ -76,12 +76,6 @@ def serve_proxy(port: int, upstream_port: int, rate: float, latency: float) -> N
     asyncio.run(main())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_port(port: int, timeout: float = 10.0) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -104,7 +98,7 @@ def main():
     if args.serve_proxy:
         return serve_proxy(*args.serve_proxy, args.conn_mbps * 1e6, args.latency_ms / 1e3)
 
-    from s3server import SeaweedS3
+    from s3server import SeaweedS3, _free_port
 
     from sctd_ray.zoo.store import S3_READ_PART, S3_THREADS, S3Store
 

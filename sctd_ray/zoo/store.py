@@ -520,10 +520,8 @@ class S3Store(Store):
         if resp is None:                  # an empty object
             return b""
         total = _range_total(resp.get("ContentRange"))
-        if total is None:                 # a server that ignores Range: it sends everything
-            return self._get_part(key, 0, int(resp["ContentLength"]), resp=resp)[0]
-        if total <= S3_READ_PART:
-            return self._get_part(key, 0, S3_READ_PART, resp=resp)[0]
+        if total is None or total <= S3_READ_PART:   # one part, or all of it (Range ignored)
+            return self._get_part(key, 0, total or int(resp["ContentLength"]), resp=resp)[0]
         etag = resp.get("ETag")
         rest = [self._read_pool().submit(self._get_part, key, s, min(S3_READ_PART, total - s), etag)
                 for s in range(S3_READ_PART, total, S3_READ_PART)]
