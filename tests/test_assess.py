@@ -310,6 +310,45 @@ def test_reading_a_target_starts_no_actors(demo_zoo, ray_local):
     assert again.num_rows > 0 and started == []
 
 
+def _photo_folder(root, n=300, grey=270, seed=0):
+    """An ImageFolder target as photographs come: of several sizes, the first ``grey`` of them
+    grey (more than one decode batch of 256), the rest in colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = [(24, 32), (32, 24), (150, 200), (25, 25)][i % 4]
+        im = Image.fromarray(rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), np.uint8)).resize((w, h))
+        path = root / "train" / ("a" if i < n // 2 else "b") / f"{i:03d}.jpg"   # read in this order
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (im.convert("L") if i < grey else im).save(path, quality=90)
+    return str(root)
+
+
+def test_ray_data_decodes_a_target_as_load_target_does(ray_local, tmp_path):
+    """The scan's Ray Data reader and the in-process reader give the same images: one bounded
+    square size, RGB although the first image is grey (a second pass over the grey blocks)."""
+    from sctd_ray.data.ray_data import materialize_target, probe_target, target_blocks
+
+    uri = _photo_folder(tmp_path / "photos")
+    task = load_target(uri, splits=("train",), max_side=20)
+    mat = materialize_target(uri, probe=probe_target(uri, max_side=20))
+    blocks, labels = target_blocks(mat)
+    scanned = np.concatenate(blocks)
+    assert scanned.shape == task.splits["train"].images.shape == (300, 20, 20, 3)
+    key = lambda images, ids: sorted((int(c), im.tobytes()) for im, c in zip(images, ids))  # noqa: E731
+    assert key(scanned, labels) == key(task.splits["train"].images, task.splits["train"].labels)
+
+
+def test_the_decode_size_grows_with_the_largest_teacher_input():
+    from sctd_ray.assess.scan import decode_max_side
+    from sctd_ray.data.images import DECODE_MAX_SIDE
+
+    sizes = [[3, 224, 224], [1, 28, 28], None]
+    assert decode_max_side(pd.DataFrame({"input_size": sizes})) == DECODE_MAX_SIDE
+    assert decode_max_side(pd.DataFrame({"input_size": sizes + [[3, 600, 600]]})) == 600
+
+
 def test_bad_teachers_become_error_rows(demo_zoo, ray_local, tmp_path, capsys):
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))

@@ -106,6 +106,55 @@ def test_wrong_columns_and_not_parquet(tmp_path):
         load_target(str(tmp_path / "t"))
 
 
+def _save(path, image, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kw)
+
+
+def test_decode_size_is_the_first_images_square_at_most_max_side():
+    from sctd_ray.data.images import DECODE_MAX_SIDE, decode_size
+
+    assert decode_size((28, 28)) == (28, 28)            # a uniform small target stays as it is
+    assert decode_size((480, 640)) == (480, 480)        # not square: its shorter side
+    assert decode_size((3000, 4000)) == (DECODE_MAX_SIDE, DECODE_MAX_SIDE)
+    assert decode_size((600, 600)) == (DECODE_MAX_SIDE, DECODE_MAX_SIDE)
+    assert decode_size((600, 600), max_side=600) == (600, 600)
+
+
+def test_photos_of_any_size_mode_and_orientation_decode_to_one_bounded_square(tmp_path):
+    """A folder of photographs as they come: the first one grey and not square, later ones in
+    colour, larger, 16-bit, taken sideways. All decode to the first one's shorter side, in
+    RGB; an image of another shape is centre-cropped, not squashed."""
+    root = tmp_path / "photos"
+    ramp = np.tile(np.linspace(0, 255, 60).astype(np.uint8), (40, 1))             # 40 x 60 grey
+    _save(root / "train" / "a" / "0.png", Image.fromarray(ramp))
+    thirds = np.zeros((40, 120, 3), np.uint8)                                      # red | green | blue
+    thirds[:, :40, 0], thirds[:, 40:80, 1], thirds[:, 80:, 2] = 255, 255, 255
+    _save(root / "train" / "b" / "1.png", Image.fromarray(thirds))
+    deep = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)             # 16-bit grey
+    _save(root / "train" / "a" / "2.png", Image.fromarray(deep))
+    side = Image.fromarray(np.tile(np.linspace(0, 255, 80).astype(np.uint8), (40, 1)))   # 40 x 80
+    exif = side.getexif()
+    exif[0x0112] = 6                                       # "rotate 90 degrees clockwise to view"
+    _save(root / "train" / "b" / "3.jpg", side.convert("RGB"), exif=exif, quality=95)
+    big = np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)
+    _save(root / "train" / "b" / "4.jpg", Image.fromarray(big).resize((1600, 1200)), quality=90)
+
+    task = load_target(str(root), splits=("train",))
+    images = task.splits["train"].images
+    assert images.shape == (5, 40, 40, 3)
+    first, deep8, crop, upright, large = images          # in key order: a/0, a/2, b/1, b/3, b/4
+    assert (first[..., 0] == first[..., 1]).all() and (first[..., 0] == first[..., 2]).all()
+    assert np.array_equal(first[..., 0], ramp[:, 10:50])                 # the centre, 1:1
+    assert (crop[..., 1] == 255).all() and (crop[..., [0, 2]] == 0).all()   # green only: cropped
+    assert 100 < deep8.mean() < 160 and deep8.max() >= 245 and deep8.min() == 0   # scaled, not clipped
+    assert upright[:, :, 0].std(axis=1).mean() < 4 < upright[:, :, 0].std(axis=0).mean()   # turned upright
+    assert large.std() > 30                                             # a real (reduced) decode
+
+    small = load_target(str(root), splits=("train",), max_side=16).splits["train"].images
+    assert small.shape == (5, 16, 16, 3)
+
+
 def test_probe_reads_a_parquet_split_by_ranges_not_whole(tmp_path, monkeypatch):
     """Checking a target before a scan (its layout, first image, size and channels) reads the
     Parquet footer and first row group, not the whole split; errors are the whole read's."""

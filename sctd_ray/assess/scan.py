@@ -168,7 +168,9 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     names = [target_name(u) for u in s.targets]
     if len(set(names)) != len(names):
         raise SctdError(f"two targets share a name: {names}")
-    probes = [probe_target(u, s.split, s3_endpoint=s.s3_endpoint) for u in s.targets]  # before Ray
+    max_side = decode_max_side(manifest)
+    probes = [probe_target(u, s.split, s3_endpoint=s.s3_endpoint, max_side=max_side)  # before Ray
+              for u in s.targets]
     ray = ensure_ray(s.address)
 
     t_data = time.time()
@@ -229,6 +231,15 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if fatal is not None:
         raise fatal
     return ScanResult(ranking, run)
+
+
+def decode_max_side(manifest) -> int:
+    """The largest side a target image is decoded to: ``images.DECODE_MAX_SIDE``, or the
+    largest input side of a teacher in the scan when that is larger."""
+    from ..data.images import DECODE_MAX_SIDE
+
+    sides = [int(v) for size in manifest["input_size"] if size is not None and len(size) == 3 for v in size[1:]]
+    return max([DECODE_MAX_SIDE, *sides])
 
 
 def _distilled_for(row) -> str | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import TargetError
-from .images import decode_image
+from .images import DECODE_MAX_SIDE, decode_image, decode_size, unify_channels
 from .targets import IMAGE_SUFFIXES, detect_layout, parquet_split, target_name
 
 
@@ -30,27 +30,42 @@ def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
 
 
 class DecodeBatch:
-    """map_batches fn: PNG/JPEG bytes -> uint8 images of one size and channel count; labels
-    stay class names (ids are assigned once the split's classes are known). An image that does
-    not decode becomes zeros plus its reason in the ``error`` column (empty when fine), so the
-    driver reports every bad image in one line instead of a failed Ray task."""
+    """map_batches fn: PNG/JPEG bytes -> uint8 images of one size (``images.decode_image``);
+    labels stay class names (ids are assigned once the split's classes are known). An image that
+    does not decode becomes zeros plus its reason in the ``error`` column (empty when fine), so
+    the driver reports every bad image in one line instead of a failed Ray task.
+
+    ``channels=3`` decodes every image as RGB; ``channels=1`` (the split's first image is grey)
+    keeps each image's own kind, a batch with a colour image in it is RGB, and the ``colour``
+    column tells the driver that the split needs ``GreyToRGB``."""
 
     def __init__(self, where: str, size: tuple[int, int], channels: int):
         self.where, self.size, self.channels = where, tuple(size), channels
 
     def __call__(self, batch: dict) -> dict:
         labels = [v.decode() if isinstance(v, bytes) else str(v) for v in batch["label"]]
+        forced = 3 if self.channels == 3 else None
         images, errors = [], []
         for data, label in zip(batch["image"], labels):
             try:
                 images.append(decode_image(data, self.size, where=f"{self.where} (label {label!r})",
-                                           channels=self.channels))
+                                           channels=forced))
                 errors.append("")
             except TargetError as e:
                 images.append(np.zeros((*self.size, self.channels), np.uint8))
                 errors.append(str(e))
-        return {"image": np.stack(images), "label": np.asarray(labels, dtype=object),
-                "error": np.asarray(errors, dtype=object)}
+        colour = np.array([im.shape[2] == 3 for im in images], dtype=bool)
+        return {"image": np.stack(unify_channels(images)), "label": np.asarray(labels, dtype=object),
+                "error": np.asarray(errors, dtype=object), "colour": colour}
+
+
+def grey_to_rgb(batch: dict) -> dict:
+    """map_batches fn for a split of grey and colour images: every image RGB. (Ray Data joins
+    batches of 1 and 3 channels into one block of variable-shaped images, an object array.)"""
+    images = batch["image"]
+    if images.dtype == object or images.shape[-1] == 1:
+        batch["image"] = np.stack([np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images])
+    return batch
 
 
 @dataclass
@@ -102,7 +117,8 @@ class TargetProbe:
     split: str
     store: object
     layout: str                      # "parquet" or "imagefolder" (``targets.detect_layout``)
-    shape: tuple[int, int, int]      # (H, W, C) of its first image: every image is decoded to it
+    shape: tuple[int, int, int]      # (H, W) every image is decoded to (``images.decode_size``),
+                                     # and C of its first image (3 in the end if any is in colour)
 
     @property
     def where(self) -> str:
@@ -113,16 +129,17 @@ def _where(uri: str, split: str) -> str:
     return f"{uri.rstrip('/')} split {split!r}"
 
 
-def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None) -> TargetProbe:
+def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
+                 max_side: int = DECODE_MAX_SIDE) -> TargetProbe:
     """The target's layout and its split's first image, read directly: a missing, empty or
     malformed target (or an unreachable store) fails here, in about a second, before any Ray
-    work starts."""
+    work starts. ``max_side``: no image is decoded larger (``images.decode_size``)."""
     from ..zoo.store import open_store
 
     store = open_store(uri, s3_endpoint=s3_endpoint)
     layout = detect_layout(store)
-    probe = decode_image(_first_image(store, split, layout), where=f"{_where(uri, split)} row 0")
-    return TargetProbe(uri, split, store, layout, tuple(probe.shape))
+    first = decode_image(_first_image(store, split, layout), where=f"{_where(uri, split)} row 0")
+    return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]))
 
 
 def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
@@ -131,7 +148,7 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     """Read + decode one split with Ray Data (one pass), validate it, and keep its blocks in
     the object store. Class names default to the sorted labels of this split (the train split
     defines a task's classes); with ``class_names`` given, other labels are an error. ``probe``:
-    the split's ``probe_target``, when the caller checked it already."""
+    the split's ``probe_target``, when the caller checked it already (it fixes the decoded size)."""
     import ray
 
     probe = probe or probe_target(uri, split, s3_endpoint)
@@ -139,11 +156,13 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     ds = _records_dataset(store, uri, split, layout, s3_endpoint)
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()
-    refs = decoded.to_numpy_refs()
-    meta = ray.get(decoded.select_columns(["label", "error"]).to_numpy_refs())
+    meta = ray.get(decoded.select_columns(["label", "error", "colour"]).to_numpy_refs())
     errors = [e for b in meta for e in b["error"] if e]
     if errors:
         raise TargetError(f"{len(errors)} undecodable image(s) in {where}; the first: {errors[0]}")
+    if probe.shape[2] == 1 and any(b["colour"].any() for b in meta):  # grey first, colour later
+        decoded = decoded.map_batches(grey_to_rgb, batch_format="numpy").materialize()
+    refs = decoded.to_numpy_refs()
     labels = np.concatenate([b["label"] for b in meta])
     found = sorted(set(labels.tolist()))
     if class_names is None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, TargetError
-from .images import decode_image, encode_png
+from .images import DECODE_MAX_SIDE, decode_image, decode_size, encode_png, unify_channels
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -147,20 +147,25 @@ def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], lis
 
 
 def decode_split(uri: str, split: str, images: list[bytes], labels: list[str],
-                 class_names: list[str], size: tuple[int, int] | None, channels: int | None) -> TargetSplit:
+                 class_names: list[str], size: tuple[int, int] | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """One split's images decoded to ``size`` (each in its own channel count) and its class ids."""
     if not labels:
         raise TargetError(f"{uri}: split {split!r} is empty")
     index = {c: i for i, c in enumerate(class_names)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise TargetError(f"{uri}: split {split!r} has labels the train split lacks: {unknown[:5]}")
-    arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}", channels=channels)
-              for i, b in enumerate(images)]
-    return TargetSplit(np.stack(arrays), np.array([index[c] for c in labels], dtype=np.int64))
+    arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}") for i, b in enumerate(images)]
+    return arrays, np.array([index[c] for c in labels], dtype=np.int64)
 
 
-def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None) -> TargetTask:
-    """Read and validate a target task. Raises TargetError with the file or row at fault."""
+def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None,
+                max_side: int = DECODE_MAX_SIDE) -> TargetTask:
+    """Read and validate a target task. Raises TargetError with the file or row at fault.
+
+    Every image is decoded to one size, fixed by the train split's first image and
+    ``max_side`` (``images.decode_size``), as the scan's Ray Data reader does; the splits are
+    grey only when all their images are."""
     store = _open(uri, s3_endpoint)
     layout = detect_layout(store)
     raw = {s: read_split_records(store, s, layout) for s in dict.fromkeys(("train", *splits))}
@@ -169,9 +174,13 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None) -> Targ
     if len(class_names) < 2:
         raise TargetError(f"{uri}: the train split has {len(class_names)} class(es); need at least 2")
     first = decode_image(raw["train"][0][0], where=f"{uri} split 'train' row 0")
-    task = TargetTask(target_name(uri), uri, class_names)
-    for s in splits:
-        task.splits[s] = decode_split(uri, s, *raw[s], class_names, first.shape[:2], first.shape[2])
+    size = decode_size(first.shape[:2], max_side)
+    decoded = {s: decode_split(uri, s, *raw[s], class_names, size) for s in splits}
+    everything = unify_channels([im for arrays, _ in decoded.values() for im in arrays])
+    task, at = TargetTask(target_name(uri), uri, class_names), 0
+    for s, (arrays, labels) in decoded.items():
+        task.splits[s] = TargetSplit(np.stack(everything[at:at + len(arrays)]), labels)
+        at += len(arrays)
     return task
 
 
