@@ -204,3 +204,22 @@ def test_preprocessing_maps_size_channels_and_builds_its_constants_once():
     pre(x)
     info = normalisation.cache_info()
     assert info.misses == 1 and info.hits == 2
+
+
+def test_large_host_images_are_resized_a_few_at_a_time_with_the_same_values(monkeypatch):
+    """A batch of decoded photos is made float and resized in chunks on the host (a batch of
+    256 at 512 px would be 0.8 GB of float at once); the values are those of one pass."""
+    import torch
+
+    from sctd_ray.data import preprocess
+    from sctd_ray.data.preprocess import Preprocessing
+
+    x = torch.randint(0, 256, (10, 40, 40, 3), dtype=torch.uint8)
+    pre = Preprocessing((1, 8, 8), (0.5,), (0.25,))
+    whole = pre.resize(x)
+    calls = []
+    real = preprocess.F.interpolate
+    monkeypatch.setattr(preprocess.F, "interpolate", lambda t, **kw: calls.append(len(t)) or real(t, **kw))
+    monkeypatch.setattr(preprocess, "HOST_RESIZE_CHUNK_BYTES", 3 * 40 * 40 * 3 * 4)
+    chunked = pre.resize(x)
+    assert calls == [3, 3, 3, 1] and torch.equal(chunked, whole)
