@@ -257,3 +257,26 @@ def test_a_training_step_reads_nothing_back_to_the_host(method, no_host_reads):
         loss.backward()
     assert v.n_mixed == 4 and torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_student_input_is_at_most_the_recipes_side():
+    """A target decoded larger than the recipe's ``student_max_side`` (photos: up to 512 px)
+    trains a student at that side; the exported config says so, and its images are resized."""
+    target = make_target(size=24)
+    small = Recipe.from_dict({**TINY.to_dict(), "student_max_side": 16})
+    res = train_student(target, None, "ce", recipe=small)
+    assert res.config.pretrained_cfg["input_size"] == [1, 16, 16]
+    assert res.val_acc is not None
+    assert train_mod.build_student(target, train_mod.DEFAULT_STUDENT)[1].pretrained_cfg["input_size"] == [1, 24, 24]
+    with pytest.raises(SctdError, match="student_max_side"):
+        Recipe.from_dict({"student_max_side": 4})
+
+
+def test_a_budget_too_small_for_an_epoch_says_what_to_change():
+    from sctd_ray.distill.search import format_summary
+
+    summary = {"target": "t", "trials": 2, "trials_by_status": {"not_run": 2}, "used_s": 59.0,
+               "budget_s": 60.0, "complete": True, "stopped_by_budget": True, "best": None,
+               "ce_baseline": None, "teachers": []}
+    text = format_summary(summary)
+    assert "none finished an epoch" in text and "student_max_side" in text and "--budget" in text

@@ -590,6 +590,10 @@ def format_summary(summary: dict) -> str:
         src = b["teacher_id"] or "no teacher"
         hp = ", ".join(f"{k}={b[k]:g}" for k in ("lam", "tau", "eps", "lr") if b.get(k) is not None)
         lines.append(f"  best student: {src} ({b['method']}; {hp}) val {b['val_acc']:.3f} test {b['test_acc']:.3f}")
+    elif summary.get("stopped_by_budget"):
+        lines.append("  no trial produced a student: none finished an epoch within the budget; give a "
+                     "larger --budget, or cheaper epochs with --recipe '{\"steps_per_epoch\": 20, "
+                     "\"student_max_side\": 64}' (a smaller student input; docs/distill.md)")
     else:
         lines.append("  no trial produced a student")
     if ce:

@@ -66,11 +66,14 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- pieces
 
-def student_preprocessing(target) -> tuple[Preprocessing, dict]:
-    """The student's own input normalisation: the target's native size, per-channel mean and
-    std of its training images (returned also as a ``pretrained_cfg`` dict)."""
+
+def student_preprocessing(target, max_side: int = Recipe.student_max_side) -> tuple[Preprocessing, dict]:
+    """The student's own input normalisation: the target's decoded size (each side at most
+    ``max_side``; images are resized to it), per-channel mean and std of its training images
+    (returned also as a ``pretrained_cfg`` dict)."""
     imgs = target.splits["train"].images
     n, h, w, c = imgs.shape
+    h, w = min(h, max_side), min(w, max_side)
     x = imgs.reshape(-1, c).astype(np.float64) / 255.0
     mean = [round(float(v), 4) for v in x.mean(0)]
     std = [round(max(float(v), 1e-3), 4) for v in x.std(0)]
@@ -80,12 +83,13 @@ def student_preprocessing(target) -> tuple[Preprocessing, dict]:
 
 
 def build_student(target, architecture: str = DEFAULT_STUDENT, model_args: dict | None = None,
-                  seed: int = 0) -> tuple[torch.nn.Module, TeacherConfig, Preprocessing]:
+                  seed: int = 0, max_side: int = Recipe.student_max_side,
+                  ) -> tuple[torch.nn.Module, TeacherConfig, Preprocessing]:
     """A fresh timm student with C outputs and the target's channel count (seeded init)."""
     import timm
 
     check_student(architecture)
-    pre, pcfg = student_preprocessing(target)
+    pre, pcfg = student_preprocessing(target, max_side)
     args = {"in_chans": pcfg["input_size"][0], **(model_args or {})}
     torch.manual_seed(seed)
     try:
@@ -194,7 +198,7 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
     teacher_id = teacher.teacher_id if (teacher is not None and method != "ce") else None
     kd_cols = kd_index(teacher, target.class_names).to(device) if method == "kd" else None
 
-    model, cfg, pre = build_student(target, student, student_args, seed)
+    model, cfg, pre = build_student(target, student, student_args, seed, recipe.student_max_side)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=recipe.weight_decay)
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
