@@ -117,16 +117,17 @@ def cmd_distill(args) -> int:
 def cmd_scan(args) -> int:
     """assess + distill (top-k teachers, within --budget) + report: the whole pipeline."""
     from .assess.scan import print_ranking, run_scan
-    from .distill.search import check_search_args, run_distill_for_scan
+    from .distill.search import check_search_args, recipe_from_args, run_distill_for_scan
     from .report import write_report
 
     check_search_args(args.budget, args.top_k, args.samples, args.student)  # before the assess step
+    recipe = recipe_from_args(args)
     result = run_scan(_scan_settings(args))
     print_ranking(result)
     summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,
                                      student=args.student, seed=args.seed, resume=args.resume,
                                      address=args.address, s3_endpoint=args.s3_endpoint,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, recipe=recipe)
     report = write_report(args.out, s3_endpoint=args.s3_endpoint)
     print(f"ranking: {args.out.rstrip('/')}/ranking.parquet")
     for name, summ in summaries.items():
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_assess_args(a)
     a.set_defaults(func=cmd_assess)
 
-    from .distill.search import add_distill_args
+    from .distill.search import add_distill_args, add_recipe_args
 
     ds = sub.add_parser("distill", help="distill the top teachers of a run into a student (Ray Tune, budgeted)")
     add_distill_args(ds)
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--samples", type=int, default=3, help="hyper-parameter samples per teacher")
     sc.add_argument("--student", default="test_resnet", help="timm architecture of the student")
     sc.add_argument("--seed", type=int, default=0)
+    add_recipe_args(sc)
     sc.set_defaults(func=cmd_scan)
 
     from .bench.quality import add_bench_quality_args, cmd_bench_quality

@@ -626,9 +626,7 @@ def add_distill_args(p) -> None:
                    help="hyper-parameter draws per teacher and for the ce baseline (default 3)")
     p.add_argument("--student", default=DEFAULT_STUDENT,
                    help=f"timm architecture of the student (default {DEFAULT_STUDENT})")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the recipe's)")
-    p.add_argument("--recipe", default=None, metavar="JSON",
-                   help='override recipe settings, e.g. \'{"steps_per_epoch": 20, "hflip": true}\'')
+    add_recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
     p.add_argument("--export", dest="export", action="store_true", default=True,
@@ -642,7 +640,8 @@ def add_distill_args(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def settings_from_args(args) -> DistillSettings:
+def recipe_from_args(args) -> dict:
+    """``--recipe JSON`` and ``--epochs`` as recipe overrides, checked (``Recipe.from_dict``)."""
     recipe = {}
     if getattr(args, "recipe", None):
         try:
@@ -653,6 +652,19 @@ def settings_from_args(args) -> DistillSettings:
             raise SctdError("--recipe must be a JSON object")
     if getattr(args, "epochs", None):
         recipe["epochs"] = args.epochs
+    Recipe.from_dict(recipe)
+    return recipe
+
+
+def add_recipe_args(p) -> None:
+    """``--epochs`` and ``--recipe`` (``sctd distill`` and ``sctd scan``)."""
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the recipe's)")
+    p.add_argument("--recipe", default=None, metavar="JSON",
+                   help="recipe overrides, e.g. '{\"student_max_side\": 64}' (docs/distill.md)")
+
+
+def settings_from_args(args) -> DistillSettings:
+    recipe = recipe_from_args(args)
     return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, top_k=args.top_k,
                            teachers=args.teacher, method=args.method, samples=args.samples,
                            budget=parse_budget(args.budget), student=args.student, seed=args.seed,
@@ -675,7 +687,7 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
                          top_k: int = 3, samples: int = 3, student: str = DEFAULT_STUDENT,
                          seed: int = 0, resume: bool = False, export: bool = True, zoo: str | None = None,
                          address: str | None = None, s3_endpoint: str | None = None,
-                         progress: bool = True, log=print) -> dict[str, dict]:
+                         progress: bool = True, recipe: dict | None = None, log=print) -> dict[str, dict]:
     """The distillation step of ``sctd scan``: every target of the assessed run (or those
     named), ``budget`` split equally between them. One target writes to RUN/distill, several
     to RUN/distill/<target>. Returns {target name: summary}."""
@@ -694,7 +706,8 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
         res = run_distill(DistillSettings(target=n, run=run_store.uri, out=dest, zoo=zoo, top_k=top_k,
                                           samples=samples, budget=each, student=student, seed=seed,
                                           resume=resume, export=export, address=address,
-                                          s3_endpoint=s3_endpoint, progress=progress), log=log)
+                                          s3_endpoint=s3_endpoint, progress=progress,
+                                          recipe=dict(recipe or {})), log=log)
         log(format_summary(res.summary))
         out[n] = res.summary
     return out

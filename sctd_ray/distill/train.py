@@ -82,6 +82,25 @@ def student_preprocessing(target, max_side: int = Recipe.student_max_side) -> tu
     return Preprocessing.from_pretrained_cfg(cfg), cfg
 
 
+def fitted_to_student(target, pre: Preprocessing):
+    """The target with every split's images resized once to the student's input size when
+    they are larger (uint8, antialiased bilinear as ``Preprocessing.resize``): views are made,
+    and the teacher run, at the student's size, not the decoded one (photos: up to 512 px)."""
+    from ..data.targets import TargetSplit, TargetTask
+
+    _, h, w = pre.input_size
+    n, height, width, c = target.splits["train"].images.shape
+    if (height, width) == (h, w):
+        return target
+    geometry = Preprocessing((c, h, w), (0.5,) * c, (0.5,) * c, pre.interpolation)
+    splits = {}
+    for name, sp in target.splits.items():
+        x = geometry.resize(torch.from_numpy(sp.images))
+        x = x.mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        splits[name] = TargetSplit(x.numpy(), sp.labels)
+    return TargetTask(target.name, target.uri, target.class_names, splits)
+
+
 def build_student(target, architecture: str = DEFAULT_STUDENT, model_args: dict | None = None,
                   seed: int = 0, max_side: int = Recipe.student_max_side,
                   ) -> tuple[torch.nn.Module, TeacherConfig, Preprocessing]:
@@ -199,6 +218,7 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
     kd_cols = kd_index(teacher, target.class_names).to(device) if method == "kd" else None
 
     model, cfg, pre = build_student(target, student, student_args, seed, recipe.student_max_side)
+    target = fitted_to_student(target, pre)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=recipe.weight_decay)
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
