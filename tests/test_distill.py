@@ -259,12 +259,16 @@ def test_a_training_step_reads_nothing_back_to_the_host(method, no_host_reads):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_the_student_input_is_at_most_the_recipes_side():
+def test_the_student_input_is_at_most_the_recipes_side(monkeypatch):
     """A target decoded larger than the recipe's ``student_max_side`` (photos: up to 512 px)
-    trains a student at that side; the exported config says so, and its images are resized."""
+    trains a student at that side: the views are made from images resized once to it, and the
+    exported config says so."""
     target = make_target(size=24)
     small = Recipe.from_dict({**TINY.to_dict(), "student_max_side": 16})
+    shapes, real = [], train_mod.make_views
+    monkeypatch.setattr(train_mod, "make_views", lambda x, *a, **k: shapes.append(tuple(x.shape)) or real(x, *a, **k))
     res = train_student(target, None, "ce", recipe=small)
+    assert shapes and all(s[1:] == (16, 16, 1) for s in shapes)
     assert res.config.pretrained_cfg["input_size"] == [1, 16, 16]
     assert res.val_acc is not None
     assert train_mod.build_student(target, train_mod.DEFAULT_STUDENT)[1].pretrained_cfg["input_size"] == [1, 24, 24]
