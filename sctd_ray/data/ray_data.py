@@ -37,7 +37,7 @@ class DecodeBatch:
 
     ``channels=3`` decodes every image as RGB; ``channels=1`` (the split's first image is grey)
     keeps each image's own kind, a batch with a colour image in it is RGB, and the ``colour``
-    column tells the driver that the split needs ``GreyToRGB``."""
+    column tells the driver that the split needs ``grey_to_rgb``."""
 
     def __init__(self, where: str, size: tuple[int, int], channels: int):
         self.where, self.size, self.channels = where, tuple(size), channels
