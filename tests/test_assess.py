@@ -398,26 +398,54 @@ def test_unreachable_s3_and_bad_credentials_fail_fast(demo_zoo, s3, s3_bucket, t
 
 
 def test_an_unreachable_cluster_is_one_line(demo_zoo, tmp_path):
-    """--address or RAY_ADDRESS where nothing listens: one line and exit 2 (Ray alone retries
-    such an address for minutes); a malformed address likewise."""
+    """--address or RAY_ADDRESS where nothing listens, or where a web server listens instead of
+    a Ray head: one line and exit 2 within seconds (Ray alone retries the first for minutes,
+    the second for ~12 minutes, deaf to SIGTERM); a malformed address, or the dashboard's
+    http:// address that `ray job submit` takes, likewise."""
+    import http.server
     import socket
+    import threading
 
     with socket.socket() as sock:          # a loopback port nothing listens on once closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    web_port = web.server_address[1]
     argv = [sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", demo_zoo, "--target",
             _targets(demo_zoo)[0], "--out", str(tmp_path / "run"), "--quiet"]
     cases = [(["--address", f"127.0.0.1:{port}"], {}, "cannot reach the Ray cluster"),
              (["--address", f"ray://127.0.0.1:{port}"], {}, "cannot reach the Ray cluster"),
              ([], {"RAY_ADDRESS": f"127.0.0.1:{port}"}, "cannot reach the Ray cluster"),
-             (["--address", "head-node"], {}, "expected HOST:PORT")]
-    for extra, env, needle in cases:
-        p = subprocess.run(argv + extra, capture_output=True, text=True, env={**os.environ, **env},
-                           timeout=120)
-        assert p.returncode == 2, p.stderr
-        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and needle in lines[0], p.stderr
+             (["--address", "head-node"], {}, "expected HOST:PORT"),
+             (["--address", f"127.0.0.1:{web_port}"], {}, "answers, but not as a Ray cluster"),
+             ([], {"RAY_ADDRESS": "http://127.0.0.1:8265"}, "RAY_ADDRESS 'http://127.0.0.1:8265' is a dashboard address")]
+    try:
+        for extra, env, needle in cases:
+            p = subprocess.run(argv + extra, capture_output=True, text=True,
+                               env={**os.environ, **env}, timeout=120)
+            assert p.returncode == 2, p.stderr
+            lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and needle in lines[0], p.stderr
+    finally:
+        web.shutdown()
     assert not (tmp_path / "run" / "ranking.parquet").exists()
+
+
+def test_no_address_starts_the_embedded_ray_not_a_running_cluster(monkeypatch):
+    """Without --address or RAY_ADDRESS, sctd starts its own local Ray: `ray.init()` alone
+    would join a cluster that `ray start` left running on this machine, with that cluster's
+    environment and credentials."""
+    import ray
+
+    from sctd_ray.assess import scan
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    scan.ensure_ray(None)
+    assert calls and calls[0]["address"] == "local"
 
 
 def test_existing_run_needs_resume(demo_zoo, ray_local, tmp_path):

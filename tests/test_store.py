@@ -249,11 +249,29 @@ def test_s3_unreachable_endpoint_is_not_retried_at_length(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     store = open_store("s3://bucket/x", s3_endpoint="http://127.0.0.1:1")
+    monkeypatch.setattr(S3Store, "_check_answers", lambda self, probe: None)  # the client's own retries
     attempts = []
     store.client.meta.events.register("before-send.s3", lambda **kw: attempts.append(1))
     with pytest.raises(StoreUnreachable):
         store.exists("k")
     assert len(attempts) == S3_CONNECT_ATTEMPTS < S3_MAX_ATTEMPTS
+
+
+def test_s3_endpoint_that_never_answers_is_one_error_not_a_hang(monkeypatch):
+    """A port that accepts connections and then says nothing (a wrong port, a stuck proxy):
+    the first request fails after the short probe timeout instead of waiting the data read
+    timeout (60 s) on every one of 6 attempts of every call."""
+    import socket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        store = open_store("s3://bucket/x", s3_endpoint=endpoint)
+        with pytest.raises(StoreUnreachable, match=r"accepts connections but did not answer within 5 s"):
+            store.list()
 
 
 @pytest.fixture

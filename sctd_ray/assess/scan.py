@@ -54,49 +54,68 @@ class ScanResult:
         return int((self.ranking["status"] != "ok").sum())
 
 
-CLUSTER_CONNECT_TIMEOUT = 5.0   # seconds to open a TCP connection to a cluster's address
+CLUSTER_CONNECT_TIMEOUT = 5.0   # seconds to open a TCP connection, then an HTTP/2 (gRPC) one
 
 
-def check_cluster_reachable(address: str) -> None:
-    """One clear line if nothing answers at a cluster address (``host:port`` of the head's GCS,
-    or ``ray://host:port``); Ray itself retries such an address for minutes, printing warnings.
-    ``auto`` and ``local`` are left to Ray."""
+def check_cluster_reachable(address: str, source: str = "--address") -> None:
+    """One clear line unless a Ray head answers at a cluster address (``host:port`` of the head's
+    GCS, or ``ray://host:port``). Without this, Ray retries an address where nothing listens
+    for minutes, and one where something else listens (a web server) for ~12 minutes, deaf to
+    SIGTERM. ``auto`` and ``local`` are left to Ray; ``source`` names where the address came from."""
     import socket
 
-    rest = address.split("://", 1)[-1].rstrip("/")
+    scheme, _, rest = address.rpartition("://")
+    rest = rest.rstrip("/")
     if address in ("auto", "local") or not rest:
         return
+    if scheme in ("http", "https"):
+        raise SctdError(f"{source} {address!r} is a dashboard address (for `ray job submit`; give "
+                        "it to that as RAY_API_SERVER_ADDRESS); sctd joins a cluster at the head's "
+                        "GCS, HOST:6379, or at ray://HOST:10001")
     host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise SctdError(f"--address {address!r}: expected HOST:PORT (the head node's GCS, e.g. "
+    if scheme not in ("", "ray") or not host or not port.isdigit():
+        raise SctdError(f"{source} {address!r}: expected HOST:PORT (the head node's GCS, e.g. "
                         "10.0.0.5:6379), ray://HOST:PORT, or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT).close()
     except OSError as e:
         raise SctdError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); check "
-                        "--address or RAY_ADDRESS, and that the cluster is up (`ray status`)") from None
+                        f"{source}, and that the cluster is up (`ray status`)") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return   # a TLS cluster's handshake needs its certificates: left to Ray
+    import grpc
+
+    channel = grpc.insecure_channel(rest)
+    try:   # the GCS and the Ray Client server are gRPC servers: an HTTP/2 connection must open
+        grpc.channel_ready_future(channel).result(timeout=CLUSTER_CONNECT_TIMEOUT)
+    except grpc.FutureTimeoutError:
+        raise SctdError(f"{address} answers, but not as a Ray cluster (no gRPC handshake within "
+                        f"{CLUSTER_CONNECT_TIMEOUT:.0f} s); check {source}: the head node's GCS "
+                        "port is 6379 by default, the Ray Client's ray://HOST:10001") from None
+    finally:
+        channel.close()
 
 
 def ensure_ray(address: str | None = None):
-    """Join ``address``/$RAY_ADDRESS, or start the embedded local Ray."""
+    """Join ``address``/$RAY_ADDRESS, or start the embedded local Ray: never a cluster that
+    merely happens to run on this machine (``ray.init()`` alone would join one)."""
     import ray
 
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     kwargs = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
+    source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_cluster_reachable(address)
+        check_cluster_reachable(address, source)
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        except ConnectionError as e:   # something answers there, but not a Ray head (Ray's own
-            # warnings, one per attempt for ~20 s, come first: its core logs them, not sctd)
+        except ConnectionError as e:
             raise SctdError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}; "
-                            "check --address or RAY_ADDRESS (the head node's GCS port, 6379 by "
-                            "default)") from None
+                            f"check {source} (the head node's GCS port, 6379 by default)") from None
     else:
-        ray.init(**kwargs)
+        ray.init(address="local", **kwargs)
     import logging
 
     from ray.data import DataContext

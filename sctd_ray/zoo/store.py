@@ -286,6 +286,7 @@ S3_MAX_ATTEMPTS = 6  # botocore "standard" retries: throttling, 5xx, transient e
 S3_CONNECT_ATTEMPTS = 2  # but an endpoint that refuses/does not answer fails fast
 S3_CONNECT_TIMEOUT = 3
 S3_READ_TIMEOUT = 60
+S3_PROBE_READ_TIMEOUT = 5  # the first request of a client: an endpoint that never answers fails fast
 S3_THREADS = 8
 MB = 1 << 20
 S3_READ_PART = 16 * MB  # byte-range size of ``S3Store.read_bytes`` (AWS's guidance: 8 or 16 MB)
@@ -382,13 +383,39 @@ class S3Store(Store):
             # S3-compatible servers (SeaweedFS, MinIO, Ceph) address buckets by path
             s3={"addressing_style": "path"} if self.endpoint else None,
         )
+        probe_config = config.merge(Config(read_timeout=S3_PROBE_READ_TIMEOUT,
+                                           retries={"mode": "standard",
+                                                    "total_max_attempts": S3_CONNECT_ATTEMPTS}))
         try:
-            client = boto3.session.Session().client("s3", endpoint_url=self.endpoint,
-                                                    config=config)
+            session = boto3.session.Session()
+            client = session.client("s3", endpoint_url=self.endpoint, config=config)
+            probe = session.client("s3", endpoint_url=self.endpoint, config=probe_config)
         except Exception as exc:  # bad profile, bad region, malformed endpoint...
             raise StoreError(f"cannot configure S3 client for {self.uri}: {exc}") from exc
         client.meta.events.register_first("needs-retry.s3", _fail_fast_on_connect)
+        probe.meta.events.register_first("needs-retry.s3", _fail_fast_on_connect)
+        self._check_answers(probe)
         return client
+
+    def _check_answers(self, probe) -> None:
+        """One HEAD of the bucket with a short read timeout before the real client is used:
+        an endpoint that accepts connections but never answers (a wrong port, a stuck proxy)
+        would otherwise hold every call for ``S3_READ_TIMEOUT`` x ``S3_MAX_ATTEMPTS``. Any
+        answer, even 403 or 404, will do: the real call reports those."""
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError
+
+        try:
+            probe.head_bucket(Bucket=self.bucket)
+        except ReadTimeoutError:
+            raise StoreUnreachable(
+                f"S3 endpoint {self.endpoint or '(AWS default endpoint)'} accepts connections but "
+                f"did not answer within {S3_PROBE_READ_TIMEOUT} s: check --s3-endpoint or "
+                "AWS_ENDPOINT_URL_S3") from None
+        except BotoConnectionError as exc:
+            raise self._error(exc) from None
+        except Exception:
+            pass
 
     @property
     def _transfer_config(self):
