@@ -198,6 +198,77 @@ def test_resume_with_more_metrics_scores_the_missing_ones(demo_zoo, reference, r
     _close(_scores(res.ranking), {k: v for k, v in reference.items() if k[0] == Path(target).name})
 
 
+def test_resume_scores_again_what_changed_since(demo_zoo, reference, ray_local, tmp_path):
+    """--resume trusts a finished pair only if it was scored from the same images and labels
+    (the target's fingerprint) and the same weights (the teacher's sha256): a different target
+    under the same folder name, or a teacher retrained in place, is scored again, and a teacher
+    gone from the zoo leaves the ranking (its file stays)."""
+    from safetensors.torch import load_file, save_file
+
+    t1, t2 = _targets(demo_zoo)
+    ids = ["dg-all-resnet", "fm-all-resnet"]
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
+    out = tmp_path / "run"
+
+    def scan(target, teachers=ids):
+        logs = []
+        res = run_scan(ScanSettings(zoo=str(zoo), targets=[target], out=str(out), teachers=teachers,
+                                    resume=True, progress=False), log=logs.append)
+        return res, "\n".join(logs)
+
+    scan(t1)
+    other = tmp_path / "elsewhere" / Path(t1).name      # dg-high5's images, named fm-mix5
+    shutil.copytree(t2, other)
+    res, logs = scan(str(other))
+    assert "2 earlier result(s) are scored again" in logs
+    _close(_scores(res.ranking), {("fm-mix5", tid): v for (tn, tid), v in reference.items()
+                                  if tn == "dg-high5" and tid in ids})
+    run = json.loads((out / "run.json").read_text())
+    assert run["targets"]["fm-mix5"]["uri"] == str(other)
+
+    files = {f: f.read_bytes() for f in (out / "results").rglob("*.json")}
+    weights = zoo / "teachers" / ids[0] / "model.safetensors"
+    tensors = load_file(weights)
+    head = [k for k in tensors if k.endswith("fc.weight")][0]
+    tensors[head] = tensors[head] * 2.0      # "retrained": same id and architecture, new weights
+    save_file(tensors, weights)
+    res, logs = scan(str(other))
+    assert "1 earlier result(s) are scored again" in logs
+    assert [f.stem for f in files if f.read_bytes() != files[f]] == [ids[0]]
+    before, after = _scores(res.ranking), {("fm-mix5", tid): v for (tn, tid), v in reference.items()
+                                          if tn == "dg-high5" and tid in ids}
+    _close({k: v for k, v in before.items() if k[1] == ids[1]}, {k: v for k, v in after.items() if k[1] == ids[1]})
+    assert not np.allclose(before[("fm-mix5", ids[0])], after[("fm-mix5", ids[0])])
+
+    shutil.rmtree(zoo / "teachers" / ids[1])
+    res, logs = scan(str(other), teachers=[ids[0]])
+    assert list(res.ranking["teacher_id"]) == [ids[0]]
+    assert f"1 teacher(s) with earlier results are not in {zoo}" in logs
+    assert (out / "results" / "fm-mix5" / f"{ids[1]}.json").exists()
+    assert "nothing left to score" in _printed(res)
+
+
+def _printed(res):
+    from sctd_ray.assess.scan import print_ranking
+
+    lines = []
+    print_ranking(res, log=lines.append)
+    return "\n".join(lines)
+
+
+def test_resume_with_another_target_keeps_the_earlier_ones(demo_zoo, ray_local, tmp_path):
+    """A second target added with --resume: run.json names both, as the ranking does."""
+    t1, t2 = _targets(demo_zoo)
+    out = str(tmp_path / "run")
+    for t in (t1, t2):
+        res = run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=out, teachers=["fm-all-resnet"],
+                                    resume=True, progress=False))
+    run = json.loads(Path(out, "run.json").read_text())
+    assert sorted(run["targets"]) == sorted(res.ranking["target"].unique()) == ["dg-high5", "fm-mix5"]
+    assert run["targets"]["fm-mix5"]["uri"] == t1 and run["targets"]["dg-high5"]["uri"] == t2
+
+
 def test_two_targets_equal_two_scans(demo_zoo, reference, ray_local, tmp_path):
     t1, t2 = _targets(demo_zoo)
     both = run_scan(ScanSettings(zoo=demo_zoo, targets=[t1, t2], out=str(tmp_path / "both"), progress=False))
@@ -486,8 +557,15 @@ def test_a_bad_target_is_one_line_before_ray_starts(demo_zoo, tmp_path, capsys, 
     df = pd.read_parquet(bad_first / "train.parquet")
     df.loc[0, "image"] = b"not an image"
     df.to_parquet(bad_first / "train.parquet")
+    no_label = tmp_path / "no-label"
+    shutil.copytree(_targets(demo_zoo)[0], no_label)
+    df = pd.read_parquet(no_label / "train.parquet")
+    df["label"] = df["label"].astype(object)
+    df.loc[3, "label"] = None       # not a class called "None"
+    df.to_parquet(no_label / "train.parquet")
     cases = [(tmp_path / "nowhere", "not a target task"), (not_parquet, "not a Parquet file"),
-             (no_train, "missing split 'train'"), (bad_first, "row 0")]
+             (no_train, "missing split 'train'"), (bad_first, "row 0"),
+             (no_label, "1 row(s) without a label; the first is row 3")]
     for target, needle in cases:
         argv = ["assess", "--zoo", demo_zoo, "--target", str(target), "--out", str(tmp_path / "run"), "--quiet"]
         assert main(argv) == 2
@@ -512,8 +590,8 @@ def test_bad_target_data_is_one_line_from_the_ray_data_pass(demo_zoo, ray_local,
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert expected in err[-1] and "Traceback" not in "\n".join(err), err
-        if expected.startswith("2 undecodable"):
-            assert "'train'" in err[-1] and "label '" in err[-1]
+        if expected.startswith("2 undecodable"):   # the first one's row, not a Python repr
+            assert "split 'train' row 5: not an image format" in err[-1] and "BytesIO" not in err[-1]
             (target / "train.parquet").write_bytes(b"garbage")
         elif expected == "not a Parquet file":
             df[["label"]].to_parquet(target / "train.parquet")

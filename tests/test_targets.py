@@ -90,8 +90,28 @@ def test_undecodable_image_names_row(tmp_path):
     buf = io.BytesIO()
     pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()), "label": ["a", "b", "a", "b"]}), buf)
     store.write_bytes("train.parquet", buf.getvalue())
-    with pytest.raises(TargetError, match="undecodable image .*split 'train' row 3"):
+    with pytest.raises(TargetError, match="undecodable image .*split 'train' row 3: not an image format"):
         load_target(str(tmp_path / "t"))
+
+
+def test_a_row_without_a_label_is_an_error_naming_it(tmp_path):
+    """A null (or blank) label is not a class called "None": the target is refused with the
+    row that lacks it (a null one by the probe before a scan, from the footer's statistics)."""
+    from sctd_ray.data.ray_data import probe_target
+
+    store = _write_parquet_target(tmp_path / "t")
+    imgs = [encode_png(im) for im in _imgs(4)]
+    for labels, row in ((["a", "b", None, "b"], 2), (["a", " ", "b", "b"], 1)):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()),
+                                 "label": pa.array(labels, pa.string())}), buf)
+        store.write_bytes("train.parquet", buf.getvalue())
+        reads = [lambda: load_target(str(tmp_path / "t"))]
+        if None in labels:
+            reads.append(lambda: probe_target(str(tmp_path / "t")))
+        for read in reads:
+            with pytest.raises(TargetError, match=rf"train.parquet: 1 row\(s\) without a label; the first is row {row}"):
+                read()
 
 
 def test_wrong_columns_and_not_parquet(tmp_path):

@@ -175,7 +175,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         raise SctdError(f"{s.out} already holds {len(previous)} results: pass --resume to continue "
                         "that scan, or choose another --out")
     zoo = open_store(s.zoo, s3_endpoint=s.s3_endpoint)
-    manifest = read_manifest(zoo)
+    manifest = all_teachers = read_manifest(zoo)
     if s.teachers:
         missing = sorted(set(s.teachers) - set(manifest["id"]))
         if missing:
@@ -196,7 +196,17 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     targets = [materialize_target(p.uri, s.split, s3_endpoint=s.s3_endpoint, probe=p) for p in probes]
     data_seconds = time.time() - t_data
 
-    done = done_pairs(previous, s.metrics)
+    # a pair is done when its row was scored from this target and these weights: a target
+    # remade under the same name, or a teacher retrained in place, is scored again
+    fingerprints = {t.name: t.fingerprint for t in targets}
+    shas = {r["id"]: (r["sha256"] or None) for _, r in all_teachers.iterrows()}
+    stale = [r for r in previous if r["target"] in fingerprints and r["teacher_id"] in shas
+             and not _current(r, fingerprints, shas)]
+    done = done_pairs([r for r in previous if r["target"] not in fingerprints or _current(r, fingerprints, shas)],
+                      s.metrics)
+    if stale:
+        log(f"resume: {len(stale)} earlier result(s) are scored again: their target's images or "
+            "labels, or their teacher's weights, differ from this scan's (or predate these checks)")
     todo: dict[str, list[str]] = {}
     for _, r in manifest.iterrows():
         own = _distilled_for(r)  # a student exported for a target has seen its labels: not scored on it
@@ -204,10 +214,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         if not missing_targets:
             continue
         if r["status"] != "ok":  # the manifest already knows it is broken
-            for tn in missing_targets:
-                results.write({"target": tn, "teacher_id": r["id"], "architecture": r["architecture"],
-                               "status": "error", "error": r["error"], "samples": 0, "seconds": 0.0,
-                               "worker": "driver", "finished_at": time.time()})
+            _error_rows(results, r["id"], missing_targets, r["error"], fingerprints, shas[r["id"]],
+                        r["architecture"])
             continue
         todo[r["id"]] = missing_targets
     rows_by_id = {r["id"]: r for _, r in manifest.iterrows()}
@@ -230,11 +238,20 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     # every pair's row reached the driver; after a fatal error, workers may have written rows
     # whose calls never returned: then the folder is read back
     rows = results.rows() if fatal is None else read_results(out)
+    gone = sorted({r["teacher_id"] for r in rows} - set(shas))
+    if gone:   # a resume against a zoo that no longer holds them: their files stay, unranked
+        log(f"resume: {len(gone)} teacher(s) with earlier results are not in {zoo.uri}; left out "
+            f"of the ranking: {', '.join(gone[:5])}" + (" ..." if len(gone) > 5 else ""))
+        rows = [r for r in rows if r["teacher_id"] in shas]
     ranking = ranking_table(rows, s.rank_by, s.metrics)
     write_table(out, RANKING_FILE, ranking)
+    ranked = set(ranking["target"])
+    earlier = {name: info for name, info in _previous_run(out).get("targets", {}).items()
+               if name in ranked and name not in fingerprints}   # scanned before, not this time
     run = {
-        "zoo": zoo.uri, "targets": {t.name: {"uri": t.uri, "classes": t.class_names, "samples": t.num_rows}
-                                    for t in targets},
+        "zoo": zoo.uri, "targets": {**earlier, **{t.name: {"uri": t.uri, "classes": t.class_names,
+                                                           "samples": t.num_rows, "fingerprint": t.fingerprint}
+                                                  for t in targets}},
         "settings": {"workers": n_workers, "batch_size": s.batch_size, "metrics": list(s.metrics),
                      "rank_by": s.rank_by, "split": s.split, "prefetch": s.prefetch, "resources": resources},
         "versions": _versions(),
@@ -250,6 +267,15 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if fatal is not None:
         raise fatal
     return ScanResult(ranking, run)
+
+
+def _previous_run(out) -> dict:
+    """The run.json an earlier scan of this folder wrote ({} if none, or unreadable)."""
+    try:
+        run = json.loads(out.read_bytes(RUN_FILE))
+    except (SctdError, ValueError, UnicodeDecodeError):
+        return {}
+    return run if isinstance(run, dict) else {}
 
 
 def decode_max_side(manifest) -> int:
@@ -332,6 +358,8 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
     busy = [0] * len(actors)
     deaths: dict[str, int] = {}
 
+    fingerprints = {t.name: t.fingerprint for t in targets}
+
     def sha(tid):
         return rows_by_id[tid]["sha256"] or None
 
@@ -369,7 +397,8 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
                 if isinstance(cause, (FatalScanError, StoreUnreachable, StoreAuthError)):
                     fatal = SctdError(str(getattr(e, "cause", cause) or cause).splitlines()[0])
                     break
-                _error_rows(results, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}")
+                _error_rows(results, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}",
+                            fingerprints, sha(tid))
             except ray.exceptions.RayActorError as e:
                 deaths[tid] = deaths.get(tid, 0) + 1
                 if gen == generation[i]:  # the first news of this death: replace the actor
@@ -379,7 +408,7 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
                     actors[i] = start(i)
                 if deaths[tid] >= MAX_WORKER_DEATHS_PER_TEACHER:
                     _error_rows(results, tid, todo[tid], f"worker died {deaths[tid]} times while scoring it: "
-                                f"{str(e).splitlines()[0][:200]}")
+                                f"{str(e).splitlines()[0][:200]}", fingerprints, sha(tid))
                 else:
                     queues[i].insert(0, tid)
                     while busy[i] < IN_FLIGHT_PER_WORKER and submit(i):
@@ -403,15 +432,29 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
     return fatal, usage
 
 
-def _error_rows(results, tid, target_names, msg):
+def _error_rows(results, tid, target_names, msg, fingerprints: dict, sha256: str | None,
+                architecture: str | None = None):
+    """The driver's own error rows (a broken manifest entry, a failed or twice-dead worker),
+    stamped like a worker's with what they concern."""
     for tn in target_names:
-        results.write({"target": tn, "teacher_id": tid, "architecture": None, "status": "error",
+        results.write({"target": tn, "teacher_id": tid, "architecture": architecture, "status": "error",
                        "error": msg, "samples": 0, "seconds": 0.0, "worker": "driver",
-                       "finished_at": time.time()})
+                       "finished_at": time.time(), "target_fingerprint": fingerprints.get(tn, ""),
+                       "teacher_sha256": sha256})
+
+
+def _current(row: dict, fingerprints: dict, shas: dict) -> bool:
+    """A result row scored from this very target (its fingerprint) and these very weights (the
+    manifest's sha256). Rows without the stamps (written before 0.1 recorded them) are not."""
+    return ("target_fingerprint" in row and row["target_fingerprint"] == fingerprints.get(row["target"])
+            and "teacher_sha256" in row and (row["teacher_sha256"] or None) == shas.get(row["teacher_id"]))
 
 
 def print_ranking(result: ScanResult, log=print) -> None:
     log(format_ranking(result.ranking))
     t = result.run.get("timings", {})
+    if not t.get("teachers_scored"):
+        log(f"nothing left to score: every pair was in the run already; {result.errors} error rows")
+        return
     log(f"scored {t.get('teachers_scored')} teachers in {t.get('scan_seconds')}s "
         f"({t.get('samples_per_second')} samples/s); {result.errors} error rows")

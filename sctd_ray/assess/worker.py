@@ -48,6 +48,7 @@ class TargetData:
     class_names: list[str]
     images: np.ndarray | list[np.ndarray]
     labels: np.ndarray
+    fingerprint: str = ""   # ``ray_data.target_fingerprint``, written into each result row
 
     @property
     def blocks(self) -> list[np.ndarray]:
@@ -147,7 +148,7 @@ class ShardWorker:
         from ..data.ray_data import target_blocks  # a MaterializedTarget held in Ray's object store
 
         blocks, labels = target_blocks(t)
-        return TargetData(t.name, list(t.class_names), blocks, labels)
+        return TargetData(t.name, list(t.class_names), blocks, labels, t.fingerprint)
 
     def _place(self, device_cache_mb: float):
         """Keep targets on the device between teachers when they fit the memory limit. Else on
@@ -309,7 +310,8 @@ class ShardWorker:
                 rows = rows or self._finalise(teacher_id, arch, collected, t0)
         if self.overlap:
             rows = rows or self._finalise(teacher_id, arch, collected, t0)
-        for r in rows:
+        for r in rows:   # what the scores were computed from: a resumed scan checks both
+            r["teacher_sha256"] = sha256
             write_result(self.out, r)
         self.scored += 1
         return rows
@@ -389,7 +391,7 @@ class ShardWorker:
         row = {"target": t.name, "teacher_id": tid, "architecture": arch,
                "status": status, "error": error, "samples": int(len(t.labels)),
                "seconds": round(time.perf_counter() - t0, 4), "worker": self.name,
-               "finished_at": time.time()}
+               "finished_at": time.time(), "target_fingerprint": t.fingerprint}
         row.update({m: (float(scores[m]) if m in scores else None) for m in self.metrics})
         return row
 

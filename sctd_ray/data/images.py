@@ -56,7 +56,10 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = 
         img.load()
         if img.getexif().get(EXIF_ORIENTATION, 1) != 1:   # a phone photo taken sideways
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise TargetError(f"undecodable image {where}: not an image format Pillow reads "
+                          f"({len(data) if isinstance(data, (bytes, bytearray)) else 'no'} bytes)") from None
+    except (OSError, ValueError, TypeError, SyntaxError) as e:
         raise TargetError(f"undecodable image {where}: {e}") from None
     if img.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: full range to 0..255
         a = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)

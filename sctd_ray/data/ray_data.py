@@ -4,6 +4,7 @@ blocks to every shard worker (RAY-NOTES: each actor reads all of a materialised 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from ..errors import TargetError
 from .images import DECODE_MAX_SIDE, decode_image, decode_size, unify_channels
-from .targets import IMAGE_SUFFIXES, detect_layout, parquet_split, target_name
+from .targets import IMAGE_SUFFIXES, check_labels_present, detect_layout, parquet_split, target_name
 
 
 def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
@@ -43,20 +44,24 @@ class DecodeBatch:
         self.where, self.size, self.channels = where, tuple(size), channels
 
     def __call__(self, batch: dict) -> dict:
-        labels = [v.decode() if isinstance(v, bytes) else str(v) for v in batch["label"]]
+        labels = [v.decode() if isinstance(v, bytes) else None if v is None else str(v)
+                  for v in batch["label"]]
+        sources = batch.get("source")
         forced = 3 if self.channels == 3 else None
         images, errors = [], []
-        for data, label in zip(batch["image"], labels):
+        for i, (data, label) in enumerate(zip(batch["image"], labels)):
+            where = sources[i] if sources is not None else f"{self.where} (label {label!r})"
             try:
-                images.append(decode_image(data, self.size, where=f"{self.where} (label {label!r})",
-                                           channels=forced))
+                images.append(decode_image(data, self.size, where=where, channels=forced))
                 errors.append("")
             except TargetError as e:
                 images.append(np.zeros((*self.size, self.channels), np.uint8))
                 errors.append(str(e))
         colour = np.array([im.shape[2] == 3 for im in images], dtype=bool)
+        digest = [hashlib.blake2b(bytes(d or b""), digest_size=16).hexdigest() for d in batch["image"]]
         return {"image": np.stack(unify_channels(images)), "label": np.asarray(labels, dtype=object),
-                "error": np.asarray(errors, dtype=object), "colour": colour}
+                "error": np.asarray(errors, dtype=object), "colour": colour,
+                "digest": np.asarray(digest, dtype=object)}
 
 
 def grey_to_rgb(batch: dict) -> dict:
@@ -77,17 +82,28 @@ class MaterializedTarget:
     class_names: list[str]
     num_rows: int
     block_refs: list  # ObjectRefs of {"image": uint8 (n,H,W,C), "label": class names (n,)}
+    fingerprint: str = ""   # ``target_fingerprint``: which images and labels these are
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def _first_image(store, split: str, layout: str) -> bytes:
+def _may_lack_labels(pf) -> bool:
+    """Whether the footer's statistics count a null label (blank ones are caught as the split is
+    decoded: ``materialize_target``)."""
+    col = pf.schema_arrow.get_field_index("label")
+    for i in range(pf.metadata.num_row_groups):
+        stats = pf.metadata.row_group(i).column(col).statistics
+        if stats is not None and stats.has_null_count and stats.null_count > 0:
+            return True
+    return False
+
+
+def _first_image(store, split: str, pf=None) -> bytes:
     """The first image of a split, read directly (to fix the split's size and channels); of a
-    Parquet split only the footer and the first data page are read."""
-    if layout == "parquet":
-        pf = parquet_split(store, split, whole=False)
+    Parquet split (``pf``, opened by ranges) only the footer and the first data page are read."""
+    if pf is not None:
         if pf.metadata.num_rows == 0:
             raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
         return next(pf.iter_batches(batch_size=1, columns=["image"])).column("image")[0].as_py()
@@ -106,7 +122,9 @@ def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str 
         return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs).select_columns(["image", "label"])
     keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
     ds = ray.data.read_binary_files([f"{root}/{k}" for k in keys], filesystem=fs, include_paths=True)
-    return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2]})
+    prefix = uri.rstrip("/")
+    return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2],
+                             "source": prefix + "/" + "/".join(r["path"].rsplit("/", 3)[-3:])})
 
 
 @dataclass
@@ -138,7 +156,11 @@ def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
 
     store = open_store(uri, s3_endpoint=s3_endpoint)
     layout = detect_layout(store)
-    first = decode_image(_first_image(store, split, layout), where=f"{_where(uri, split)} row 0")
+    pf = parquet_split(store, split, whole=False) if layout == "parquet" else None
+    if pf is not None and _may_lack_labels(pf):
+        check_labels_present(parquet_split(store, split).read(columns=["label"]).column("label"),
+                             store.join(f"{split}.parquet"))
+    first = decode_image(_first_image(store, split, pf), where=f"{_where(uri, split)} row 0")
     return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]))
 
 
@@ -156,14 +178,20 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     ds = _records_dataset(store, uri, split, layout, s3_endpoint)
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()
-    meta = ray.get(decoded.select_columns(["label", "error", "colour"]).to_numpy_refs())
+    meta = ray.get(decoded.select_columns(["label", "error", "colour", "digest"]).to_numpy_refs())
     errors = [e for b in meta for e in b["error"] if e]
     if errors:
-        raise TargetError(f"{len(errors)} undecodable image(s) in {where}; the first: {errors[0]}")
+        first = _first_undecodable(store, split) if layout == "parquet" else errors[0]
+        raise TargetError(f"{len(errors)} undecodable image(s) in {where}; the first: {first or errors[0]}")
     if probe.shape[2] == 1 and any(b["colour"].any() for b in meta):  # grey first, colour later
         decoded = decoded.map_batches(grey_to_rgb, batch_format="numpy").materialize()
     refs = decoded.to_numpy_refs()
     labels = np.concatenate([b["label"] for b in meta])
+    if any(label is None or not str(label).strip() for label in labels):
+        if layout == "parquet":   # the row numbers: Ray Data does not keep them
+            check_labels_present(parquet_split(store, split).read(columns=["label"]).column("label"),
+                                 store.join(f"{split}.parquet"))
+        raise TargetError(f"{where}: a class folder without a name")
     found = sorted(set(labels.tolist()))
     if class_names is None:
         class_names = found
@@ -172,7 +200,31 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise TargetError(f"{where}: labels the train split lacks: {unknown[:5]}")
-    return MaterializedTarget(target_name(uri), uri, list(class_names), int(len(labels)), refs)
+    digests = np.concatenate([b["digest"] for b in meta])
+    return MaterializedTarget(target_name(uri), uri, list(class_names), int(len(labels)), refs,
+                              target_fingerprint(digests, labels))
+
+
+def target_fingerprint(digests, labels) -> str:
+    """What a target's scores depend on: its (image bytes, label) pairs, in any order. A resumed
+    scan scores a pair again when its target's fingerprint changed (a new target under the
+    same name, images added or relabelled)."""
+    lines = sorted(f"{d} {label}" for d, label in zip(digests, labels))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+
+def _first_undecodable(store, split: str) -> str | None:
+    """The row number and reason of a Parquet split's first undecodable image (the error path
+    only: Ray Data does not keep row numbers)."""
+    row = 0
+    for batch in parquet_split(store, split, whole=False).iter_batches(batch_size=64, columns=["image"]):
+        for data in batch.column("image").to_pylist():
+            try:
+                decode_image(data, where=f"{_where(store.uri, split)} row {row}")
+            except TargetError as e:
+                return str(e)
+            row += 1
+    return None
 
 
 def target_blocks(target: MaterializedTarget) -> tuple[list[np.ndarray], np.ndarray]:

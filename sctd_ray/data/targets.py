@@ -122,11 +122,28 @@ def parquet_split(store, split: str, whole: bool = True) -> pq.ParquetFile:
     return pf
 
 
+def check_labels_present(labels: pa.ChunkedArray | pa.Array, where: str) -> None:
+    """A null or empty label is an error naming its row, not a class called "None" or ""."""
+    import pyarrow.compute as pc
+
+    try:
+        labels = labels.cast(pa.string()) if not pa.types.is_string(labels.type) else labels
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise TargetError(f"{where}: 'label' must hold class names (strings), not {labels.type}") from None
+    missing = pc.or_kleene(pc.is_null(labels), pc.equal(pc.utf8_trim_whitespace(labels), ""))
+    missing = pc.fill_null(missing, True)
+    n = pc.sum(missing).as_py() or 0
+    if n:
+        first = pc.index(missing, True).as_py()
+        raise TargetError(f"{where}: {n} row(s) without a label; the first is row {first}")
+
+
 def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], list[str]]:
     """Raw (image bytes, class name) records of one split, undecoded."""
     if layout == "parquet":
         key = f"{split}.parquet"
         table = parquet_split(store, split).read(columns=["image", "label"])
+        check_labels_present(table.column("label"), store.join(key))
         images = table.column("image").to_pylist()
         labels = [str(x) for x in table.column("label").to_pylist()]
         for i, (img, lab) in enumerate(zip(images, labels)):
