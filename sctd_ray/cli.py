@@ -135,6 +135,10 @@ def cmd_scan(args) -> int:
         if best.get("student_uri"):
             print(f"student for {name}: {best['student_uri']}")
     print(f"report:  {report}")
+    if not all((s or {}).get("complete") for s in summaries.values()):
+        print("sctd: interrupted in the distillation; results written so far are kept: rerun "
+              "with --resume", file=sys.stderr)
+        return 130
     return 0 if all((s or {}).get("best") for s in summaries.values()) else 1
 
 

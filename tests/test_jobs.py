@@ -144,6 +144,40 @@ def test_job_script_exits_with_the_cli_status(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def test_sigterm_in_the_distillation_stage_stops_the_job(demo_zoo, tmp_path):
+    """`ray job stop` sends SIGTERM: during the Tune stage too, the job stops like Ctrl-C (exit
+    130, a STOPPED last line), not as a failure, nor as the abort (exit 134, a stack dump) of
+    the signal handler Ray's core installs. The scan script is run as `ray job submit` runs it."""
+    import threading
+
+    p = subprocess.Popen([sys.executable, str(JOBS / "scan.py"), "--zoo", demo_zoo, "--target",
+                          str(Path(demo_zoo) / "targets" / TARGET), "--out", str(tmp_path / "run"),
+                          "--top-k", "1", "--samples", "1", "--budget", "300", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines, started = [], threading.Event()
+
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith(f"distill {TARGET}:"):
+                started.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(300), "".join(lines)
+        time.sleep(5)                      # the trials are running
+        p.send_signal(signal.SIGTERM)
+        err = p.stderr.read()
+        code = p.wait(timeout=180)
+    finally:
+        p.kill()
+    reader.join(10)
+    last = lines[-1]
+    assert code == 130, "".join(lines) + err
+    assert "STOPPED" in last and "resubmit to resume" in last, last
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
+
+
 def test_example_job_files_are_valid_cli_options():
     examples = sorted((JOBS / "examples").glob("*.yaml"))
     assert {p.stem for p in examples} >= {"assess", "scan"}

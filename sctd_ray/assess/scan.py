@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -96,6 +98,17 @@ def check_cluster_reachable(address: str, source: str = "--address") -> None:
         channel.close()
 
 
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM (``kill``, ``ray job stop``) handled as Ctrl-C: whatever handles SIGINT now (Ray
+    Tune's graceful stop during a distillation, else KeyboardInterrupt) stops the command, which
+    keeps what it wrote and exits 130."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:   # SIGINT ignored (a background process): stop all the same
+        raise KeyboardInterrupt
+
+
 def ensure_ray(address: str | None = None):
     """Join ``address``/$RAY_ADDRESS, or start the embedded local Ray: never a cluster that
     merely happens to run on this machine (``ray.init()`` alone would join one)."""
@@ -116,6 +129,9 @@ def ensure_ray(address: str | None = None):
                             f"check {source} (the head node's GCS port, 6379 by default)") from None
     else:
         ray.init(address="local", **kwargs)
+    if threading.current_thread() is threading.main_thread():
+        # ray.init leaves SIGTERM to Ray's core, which dumps a stack and aborts (exit 134)
+        signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     import logging
 
     from ray.data import DataContext

@@ -710,6 +710,8 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
                                           recipe=dict(recipe or {})), log=log)
         log(format_summary(res.summary))
         out[n] = res.summary
+        if not res.complete:   # interrupted (Ctrl-C, SIGTERM): the other targets wait for --resume
+            break
     return out
 
 
