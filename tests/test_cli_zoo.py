@@ -72,6 +72,24 @@ def test_verify_names_corrupt_and_mismatched_teachers(demo_zoo, tmp_path, capsys
     assert "2 bad" in out
 
 
+def test_verify_names_a_teacher_with_nan_or_inf_weights(demo_zoo, tmp_path, capsys):
+    """Loadable and runnable, but a NaN in its weights makes all its scores NaN: not ok."""
+    from safetensors.torch import load_file, save_file
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
+    a = SMALL_TEACHERS[0].teacher_id
+    w = zoo / "teachers" / a / "model.safetensors"
+    tensors = load_file(w)
+    name = sorted(k for k in tensors if tensors[k].is_floating_point())[-1]
+    tensors[name].view(-1)[0] = float("nan")
+    tensors[name].view(-1)[-1] = float("inf")
+    save_file(tensors, w)
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR  {a}: teacher '{a}': 2 NaN or inf value(s) in weight {name!r}" in out and "1 bad" in out
+
+
 def test_push_pull_round_trip_is_byte_identical(demo_zoo, s3_bucket, tmp_path, capsys):
     src = Path(demo_zoo)
     assert main(["zoo", "push", str(src), f"{s3_bucket}/zoo", "--quiet"]) == 0

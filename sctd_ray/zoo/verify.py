@@ -14,7 +14,12 @@ from .teacher import weights_key
 
 
 def check_runs(teacher) -> None:
-    """One forward pass on a blank input: pre-logits and a linear classifier must work."""
+    """Finite weights, then one forward pass on a blank input: pre-logits and a linear
+    classifier must work (a NaN or inf weight would make every score of the teacher NaN)."""
+    for name, tensor in teacher.model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TeacherError(teacher.teacher_id, f"{bad} NaN or inf value(s) in weight {name!r}")
     c, h, w = teacher.preprocessing.input_size
     head = teacher.model.get_classifier()
     if not isinstance(head, torch.nn.Linear):
