@@ -282,6 +282,11 @@ _MEANING = {1: "finished, but not everything succeeded (teachers that are error 
             130: "interrupted; results written so far are kept, resubmit to resume"}
 
 
+S3_IN_JOBS = ("a job reads S3 with the credentials of the nodes it runs on: their role, their "
+              "environment when Ray started, or env_vars in the runtime env; docs/cluster.md, "
+              "'S3 endpoint and credentials in a job'")
+
+
 def _address(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a == "--address" and i + 1 < len(argv):
@@ -318,7 +323,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         previous = None
-    code, message, gpus = 0, "", 0
+    code, message, gpus, started = 0, "", 0, False
     try:
         full, job = build_job(command, argv)
         where = os.environ.get("RAY_ADDRESS") or "local Ray (no RAY_ADDRESS)"
@@ -330,6 +335,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
         log(f"running: sctd {shlex.join(full)}")
         from sctd_ray.cli import main
 
+        started = True
         code = int(main(full) or 0)
     except (JobConfigError, JobError) as e:
         code, message = 2, str(e)
@@ -354,8 +360,12 @@ def run(command: str, argv: list[str] | None = None) -> int:
         reason = message or tee.last_error or _MEANING.get(code, "see the lines above")
         if code in (15, 130):
             reason = _MEANING[code]
+        if "S3 credentials" in reason or "S3 refused access" in reason:
+            reason += f" ({S3_IN_JOBS})"
         word = "STOPPED" if code in (15, 130) else "FAILED"
-        log(f"{word}: sctd {command} exited with status {code} after {took}: {reason}")
+        what = f"sctd {command} exited with status {code}" if started else \
+            f"the job ended before sctd {command} started (status {code})"
+        log(f"{word}: {what} after {took}: {reason}")
     return code
 
 

@@ -133,6 +133,19 @@ def test_job_reports_errors_in_its_last_line_and_exit_status(tmp_path, capsys, m
     assert "Traceback" not in err
 
 
+def test_a_job_without_s3_credentials_says_where_a_job_gets_them(tmp_path, capsys, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")   # never reached: no keys to sign with
+    code = sctd_job.run("assess", ["--zoo", "s3://zoo-bucket/zoo", "--target", "t", "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 2
+    assert "no usable S3 credentials" in last and "env_vars in the runtime env" in last, last
+
+
 def test_job_script_exits_with_the_cli_status(tmp_path):
     """The script itself (as `ray job submit` runs it): a user error in the CLI -> exit 2, last line."""
     p = subprocess.run([sys.executable, str(JOBS / "assess.py"), "--zoo", str(tmp_path / "no-zoo"),
@@ -516,6 +529,7 @@ def test_job_waiting_for_gpus_that_never_come_fails_clearly(ray_head, zoo_on_s3)
     assert (status, code) == ("FAILED", 2), logs[-3000:]
     last = logs.strip().splitlines()[-1]
     assert "FAILED" in last and "the cluster has 0 GPU(s) after 3s" in last, logs[-3000:]
+    assert "the job ended before sctd assess started (status 2)" in last, last
     assert "running: sctd" not in logs  # the command never started
 
 

@@ -147,6 +147,9 @@ def ensure_ray(address: str | None = None):
         ctx.use_datasource_v2 = False
     for name in ("ray.data", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Failed to fetch metrics for N trial(s)" on a resumed distillation: trials interrupted
+    # before their first report have none; sctd reads each trial's results itself (distill/search.py)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # "Progress bars disabled. To enable, ...": a warning about what sctd asked for on purpose
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return ray
