@@ -174,6 +174,16 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, r
     done = before[before.status == "ok"]
     assert len(done) >= 2 and (before.status == "interrupted").any()
 
+    # resumed with a budget already spent: the search ends there (not "interrupted" again,
+    # which would send the user round the same --resume for ever), with the trials it has
+    spent = _copy_run(run, tmp_path / "spent")
+    short = run_distill_for_scan(spent, budget=first["used_s"] / 2, top_k=2, samples=2, resume=True,
+                                 export=False, progress=False, log=lambda *_: None)[TARGET]
+    assert short["complete"] and short["stopped_by_budget"]
+    ended = pd.read_parquet(Path(spent) / "distill" / "results.parquet").set_index("trial_id")
+    assert not (ended.status == "interrupted").any() and set(ended.index) == set(before.index)
+    assert (ended.loc[done.index, "status"] == "ok").all()
+
     summaries = run_distill_for_scan(run, budget=240, top_k=2, samples=2, resume=True, export=False,
                                      progress=False, log=lambda *_: None)
     summary = summaries[TARGET]

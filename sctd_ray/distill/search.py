@@ -336,6 +336,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                     failure_config=tune.FailureConfig(max_failures=0)))
             log(f"distill {name}: {len(plans)} trials ({len(teachers)} teacher(s) x {s.samples} draw(s) "
                 f"+ ce baseline) on {resources}, budget {budget:.0f}s")
+        spent = False
         if previous and previous.get("complete"):
             log(f"distill {name}: the search in {out.uri} is already complete")
         elif live["deadline"] - time.time() > tr.END_RESERVE_S + 1:
@@ -344,11 +345,17 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
             # Tune's own time_budget_s is the backstop of BudgetStopper: either one ended it
             live["budget_hit"] |= time.time() >= live["deadline"] - tr.END_RESERVE_S - 0.5
         else:
+            spent = True
             log(f"distill {name}: no budget left ({used():.0f}s of {budget:.0f}s used)")
     finally:
         tr.LIVE.pop(key, None)
 
     trials, interrupted = _collect(exp_path, storage_fs)
+    if spent:   # the budget is gone: a trial that has not finished never will (not a resume point)
+        interrupted, live["budget_hit"] = False, True
+        for t in trials:
+            if t["status"] not in ("TERMINATED", "ERROR"):
+                t["status"] = "TERMINATED"
     results = _results_table(trials, ranking)
     from ..assess.results import write_table
 
