@@ -597,6 +597,20 @@ def test_bad_target_data_is_one_line_from_the_ray_data_pass(demo_zoo, ray_local,
             df[["label"]].to_parquet(target / "train.parquet")
 
 
+def test_a_blank_label_is_found_in_the_ray_data_pass(demo_zoo, ray_local, tmp_path, capsys):
+    """A blank label (no null for the footer's statistics to count) is caught as the split is
+    decoded: one line naming its row, not a class called " "."""
+    target = tmp_path / "fm-mix5"
+    shutil.copytree(_targets(demo_zoo)[0], target)
+    df = pd.read_parquet(target / "train.parquet")
+    df.loc[4, "label"] = "  "
+    df.to_parquet(target / "train.parquet")
+    assert main(["assess", "--zoo", demo_zoo, "--target", str(target), "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "train.parquet: 1 row(s) without a label; the first is row 4" in err[-1], err
+
+
 def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_path):
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
