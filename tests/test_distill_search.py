@@ -230,6 +230,38 @@ def test_kd_across_label_spaces_is_refused_before_any_trial(run_dir, tmp_path, c
     assert not (tmp_path / "out" / "tune").exists()
 
 
+def test_a_ranked_teacher_gone_from_the_zoo_is_one_line_before_any_trial(run_dir, demo_zoo_dir,
+                                                                           tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo_dir, zoo)
+    top = _ranked(run_dir)[0]
+    shutil.rmtree(zoo / "teachers" / top)            # removed since the scan ranked it
+    rc = main(["--run", run_dir, "--target", TARGET, "--zoo", str(zoo), "--out", str(tmp_path / "out"),
+               "--top-k", "2", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not in the zoo" in err[0] and top in err[0]
+    assert not (tmp_path / "out" / "tune").exists()
+
+
+def test_a_zoo_on_an_s3_endpoint_that_never_answers_is_one_line_before_ray(run_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The ranking names the teachers, so nothing else reads the zoo before the trials do:
+    without the check each trial failed on its own after Ray and Tune had started."""
+    import socket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        rc = main(["--run", run_dir, "--target", TARGET, "--zoo", "s3://zoo-b/zoo",
+                   "--s3-endpoint", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                   "--out", str(tmp_path / "out"), "--top-k", "1", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "did not answer within 5 s" in err[0]
+    assert not (tmp_path / "out" / "tune").exists()
+
+
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
                "--budget", "30", "--quiet"])

@@ -211,23 +211,35 @@ def _resolve(s: DistillSettings):
     return run_store, run, zoo, uri, name, ranking
 
 
-def _choose_teachers(s: DistillSettings, ranking: pd.DataFrame, zoo_store) -> list[str]:
-    from ..zoo.teacher import check_teacher_id, config_key
+def _choose_teachers(s: DistillSettings, ranking: pd.DataFrame) -> list[str]:
+    from ..zoo.teacher import check_teacher_id
 
     if s.method == "ce":
         return []
     if s.teachers:
-        ids = [check_teacher_id(t) for t in dict.fromkeys(s.teachers)]
-        missing = [t for t in ids if not zoo_store.exists(config_key(t))]
-        if missing:
-            raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
-        return ids
+        return [check_teacher_id(t) for t in dict.fromkeys(s.teachers)]
     if s.top_k < 1:
         raise SctdError(f"--top-k must be at least 1; got {s.top_k}")
     ok = ranking[ranking["status"] == "ok"].sort_values("rank")
     if ok.empty:
         raise SctdError("the ranking has no successfully scored teacher for this target")
     return [str(t) for t in ok["teacher_id"].head(s.top_k)]
+
+
+def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
+    """Each teacher's config is in the zoo, read before Ray starts: a wrong --teacher, a
+    teacher removed since the scan, or an unreachable zoo is one line here, not a failed
+    trial per teacher. With no teacher (``--method ce``) the zoo is still reached once,
+    since the student is written back to it."""
+    from ..zoo.manifest import MANIFEST_FILE
+    from ..zoo.teacher import config_key
+
+    if not teachers:
+        zoo_store.exists(MANIFEST_FILE)
+        return
+    missing = [t for t in teachers if not zoo_store.exists(config_key(t))]
+    if missing:
+        raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
 def _scores(ranking: pd.DataFrame, teacher_id: str | None) -> dict:
@@ -278,7 +290,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     if previous and previous.get("target") != name:
         raise SctdError(f"{out.uri} holds the search of target {previous.get('target')!r}, not {name!r}")
     used_before = float(previous.get("used_s", 0.0)) if previous else 0.0
-    teachers = previous["teachers"] if previous else _choose_teachers(s, ranking, zoo)
+    teachers = previous["teachers"] if previous else _choose_teachers(s, ranking)
+    _check_in_zoo(zoo, teachers)
     classes = _check_target(target_uri, s.s3_endpoint)
     if s.method == "kd":
         _check_kd(zoo, teachers, classes)

@@ -347,6 +347,7 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.endpoint = _resolve_endpoint(s3_endpoint)
         self._client = None
+        self._unreachable: StoreError | None = None    # the probe's failure, said once
         self._pool: ThreadPoolExecutor | None = None   # the parts of ``read_bytes``
         self._lock = threading.Lock()
 
@@ -354,7 +355,7 @@ class S3Store(Store):
     # lazily from the standard credential chain where the store is unpickled.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_client"] = state["_pool"] = None
+        state["_client"] = state["_pool"] = state["_unreachable"] = None
         del state["_lock"]
         return state
 
@@ -364,11 +365,19 @@ class S3Store(Store):
 
     @property
     def client(self):
-        """The boto3 S3 client, created on first use."""
+        """The boto3 S3 client, created on first use. An endpoint found unreachable then
+        stays so for this store: later calls (other threads, other keys) raise the same
+        error at once instead of probing again."""
         if self._client is None:
             with self._lock:
+                if self._unreachable is not None:
+                    raise self._unreachable
                 if self._client is None:
-                    self._client = self._make_client()
+                    try:
+                        self._client = self._make_client()
+                    except StoreError as exc:
+                        self._unreachable = exc
+                        raise
         return self._client
 
     def _make_client(self):
