@@ -519,6 +519,35 @@ def test_no_address_starts_the_embedded_ray_not_a_running_cluster(monkeypatch):
     assert calls and calls[0]["address"] == "local"
 
 
+def test_sigterm_while_ray_starts_is_an_interruption_not_a_silent_exit(monkeypatch):
+    """`ray.init` installs its own SIGTERM handler (sys.exit(15)) while it starts: a `kill` or
+    `ray job stop` in those seconds ended sctd with status 15 and no word."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import ray
+
+    from sctd_ray.assess import scan
+
+    def init_interrupted_by_sigterm(**kw):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))   # what Ray does
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    saved = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init_interrupted_by_sigterm)
+    monkeypatch.setattr(scan, "_shutdown_quietly", lambda ray: None)
+    try:
+        with pytest.raises(KeyboardInterrupt):     # cli.main: "interrupted ...", exit 130
+            scan.ensure_ray(None)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
 def test_existing_run_needs_resume(demo_zoo, ray_local, tmp_path):
     t = _targets(demo_zoo)[0]
     run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=str(tmp_path / "r"), progress=False,

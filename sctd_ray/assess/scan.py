@@ -109,6 +109,13 @@ def stop_like_ctrl_c(signum, frame):
         raise KeyboardInterrupt
 
 
+def _shutdown_quietly(ray) -> None:
+    try:
+        ray.shutdown()
+    except Exception:
+        pass
+
+
 def ensure_ray(address: str | None = None):
     """Join ``address``/$RAY_ADDRESS, or start the embedded local Ray: never a cluster that
     merely happens to run on this machine (``ray.init()`` alone would join one)."""
@@ -122,13 +129,19 @@ def ensure_ray(address: str | None = None):
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_cluster_reachable(address, source)
-        try:
+    try:
+        if address:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        except ConnectionError as e:
-            raise SctdError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}; "
-                            f"check {source} (the head node's GCS port, 6379 by default)") from None
-    else:
-        ray.init(address="local", **kwargs)
+        else:
+            ray.init(address="local", **kwargs)
+    except ConnectionError as e:
+        raise SctdError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}; "
+                        f"check {source} (the head node's GCS port, 6379 by default)") from None
+    except SystemExit:
+        # SIGTERM while ray.init runs: its own handlers stop the processes it started and
+        # call sys.exit, which would end sctd with status 15 (or 1) and no word
+        _shutdown_quietly(ray)
+        raise KeyboardInterrupt from None
     if threading.current_thread() is threading.main_thread():
         # ray.init leaves SIGTERM to Ray's core, which dumps a stack and aborts (exit 134)
         signal.signal(signal.SIGTERM, stop_like_ctrl_c)
