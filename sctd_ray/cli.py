@@ -294,7 +294,12 @@ def entry() -> None:
     """The ``sctd`` command: ``main``, then Ray shut down and the process ended without the
     interpreter's teardown, which with torch and timm loaded costs ~1.3 s on a 2-core machine
     after the results are already written (docs/benchmarks.md, "Fixed cost of a small scan")."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:
+        # the reader went away (`sctd zoo list | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     if "ray" in sys.modules:
         import ray
 
@@ -303,8 +308,11 @@ def entry() -> None:
     import logging
 
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            code = code or 128 + signal.SIGPIPE
     os._exit(code)
 
 

@@ -119,3 +119,19 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, s3):
         lines = [line for line in p.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("sctd: error:"), p.stderr
         assert "Traceback" not in p.stderr and "wrong-secret-123" not in p.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly(demo_zoo):
+    """`sctd zoo list | head`: the pipe closes before sctd writes; it stops as `cat` does
+    (status 141, 128 + SIGPIPE), not with a BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                   # the reader has gone
+    try:
+        p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "zoo", "list", demo_zoo],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+    assert p.returncode == 141
