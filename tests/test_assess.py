@@ -257,11 +257,13 @@ def _printed(res):
     return "\n".join(lines)
 
 
-def test_resume_with_another_target_keeps_the_earlier_ones(demo_zoo, ray_local, tmp_path):
-    """A second target added with --resume: run.json names both, as the ranking does."""
+def test_resume_with_another_target_keeps_the_earlier_ones(demo_zoo, ray_local, tmp_path, monkeypatch):
+    """A second target added with --resume: run.json names both, as the ranking does, by
+    absolute path though given relative (`sctd distill` and `sctd report` run from elsewhere)."""
     t1, t2 = _targets(demo_zoo)
     out = str(tmp_path / "run")
-    for t in (t1, t2):
+    monkeypatch.chdir(Path(t2).parent)
+    for t in (t1, "./dg-high5"):
         res = run_scan(ScanSettings(zoo=demo_zoo, targets=[t], out=out, teachers=["fm-all-resnet"],
                                     resume=True, progress=False))
     run = json.loads(Path(out, "run.json").read_text())

@@ -201,7 +201,7 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     if unknown:
         raise TargetError(f"{where}: labels the train split lacks: {unknown[:5]}")
     digests = np.concatenate([b["digest"] for b in meta])
-    return MaterializedTarget(target_name(uri), uri, list(class_names), int(len(labels)), refs,
+    return MaterializedTarget(target_name(uri), store.uri, list(class_names), int(len(labels)), refs,
                               target_fingerprint(digests, labels))
 
 

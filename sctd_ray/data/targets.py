@@ -11,6 +11,7 @@ Class ids are the sorted class names of the ``train`` split; val/test may only u
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,9 @@ class TargetTask:
 
 
 def target_name(uri: str) -> str:
+    """A target's name: its folder's last part (of the absolute path: ``.`` names the folder)."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 

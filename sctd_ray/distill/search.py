@@ -190,7 +190,7 @@ def _resolve(s: DistillSettings):
     if s.target in targets:
         name, uri = s.target, targets[s.target].get("uri") or s.target
     else:
-        uri, name = s.target, target_name(s.target)
+        uri, name = open_store(s.target, s3_endpoint=s.s3_endpoint).uri, target_name(s.target)
         if targets and name not in targets:
             raise SctdError(f"target {s.target!r} is not in the run {s.run} "
                             f"(it has: {', '.join(targets)})")
