@@ -43,9 +43,9 @@ def cmd_zoo_index(args) -> int:
 
 
 def cmd_zoo_list(args) -> int:
-    from .zoo.manifest import read_manifest
+    from .zoo.manifest import current_manifest
 
-    df = read_manifest(_store(args.zoo, args))
+    df = current_manifest(_store(args.zoo, args), log=lambda line: print(line, file=sys.stderr))
     if args.format == "json":
         print(df.drop(columns=["source_task"]).to_json(orient="records", indent=1))
         return 0

@@ -257,6 +257,46 @@ def _printed(res):
     return "\n".join(lines)
 
 
+def test_a_scan_sees_the_zoo_as_it_is_not_as_last_indexed(demo_zoo, ray_local, tmp_path):
+    """Teachers retrained in place, added or removed after `sctd zoo index`: the scan reads
+    them again from the zoo (one listing with modification times) instead of trusting the
+    old manifest.parquet, says so, and a resume scores the retrained one again."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    t1 = _targets(demo_zoo)[0]
+    ids = ["dg-all-resnet", "fm-all-resnet"]
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)                  # with its manifest.parquet
+    out = tmp_path / "run"
+
+    def scan(teachers):
+        logs = []
+        res = run_scan(ScanSettings(zoo=str(zoo), targets=[t1], out=str(out), teachers=teachers,
+                                    resume=True, progress=False), log=logs.append)
+        return res, "\n".join(logs)
+
+    first, logs = scan(ids)
+    assert "older than the zoo" not in logs
+    weights = zoo / "teachers" / ids[0] / "model.safetensors"
+    tensors = load_file(weights)
+    head = [k for k in tensors if k.endswith("fc.weight")][0]
+    tensors[head] = tensors[head] * 2.0             # retrained in place
+    save_file(tensors, weights)
+    shutil.copytree(zoo / "teachers" / ids[1], zoo / "teachers" / "added")
+    shutil.rmtree(zoo / "teachers" / ids[1])
+    res, logs = scan([ids[0], "added"])
+    assert "manifest.parquet is older than the zoo: 2 teacher(s) changed or added since" in logs
+    assert "1 listed but gone, left out (fm-all-resnet)" in logs
+    assert "1 earlier result(s) are scored again" in logs
+    ranking = res.ranking.set_index("teacher_id")
+    assert sorted(ranking.index) == sorted([ids[0], "added"]) and set(ranking["status"]) == {"ok"}
+    assert not np.allclose(_scores(res.ranking)[("fm-mix5", ids[0])], _scores(first.ranking)[("fm-mix5", ids[0])])
+    row = json.loads((out / "results" / "fm-mix5" / f"{ids[0]}.json").read_text())
+    assert row["teacher_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def test_resume_with_another_target_keeps_the_earlier_ones(demo_zoo, ray_local, tmp_path, monkeypatch):
     """A second target added with --resume: run.json names both, as the ranking does, by
     absolute path though given relative (`sctd distill` and `sctd report` run from elsewhere)."""

@@ -102,6 +102,15 @@ def test_push_pull_round_trip_is_byte_identical(demo_zoo, s3_bucket, tmp_path, c
     dst = tmp_path / "back"
     assert main(["zoo", "pull", f"{s3_bucket}/zoo", str(dst), "--quiet"]) == 0
     assert _files(dst) == _files(src)
+    # the manifest is copied after the files it describes, both ways: a scan of either copy
+    # takes none of them for a change made since `sctd zoo index`
+    from sctd_ray.zoo.manifest import current_manifest
+    from sctd_ray.zoo.store import open_store
+
+    for copy in (f"{s3_bucket}/zoo", str(dst)):
+        said = []
+        assert len(current_manifest(open_store(copy), log=said.append)) == len(SMALL_TEACHERS)
+        assert said == [], copy
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, s3):

@@ -130,6 +130,22 @@ def test_missing_weights(zoo):
         load_teacher(zoo, "t1")
 
 
+def test_weights_other_than_the_manifests_are_refused(zoo):
+    """Scoring records the manifest's sha256 as what was scored: weights that changed after
+    `sctd zoo index` are refused, naming the fix, not scored under the old hash."""
+    import hashlib
+
+    _, state = _state()
+    _write(zoo, _config(), state)
+    sha = hashlib.sha256(zoo.read_bytes(weights_key("t1"))).hexdigest()
+    assert load_teacher(zoo, "t1", sha256=sha).teacher_id == "t1"
+    with pytest.raises(TeacherError, match=r"t1.*sha256 .* the manifest .*sctd zoo index"):
+        load_teacher(zoo, "t1", sha256="0" * 64)
+    zoo.delete(weights_key("t1"))
+    with pytest.raises(TeacherError, match=r"model.safetensors.*sctd zoo index"):
+        load_teacher(zoo, "t1", sha256=sha)
+
+
 def test_header_only_read_counts_params():
     model, state = _state()
     data = save(state)

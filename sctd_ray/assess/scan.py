@@ -195,7 +195,7 @@ def _check_settings(s: ScanSettings) -> None:
 
 def run_scan(s: ScanSettings, log=print) -> ScanResult:
     """Run (or resume) a scan; see the module docstring. Returns the ranking."""
-    from ..zoo.manifest import read_manifest
+    from ..zoo.manifest import current_manifest
     from ..zoo.store import open_store
 
     _check_settings(s)
@@ -207,7 +207,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         raise SctdError(f"{s.out} already holds {len(previous)} results: pass --resume to continue "
                         "that scan, or choose another --out")
     zoo = open_store(s.zoo, s3_endpoint=s.s3_endpoint)
-    manifest = all_teachers = read_manifest(zoo)
+    manifest = all_teachers = current_manifest(zoo, log)
     if s.teachers:
         missing = sorted(set(s.teachers) - set(manifest["id"]))
         if missing:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +172,13 @@ def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None, 
     """Fetch config + weights from a store (through the content cache when a sha256 is known)
     and return the loaded teacher (``reuse``: see ``teacher_from_files``). Every problem raises
     TeacherError naming the teacher, except an unreachable store or refused credentials, which
-    concern the whole scan."""
-    config = read_config(store, teacher_id)
+    concern the whole scan. With ``sha256`` (the manifest's), weights with another content are
+    refused: results record that hash as what was scored, and a resume trusts them by it."""
+    stale = "; the zoo changed after its manifest was written: run `sctd zoo index`"
+    try:
+        config = read_config(store, teacher_id)
+    except TeacherError as e:
+        raise TeacherError(teacher_id, e.reason + (stale if sha256 else "")) from None
     key = weights_key(teacher_id)
     try:
         if cache is not None and sha256:
@@ -181,5 +188,11 @@ def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None, 
     except (StoreUnreachable, StoreAuthError):
         raise
     except StoreError as e:
-        raise TeacherError(teacher_id, f"cannot read model.safetensors: {e}") from None
+        raise TeacherError(teacher_id, f"cannot read model.safetensors: {e}"
+                                       + (stale if sha256 else "")) from None
+    if sha256 and isinstance(weights, bytes):
+        got = hashlib.sha256(weights).hexdigest()
+        if got != sha256.lower():
+            raise TeacherError(teacher_id, f"model.safetensors has sha256 {got[:12]}..., the manifest "
+                                           f"{sha256.lower()[:12]}...{stale}")
     return teacher_from_files(config, weights, reuse)

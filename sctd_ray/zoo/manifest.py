@@ -78,6 +78,52 @@ def build_manifest(store, workers: int = 8) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def current_manifest(store, log=print, workers: int = 8) -> pd.DataFrame:
+    """The manifest as the zoo is now: ``manifest.parquet`` (built on the fly when the zoo has
+    none), with teachers whose files were written after it (retrained in place, added) described
+    again and teachers whose files are gone left out. One listing of ``teachers/`` with its
+    modification times decides; ``sctd zoo index``, ``zoo push`` and ``zoo pull`` write the
+    manifest after the files it describes."""
+    try:
+        written = store.info(MANIFEST_FILE).get("mtime")
+    except NotFound:
+        return build_manifest(store, workers)
+    manifest = read_manifest(store)
+    if written is None:
+        return manifest
+    files = store.modified(f"{TEACHERS_PREFIX}/")
+    present, newer = set(), set()
+    for key, when in files.items():
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[1]:
+            present.add(parts[1])
+            if when > written:
+                newer.add(parts[1])
+    listed = set(manifest["id"])
+    changed = sorted(newer | (present - listed))
+    gone = sorted(listed - present)
+    if not changed and not gone:
+        return manifest
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(lambda t: describe_teacher(store, t), changed))
+    keep = manifest[~manifest["id"].isin(changed) & ~manifest["id"].isin(gone)]
+    fresh = pd.DataFrame(rows, columns=COLUMNS)
+    manifest = (pd.concat([keep, fresh], ignore_index=True) if len(keep) else fresh)
+    manifest = manifest.sort_values("id", ignore_index=True)
+    if manifest.empty:
+        raise ZooError(f"{store.uri}: no teachers found (expected teachers/<id>/config.json)")
+
+    def some(ids):
+        return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+
+    log(f"zoo: {MANIFEST_FILE} is older than the zoo: "
+        + "; ".join(part for part in (
+            f"{len(changed)} teacher(s) changed or added since, read again ({some(changed)})" if changed else "",
+            f"{len(gone)} listed but gone, left out ({some(gone)})" if gone else "") if part)
+        + f"; `sctd zoo index {store.uri}` brings it up to date")
+    return manifest
+
+
 def write_manifest(store, df: pd.DataFrame) -> None:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)

@@ -103,9 +103,13 @@ class Store(ABC):
     @abstractmethod
     def size(self, key: str) -> int: ...
 
-    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """All keys starting with `prefix` (a plain string prefix, as in S3), recursive, sorted."""
+        return sorted(self.modified(prefix))
+
+    @abstractmethod
+    def modified(self, prefix: str = "") -> dict[str, float]:
+        """``list``'s keys with their last-modified times (Unix seconds), from the same listing."""
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -192,11 +196,11 @@ class LocalStore(Store):
         st = self._stat(key)
         return {"size": st.st_size, "mtime": st.st_mtime}
 
-    def list(self, prefix: str = "") -> list[str]:
+    def modified(self, prefix: str = "") -> dict[str, float]:
         prefix = _check_prefix(prefix)
         # walk only the deepest folder the prefix names, then filter by string prefix
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        keys = []
+        keys = {}
         for folder, _dirs, files in os.walk(base):
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
@@ -204,8 +208,11 @@ class LocalStore(Store):
                     continue
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
+                    try:
+                        keys[key] = os.stat(os.path.join(folder, name)).st_mtime
+                    except FileNotFoundError:   # removed while listed
+                        pass
+        return keys
 
     def read_bytes(self, key: str) -> bytes:
         path = self.path(key)
@@ -529,21 +536,23 @@ class S3Store(Store):
             "sha256": head.get("Metadata", {}).get("sha256"),
         }
 
-    def list(self, prefix: str = "") -> list[str]:
+    def modified(self, prefix: str = "") -> dict[str, float]:
         prefix = _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        keys = []
+        keys = {}
 
         def page_through():
+            keys.clear()     # a retried listing starts over
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][len(root):]
                     if key and not key.endswith("/"):
-                        keys.append(key)
+                        when = obj.get("LastModified")
+                        keys[key] = when.timestamp() if when else 0.0
 
         self._call(None, page_through)
-        return sorted(keys)
+        return keys
 
     def read_bytes(self, key: str) -> bytes:
         """The whole object as byte-range GETs of ``S3_READ_PART`` bytes, ``S3_THREADS`` at a

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sctd_ray.errors import NotFound
+from sctd_ray.zoo.manifest import MANIFEST_FILE
 from sctd_ray.zoo.store import LocalStore, Store, md5_file, open_store, sha256_file
 
 SYNC_THREADS = 4
@@ -115,14 +116,19 @@ def sync(src_uri: str, dst_uri: str, s3_endpoint: str | None = None,
             counts["copied"] += 1
             counts["bytes"] += fp["size"]
 
+    # a zoo's manifest goes last: a scan takes teacher files newer than it for changes made
+    # after `sctd zoo index` (manifest.current_manifest)
+    last = [k for k in keys if k == MANIFEST_FILE]
     try:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = [pool.submit(one, key) for key in keys]
+            futures = [pool.submit(one, key) for key in keys if key != MANIFEST_FILE]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
             for future in done:
                 future.result()  # re-raises the first failure
+        for key in last:
+            one(key)
     finally:
         bar.close()
     return SyncResult(**counts)
