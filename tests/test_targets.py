@@ -96,7 +96,8 @@ def test_undecodable_image_names_row(tmp_path):
 
 def test_a_row_without_a_label_is_an_error_naming_it(tmp_path):
     """A null (or blank) label is not a class called "None": the target is refused with the
-    row that lacks it (a null one by the probe before a scan, from the footer's statistics)."""
+    row that lacks it, by the probe before a scan (from the footer's statistics: a null count,
+    or a smallest label that is blank)."""
     from sctd_ray.data.ray_data import probe_target
 
     store = _write_parquet_target(tmp_path / "t")
@@ -106,10 +107,7 @@ def test_a_row_without_a_label_is_an_error_naming_it(tmp_path):
         pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()),
                                  "label": pa.array(labels, pa.string())}), buf)
         store.write_bytes("train.parquet", buf.getvalue())
-        reads = [lambda: load_target(str(tmp_path / "t"))]
-        if None in labels:
-            reads.append(lambda: probe_target(str(tmp_path / "t")))
-        for read in reads:
+        for read in (lambda: load_target(str(tmp_path / "t")), lambda: probe_target(str(tmp_path / "t"))):
             with pytest.raises(TargetError, match=rf"train.parquet: 1 row\(s\) without a label; the first is row {row}"):
                 read()
 

@@ -90,12 +90,20 @@ class MaterializedTarget:
 
 
 def _may_lack_labels(pf) -> bool:
-    """Whether the footer's statistics count a null label (blank ones are caught as the split is
-    decoded: ``materialize_target``)."""
+    """Whether the footer's statistics count a null label, or have a smallest label that is
+    empty or starts with a space or control character (a blank label sorts first). Splits
+    written without statistics are checked as they are decoded (``materialize_target``)."""
     col = pf.schema_arrow.get_field_index("label")
     for i in range(pf.metadata.num_row_groups):
         stats = pf.metadata.row_group(i).column(col).statistics
-        if stats is not None and stats.has_null_count and stats.null_count > 0:
+        if stats is None:
+            continue
+        if stats.has_null_count and stats.null_count > 0:
+            return True
+        least = stats.min if stats.has_min_max else None
+        if isinstance(least, bytes):
+            least = least.decode("utf-8", "replace")
+        if isinstance(least, str) and (not least or least[0] <= " "):
             return True
     return False
 
