@@ -166,8 +166,8 @@ def test_done_pairs_needs_every_requested_metric():
     rows = [{"target": "t", "teacher_id": "a", "status": "ok", "sctd": 1.0, "sctd_fused": 0.5},
             {"target": "t", "teacher_id": "b", "status": "ok", "sctd": 1.0},   # older file
             {"target": "t", "teacher_id": "c", "status": "error", "error": "corrupt"}]
-    assert done_pairs(rows, ("sctd",)) == {("t", "a"), ("t", "b"), ("t", "c")}
-    assert done_pairs(rows, ("sctd", "sctd_fused")) == {("t", "a"), ("t", "c")}
+    assert done_pairs(rows, ("sctd",)) == {("t", "a"), ("t", "b")}   # an error row is tried again
+    assert done_pairs(rows, ("sctd", "sctd_fused")) == {("t", "a")}
 
 
 
@@ -295,6 +295,48 @@ def test_a_scan_sees_the_zoo_as_it_is_not_as_last_indexed(demo_zoo, ray_local, t
     assert not np.allclose(_scores(res.ranking)[("fm-mix5", ids[0])], _scores(first.ranking)[("fm-mix5", ids[0])])
     row = json.loads((out / "results" / "fm-mix5" / f"{ids[0]}.json").read_text())
     assert row["teacher_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_resume_scores_again_an_edited_config_and_retries_errors(demo_zoo, ray_local, tmp_path):
+    """config.json sets a teacher's preprocessing, labels and model arguments: a result records
+    its sha256 too, and a resume scores the pair again when it changed. An error row is tried
+    again (the teacher fixed since, or the failure gone)."""
+    t1 = _targets(demo_zoo)[0]
+    ids = ["dg-all-resnet", "fm-all-resnet"]
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)                  # with its manifest.parquet
+    out = tmp_path / "run"
+    weights = zoo / "teachers" / ids[1] / "model.safetensors"
+    good, then = weights.read_bytes(), (zoo / "manifest.parquet").stat().st_mtime - 100
+
+    def put(data):           # as a backup restore would: the file's time older than the manifest
+        weights.write_bytes(data)
+        os.utime(weights, (then, then))
+
+    put(good[:-8] + b"\0" * 8)     # not the manifest's weights: refused, an error row
+
+    def scan():
+        logs = []
+        res = run_scan(ScanSettings(zoo=str(zoo), targets=[t1], out=str(out), teachers=ids,
+                                    resume=True, progress=False), log=logs.append)
+        return res.ranking.set_index("teacher_id"), "\n".join(logs)
+
+    first, _ = scan()
+    assert first.loc[ids[1], "status"] == "error" and "sctd zoo index" in first.loc[ids[1], "error"]
+    assert first.loc[ids[0], "status"] == "ok"
+    put(good)                                        # the right file back
+    config = zoo / "teachers" / ids[0] / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["pretrained_cfg"]["mean"], cfg["pretrained_cfg"]["std"] = [0.9], [0.1]
+    config.write_text(json.dumps(cfg))               # another preprocessing, same weights
+    second, logs = scan()
+    assert "1 earlier result(s) are scored again" in logs and "1 earlier error row(s) are tried again" in logs, logs
+    assert set(second["status"]) == {"ok"}
+    assert second.loc[ids[0], "sctd_fused"] != pytest.approx(first.loc[ids[0], "sctd_fused"], rel=1e-6)
+    assert main(["zoo", "index", str(zoo)]) == 0     # the manifest catches up: nothing to redo
+    third, logs = scan()
+    assert "scored again" not in logs and "tried again" not in logs
+    assert third["sctd_fused"].to_dict() == second["sctd_fused"].to_dict()
 
 
 def test_resume_with_another_target_keeps_the_earlier_ones(demo_zoo, ray_local, tmp_path, monkeypatch):

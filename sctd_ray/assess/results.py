@@ -75,11 +75,12 @@ class RunResults:
 
 
 def done_pairs(rows: list[dict], metrics=()) -> set[tuple[str, str]]:
-    """Pairs already finished (ok or with a teacher error): never scored again on --resume.
-    An ok row that lacks one of ``metrics`` (written by an older version, or with fewer
-    --metrics) is not finished: the pair is scored again and its file rewritten."""
+    """Pairs already scored: never scored again on --resume. An error row is not (the teacher
+    may have been fixed, the failure passing: a resume tries it again), nor an ok row that
+    lacks one of ``metrics`` (written by an older version, or with fewer --metrics): the pair is
+    scored again and its file rewritten."""
     def complete(r):
-        return r.get("status") != "ok" or all(r.get(m) is not None for m in metrics)
+        return r.get("status") == "ok" and all(r.get(m) is not None for m in metrics)
     return {(r["target"], r["teacher_id"]) for r in rows if complete(r)}
 
 

@@ -232,13 +232,18 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     # remade under the same name, or a teacher retrained in place, is scored again
     fingerprints = {t.name: t.fingerprint for t in targets}
     shas = {r["id"]: (r["sha256"] or None) for _, r in all_teachers.iterrows()}
-    stale = [r for r in previous if r["target"] in fingerprints and r["teacher_id"] in shas
-             and not _current(r, fingerprints, shas)]
-    done = done_pairs([r for r in previous if r["target"] not in fingerprints or _current(r, fingerprints, shas)],
-                      s.metrics)
+    config_shas = {r["id"]: (r["config_sha256"] or None) for _, r in all_teachers.iterrows()}
+    here = [r for r in previous if r["target"] in fingerprints and r["teacher_id"] in shas]
+    stale = [r for r in here if r.get("status") == "ok" and not _current(r, fingerprints, shas, config_shas)]
+    retried = [r for r in here if r.get("status") != "ok"]      # done_pairs: never done
+    done = done_pairs([r for r in previous if r["target"] not in fingerprints
+                       or _current(r, fingerprints, shas, config_shas)], s.metrics)
     if stale:
         log(f"resume: {len(stale)} earlier result(s) are scored again: their target's images or "
-            "labels, or their teacher's weights, differ from this scan's (or predate these checks)")
+            "labels, or their teacher's weights or config.json, differ from this scan's (or "
+            "predate these checks)")
+    if retried:
+        log(f"resume: {len(retried)} earlier error row(s) are tried again")
     todo: dict[str, list[str]] = {}
     for _, r in manifest.iterrows():
         own = _distilled_for(r)  # a student exported for a target has seen its labels: not scored on it
@@ -475,11 +480,15 @@ def _error_rows(results, tid, target_names, msg, fingerprints: dict, sha256: str
                        "teacher_sha256": sha256})
 
 
-def _current(row: dict, fingerprints: dict, shas: dict) -> bool:
-    """A result row scored from this very target (its fingerprint) and these very weights (the
-    manifest's sha256). Rows without the stamps (written before 0.1 recorded them) are not."""
+def _current(row: dict, fingerprints: dict, shas: dict, config_shas: dict | None = None) -> bool:
+    """A result row scored from this very target (its fingerprint), these very weights (the
+    manifest's sha256) and this very config.json (its preprocessing, labels and model
+    arguments; checked when the manifest records its sha256). Rows without the stamps (written
+    before 0.1 recorded them) are not."""
+    config_sha = (config_shas or {}).get(row["teacher_id"])
     return ("target_fingerprint" in row and row["target_fingerprint"] == fingerprints.get(row["target"])
-            and "teacher_sha256" in row and (row["teacher_sha256"] or None) == shas.get(row["teacher_id"]))
+            and "teacher_sha256" in row and (row["teacher_sha256"] or None) == shas.get(row["teacher_id"])
+            and (config_sha is None or row.get("teacher_config_sha256") == config_sha))
 
 
 def print_ranking(result: ScanResult, log=print) -> None:

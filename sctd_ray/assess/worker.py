@@ -291,6 +291,7 @@ class ShardWorker:
             if isinstance(loaded, FatalScanError):
                 raise loaded
             arch = None if isinstance(loaded, TeacherError) else loaded.config.architecture
+            config_sha = getattr(loaded, "config_sha256", None)
             tc = time.perf_counter()
             collected, rows = self._collect(teacher_id, loaded, wanted, t0)
             self._timed("forward_and_stats", tc)
@@ -310,8 +311,9 @@ class ShardWorker:
                 rows = rows or self._finalise(teacher_id, arch, collected, t0)
         if self.overlap:
             rows = rows or self._finalise(teacher_id, arch, collected, t0)
-        for r in rows:   # what the scores were computed from: a resumed scan checks both
+        for r in rows:   # what the scores were computed from: a resumed scan checks them
             r["teacher_sha256"] = sha256
+            r["teacher_config_sha256"] = config_sha
             write_result(self.out, r)
         self.scored += 1
         return rows

@@ -14,7 +14,7 @@ import torch
 
 from ..data.preprocess import Preprocessing
 from ..errors import StoreAuthError, StoreError, StoreUnreachable, TeacherError
-from .teacher import (TeacherConfig, config_key, parse_safetensors_header,  # noqa: F401 (re-exported)
+from .teacher import (TeacherConfig, config_key, parse_safetensors_header, read_config_bytes,  # noqa: F401 (re-exported)
                       read_config, weights_key)
 
 # Weights at least this large are built on the meta device (timm's random init of a big model
@@ -31,6 +31,7 @@ class LoadedTeacher:
     config: TeacherConfig
     model: torch.nn.Module
     preprocessing: Preprocessing
+    config_sha256: str | None = None   # of the config.json bytes it was built from
 
     @property
     def teacher_id(self) -> str:
@@ -176,9 +177,10 @@ def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None, 
     refused: results record that hash as what was scored, and a resume trusts them by it."""
     stale = "; the zoo changed after its manifest was written: run `sctd zoo index`"
     try:
-        config = read_config(store, teacher_id)
+        raw = read_config_bytes(store, teacher_id)
     except TeacherError as e:
         raise TeacherError(teacher_id, e.reason + (stale if sha256 else "")) from None
+    config = TeacherConfig.from_json(teacher_id, raw)
     key = weights_key(teacher_id)
     try:
         if cache is not None and sha256:
@@ -195,4 +197,6 @@ def load_teacher(store, teacher_id: str, cache=None, sha256: str | None = None, 
         if got != sha256.lower():
             raise TeacherError(teacher_id, f"model.safetensors has sha256 {got[:12]}..., the manifest "
                                            f"{sha256.lower()[:12]}...{stale}")
-    return teacher_from_files(config, weights, reuse)
+    loaded = teacher_from_files(config, weights, reuse)
+    loaded.config_sha256 = hashlib.sha256(raw).hexdigest()
+    return loaded

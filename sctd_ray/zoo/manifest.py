@@ -4,6 +4,7 @@ each model.safetensors (no weight download), stored as ``<zoo>/manifest.parquet`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -13,11 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, SctdError, StoreAuthError, StoreUnreachable, TeacherError, ZooError
-from .teacher import TEACHERS_PREFIX, check_teacher_id, parse_safetensors_header, read_config, weights_key
+from .teacher import (TEACHERS_PREFIX, TeacherConfig, check_teacher_id, parse_safetensors_header,
+                      read_config_bytes, weights_key)
 
 MANIFEST_FILE = "manifest.parquet"
+OPTIONAL_COLUMNS = ("config_sha256",)   # absent from manifests written before 0.1.1: None
 COLUMNS = ["id", "architecture", "num_classes", "num_features", "label_names", "input_size",
-           "params", "bytes", "sha256", "uri", "source_task", "status", "error"]
+           "params", "bytes", "sha256", "uri", "source_task", "status", "error", "config_sha256"]
 
 
 def list_teacher_ids(store) -> list[str]:
@@ -47,7 +50,9 @@ def describe_teacher(store, teacher_id: str) -> dict:
     row.update(id=teacher_id, uri=store.join(f"{TEACHERS_PREFIX}/{teacher_id}"), status="ok", error="")
     try:
         check_teacher_id(teacher_id)
-        cfg = read_config(store, teacher_id)
+        raw = read_config_bytes(store, teacher_id)
+        row.update(config_sha256=hashlib.sha256(raw).hexdigest())
+        cfg = TeacherConfig.from_json(teacher_id, raw)
         key = weights_key(teacher_id)
         try:
             size = store.size(key)
@@ -139,6 +144,14 @@ def read_manifest(store, build_if_missing: bool = True) -> pd.DataFrame:
             raise ZooError(f"{store.uri}: no {MANIFEST_FILE}; run `sctd zoo index {store.uri}`") from None
         return build_manifest(store)
     try:
-        return pq.read_table(io.BytesIO(data)).to_pandas()
+        df = pq.read_table(io.BytesIO(data)).to_pandas()
     except (pa.ArrowInvalid, OSError) as e:
         raise ZooError(f"{store.join(MANIFEST_FILE)} is not a valid Parquet file: {e}") from None
+    missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
+    if missing:
+        raise ZooError(f"{store.join(MANIFEST_FILE)} lacks column(s) {missing}: it is not a manifest "
+                       f"this version reads; `sctd zoo index {store.uri}` writes it again")
+    for c in OPTIONAL_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    return df

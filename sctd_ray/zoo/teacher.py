@@ -92,13 +92,17 @@ class TeacherConfig:
         }, indent=2)
 
 
-def read_config(store, teacher_id: str) -> TeacherConfig:
-    """Read and parse ``teachers/<id>/config.json`` from a store."""
+def read_config_bytes(store, teacher_id: str) -> bytes:
+    """The bytes of ``teachers/<id>/config.json`` (their sha256 stamps what a score used)."""
     try:
-        data = store.read_bytes(config_key(teacher_id))
+        return store.read_bytes(config_key(teacher_id))
     except NotFound:
         raise TeacherError(teacher_id, "config.json is missing") from None
-    return TeacherConfig.from_json(teacher_id, data)
+
+
+def read_config(store, teacher_id: str) -> TeacherConfig:
+    """Read and parse ``teachers/<id>/config.json`` from a store."""
+    return TeacherConfig.from_json(teacher_id, read_config_bytes(store, teacher_id))
 
 
 def parse_safetensors_header(teacher_id: str, read_range) -> dict:
