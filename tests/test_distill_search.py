@@ -262,6 +262,33 @@ def test_a_zoo_on_an_s3_endpoint_that_never_answers_is_one_line_before_ray(run_d
     assert not (tmp_path / "out" / "tune").exists()
 
 
+@pytest.mark.parametrize("damage,needle", [
+    ({"ranking.parquet": b"PAR1 not really"}, "ranking.parquet: not a readable Parquet file"),
+    ({"ranking.parquet": None}, "ranking.parquet lacks column(s) ['target', 'teacher_id', 'status', 'rank']"),
+    ({"run.json": b"{}"}, "run.json does not name its zoo"),
+    ({"run.json": b"[1, 2]"}, "run.json is not the run.json `sctd assess` writes"),
+])
+def test_a_damaged_run_folder_is_one_line_before_any_trial(run_dir, tmp_path, capsys, damage, needle):
+    run = Path(_copy_run(run_dir, tmp_path / "run"))
+    for name, data in damage.items():
+        if data is None:
+            pd.DataFrame({"x": [1]}).to_parquet(run / name)
+        else:
+            (run / name).write_bytes(data)
+    rc = main(["--run", str(run), "--target", TARGET, "--out", str(tmp_path / "out"), "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zoo_in_a_bucket_that_does_not_exist_is_named_so(run_dir, s3_env, tmp_path, capsys):
+    rc = main(["--run", run_dir, "--target", TARGET, "--zoo", "s3://no-such-bucket-sctd/zoo",
+               "--out", str(tmp_path / "out"), "--top-k", "1", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no-such-bucket-sctd" in err[0], err
+    assert "not in the zoo" not in err[0] and "bucket" in err[0]
+
+
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
                "--budget", "30", "--quiet"])

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import NotFound
+from ..errors import NotFound, SctdError
 from ..score_names import DEFAULT_RANK_BY, NAMES
 
 RESULTS_PREFIX = "results"
@@ -110,8 +110,17 @@ def write_table(store, key: str, df: pd.DataFrame) -> None:
     store.write_bytes(key, buf.getvalue())
 
 
-def read_table(store, key: str) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
+def read_table(store, key: str, columns=()) -> pd.DataFrame:
+    """A Parquet file of the run as a DataFrame; one SctdError line when it is not one, or
+    lacks one of ``columns``."""
+    try:
+        df = pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SctdError(f"{store.join(key)}: not a readable Parquet file ({e})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SctdError(f"{store.join(key)} lacks column(s) {missing}")
+    return df
 
 
 def format_ranking(df: pd.DataFrame, top: int = 10, metrics=("sctd", "sctd_fused", "sctd_cost", "leep", "nce", "logme")) -> str:

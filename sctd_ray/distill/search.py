@@ -179,14 +179,18 @@ def _resolve(s: DistillSettings):
     from ..zoo.store import open_store
 
     run_store = open_store(s.run, s3_endpoint=s.s3_endpoint) if s.run else None
-    run = (_read_json(run_store, RUN_FILE) or {}) if run_store else {}
-    zoo = s.zoo or run.get("zoo")
+    run = _read_json(run_store, RUN_FILE) if run_store else {}
+    if run is not None and not isinstance(run, dict):
+        raise SctdError(f"{run_store.join(RUN_FILE)} is not the run.json `sctd assess` writes "
+                        "(a JSON object naming the zoo and the targets)")
+    zoo = s.zoo or (run or {}).get("zoo")
     if not zoo:
-        if run_store is not None and not run:
+        if run is None:
             raise SctdError(f"{run_store.join(RUN_FILE)} not found: --run must be the output of "
                             f"`sctd assess` (or pass --zoo and name the teachers with --teacher)")
         raise SctdError("no zoo: pass --zoo (the run's run.json does not name its zoo)")
-    targets = run.get("targets") or {}
+    run = run or {}
+    targets = run.get("targets") if isinstance(run.get("targets"), dict) else {}
     if s.target in targets:
         name, uri = s.target, targets[s.target].get("uri") or s.target
     else:
@@ -197,7 +201,7 @@ def _resolve(s: DistillSettings):
     ranking = pd.DataFrame()
     if run_store is not None:
         try:
-            table = read_table(run_store, RANKING_FILE)
+            table = read_table(run_store, RANKING_FILE, columns=("target", "teacher_id", "status", "rank"))
         except NotFound:
             if not s.teachers:
                 raise SctdError(f"{run_store.join(RANKING_FILE)} not found: run `sctd assess` first "
@@ -232,13 +236,16 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
     trial per teacher. With no teacher (``--method ce``) the zoo is still reached once,
     since the student is written back to it."""
     from ..zoo.manifest import MANIFEST_FILE
-    from ..zoo.teacher import config_key
+    from ..zoo.teacher import TEACHERS_PREFIX, config_key
 
     if not teachers:
         zoo_store.exists(MANIFEST_FILE)
         return
     missing = [t for t in teachers if not zoo_store.exists(config_key(t))]
     if missing:
+        if not zoo_store.list(f"{TEACHERS_PREFIX}/"):      # a wrong bucket or folder says so here
+            raise SctdError(f"{zoo_store.uri} holds no teachers (expected teachers/<id>/config.json): "
+                            "check --zoo or the run's zoo")
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
