@@ -6,6 +6,7 @@ Errors a user can cause end in one line on stderr and a non-zero exit, never a t
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -60,7 +61,7 @@ def cmd_zoo_list(args) -> int:
 def cmd_zoo_verify(args) -> int:
     from .zoo.verify import verify_zoo
 
-    rows = verify_zoo(_store(args.zoo, args))
+    rows = verify_zoo(_store(args.zoo, args), log=lambda line: print(line, file=sys.stderr))
     bad = [r for r in rows if r["status"] != "ok"]
     for r in rows:
         print(f"{'ok   ' if r['status'] == 'ok' else 'ERROR'}  {r['id']}" + (f": {r['error']}" if r["error"] else ""))
@@ -300,6 +301,12 @@ def entry() -> None:
         # the reader went away (`sctd zoo list | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"sctd: error: no space left on device{f' for {e.filename}' if e.filename else ''}; "
+              "results written so far are kept", file=sys.stderr)
+        code = 2
     if "ray" in sys.modules:
         import ray
 
@@ -310,9 +317,14 @@ def entry() -> None:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:   # None: started with the stream closed (`>&-`)
+                stream.flush()
         except BrokenPipeError:
             code = code or 128 + signal.SIGPIPE
+        except OSError as e:        # stdout on a full disk (`> /dev/full`)
+            if stream is sys.stdout and sys.stderr is not None:
+                print(f"sctd: error: cannot write the output: {e.strerror}", file=sys.stderr)
+            code = code or 2
     os._exit(code)
 
 

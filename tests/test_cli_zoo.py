@@ -144,3 +144,29 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly(demo_zoo):
         os.close(write_end)
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
     assert p.returncode == 141
+
+
+def test_verify_names_an_unreadable_or_missing_manifest(demo_zoo, tmp_path, capsys):
+    """Verify checks weights against the manifest's sha256: a corrupt manifest is an error, not
+    a zoo reported fine with nothing checked; a missing one is said."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    (zoo / "manifest.parquet").write_bytes(b"not parquet at all")
+    assert main(["zoo", "verify", str(zoo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.parquet is not a valid Parquet file" in err[0]
+    (zoo / "manifest.parquet").unlink()
+    assert main(["zoo", "verify", str(zoo)]) == 0
+    assert "no manifest.parquet: no sha256 to check the weights against" in capsys.readouterr().err
+
+
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(demo_zoo):
+    if not Path("/dev/full").exists():
+        import pytest
+
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "zoo", "list", demo_zoo],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "no space left on device" in lines[0], p.stderr
