@@ -289,6 +289,28 @@ def test_a_zoo_in_a_bucket_that_does_not_exist_is_named_so(run_dir, s3_env, tmp_
     assert "not in the zoo" not in err[0] and "bucket" in err[0]
 
 
+def test_a_teacher_changed_since_it_was_ranked_is_warned_about(run_dir, demo_zoo_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    import hashlib
+
+    from sctd_ray.assess import scan
+
+    run = Path(_copy_run(run_dir, tmp_path / "run"))
+    ranking = pd.read_parquet(run / RANKING_FILE)
+    weights = {t: hashlib.sha256((Path(demo_zoo_dir) / "teachers" / t / "model.safetensors").read_bytes()).hexdigest()
+               for t in ranking["teacher_id"]}
+    ranking["teacher_sha256"] = ranking["teacher_id"].map(weights)
+    top, second = _ranked(run_dir)[:2]
+    ranking.loc[ranking["teacher_id"] == top, "teacher_sha256"] = "0" * 64   # ranked other weights
+    ranking.to_parquet(run / RANKING_FILE)
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    main(["--run", str(run), "--target", TARGET, "--zoo", demo_zoo_dir, "--out", str(tmp_path / "out"),
+          "--top-k", "2", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err
+    assert f"warning: teacher {top!r}: its weights changed since the run ranked it" in err
+    assert second not in err
+
+
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
                "--budget", "30", "--quiet"])

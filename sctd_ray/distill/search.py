@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -249,6 +250,32 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
+def _warn_if_changed_since_ranked(zoo_store, teachers: list[str], ranking: pd.DataFrame) -> None:
+    """One warning line per teacher whose weights or config.json are not those the ranking
+    scored (its rows' ``teacher_sha256``/``teacher_config_sha256``): its rank may not hold.
+    Weights are hashed where that is cheap (a local zoo; an S3 object's sha256 metadata)."""
+    import hashlib
+
+    from ..zoo.manifest import _weights_sha256
+    from ..zoo.teacher import read_config_bytes, weights_key
+
+    if ranking.empty or "teacher_sha256" not in ranking.columns:
+        return
+    for tid in teachers:
+        rows = ranking[ranking["teacher_id"] == tid]
+        if rows.empty:
+            continue
+        row = rows.iloc[0]
+        now = {"teacher_sha256": _weights_sha256(zoo_store, weights_key(tid)),
+               "teacher_config_sha256": hashlib.sha256(read_config_bytes(zoo_store, tid)).hexdigest()}
+        changed = [name for name, sha in (("weights", "teacher_sha256"), ("config.json", "teacher_config_sha256"))
+                   if isinstance(row.get(sha), str) and row.get(sha) and now[sha] and now[sha] != row[sha]]
+        if changed:
+            print(f"sctd: warning: teacher {tid!r}: its {' and '.join(changed)} changed since the run "
+                  "ranked it; its rank may not hold (`sctd assess --resume` scores it again)",
+                  file=sys.stderr)
+
+
 def _scores(ranking: pd.DataFrame, teacher_id: str | None) -> dict:
     from ..assess.results import BASE_COLUMNS, TAIL_COLUMNS
 
@@ -299,6 +326,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     used_before = float(previous.get("used_s", 0.0)) if previous else 0.0
     teachers = previous["teachers"] if previous else _choose_teachers(s, ranking)
     _check_in_zoo(zoo, teachers)
+    _warn_if_changed_since_ranked(zoo, teachers, ranking)
     classes = _check_target(target_uri, s.s3_endpoint)
     if s.method == "kd":
         _check_kd(zoo, teachers, classes)
