@@ -152,7 +152,7 @@ def _finished(out: Path) -> int:
     return n
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, ray_local, tmp_path):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, ray_local, tmp_path, capsys):
     run = _copy_run(run_dir, tmp_path / "run")
     out = Path(run) / "distill"
     cmd = [sys.executable, "-m", "sctd_ray.distill.search", "--run", run, "--target", TARGET,
@@ -201,6 +201,14 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, r
         if after.loc[tid, "epochs"] > row["epochs"]:  # trained again after the resume
             assert after.loc[tid, "resumed_epoch"] >= row["epochs"] - 1, tid
     assert summary["used_s"] > first["used_s"] and summary["used_s"] <= 1.1 * 240
+
+    # resumed once more, finished: nothing is charged to the budget, and other settings given
+    # now are said not to apply (the trials were planned with the search's own)
+    capsys.readouterr()
+    again = run_distill_for_scan(run, budget=240, top_k=3, samples=2, resume=True, export=False,
+                                 progress=False, log=lambda *_: None)[TARGET]
+    assert again["complete"] and again["used_s"] == pytest.approx(summary["used_s"], abs=0.05)
+    assert "continues the search with its own settings (top_k 2); top_k 3 not applied" in capsys.readouterr().err
 
 
 def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_dir, ray_local, tmp_path):

@@ -250,6 +250,17 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
+def _say_kept_settings(kept: dict, given: dict) -> None:
+    """A resumed search keeps its own settings (its trials were planned with them): say so
+    when the command gave others, instead of ignoring them silently."""
+    other = {k: v for k, v in given.items() if k in kept and kept[k] != v}
+    if other:
+        print("sctd: note: --resume continues the search with its own settings ("
+              + ", ".join(f"{k} {kept[k]}" for k in other) + "); "
+              + ", ".join(f"{k} {v}" for k, v in other.items())
+              + " not applied (another --out starts a new search)", file=sys.stderr)
+
+
 def _warn_if_changed_since_ranked(zoo_store, teachers: list[str], ranking: pd.DataFrame) -> None:
     """One warning line per teacher whose weights or config.json are not those the ranking
     scored (its rows' ``teacher_sha256``/``teacher_config_sha256``): its rank may not hold.
@@ -345,9 +356,12 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                            "student": s.student, "recipe": recipe.to_dict(), "resources": resources}}
     if previous:
         search["settings"] = previous["settings"]
+        _say_kept_settings(previous["settings"], {"method": s.method, "samples": s.samples,
+                                                  "top_k": s.top_k, "seed": s.seed, "student": s.student})
+    finished = bool(previous and previous.get("complete"))
 
-    def used() -> float:
-        return used_before + time.time() - t_start
+    def used() -> float:   # a finished search spends nothing more: looking at it is free
+        return used_before + (0.0 if finished else time.time() - t_start)
 
     def save():
         out.write_bytes(SEARCH_FILE, json.dumps({**search, "used_s": round(used(), 3)}, indent=2).encode())
