@@ -211,7 +211,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, r
     assert "continues the search with its own settings (top_k 2); top_k 3 not applied" in capsys.readouterr().err
 
 
-def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_dir, ray_local, tmp_path):
+def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_dir, ray_local, tmp_path, capsys):
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo_dir, zoo)
     shutil.copytree(zoo / "teachers" / "fm-all-resnet", zoo / "teachers" / "broken")
@@ -221,8 +221,10 @@ def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_d
     out = tmp_path / "out"
     rc = main(["--run", run, "--target", TARGET, "--out", str(out), "--zoo", str(zoo),
                "--teacher", "broken", "--teacher", "fm-all-resnet", "--samples", "1", "--budget", "60",
-               "--no-export", "--quiet", "--recipe", json.dumps({**FAST, "epochs": 2})])
+               "--no-export", "--recipe", json.dumps({**FAST, "epochs": 2})])
     assert rc == 0
+    failed = [ln for ln in capsys.readouterr().out.splitlines() if "failed:" in ln]
+    assert len(failed) == 1 and "broken" in failed[0] and "the search goes on" in failed[0], failed
     res = pd.read_parquet(out / "results.parquet").set_index("teacher_id", drop=False)
     assert res.loc["broken", "status"] == "error" and "broken" in res.loc["broken", "error"]
     assert res.loc["fm-all-resnet", "status"] == "ok"

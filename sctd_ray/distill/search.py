@@ -494,18 +494,9 @@ def _collect(exp_path, storage_fs):
 
 
 def _error_line(trial) -> str | None:
-    if trial.status != "ERROR":
-        return None
-    msg = None
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        if path and os.path.exists(path):
-            msg = open(path).read()
-    except OSError:
-        pass
-    msg = msg or getattr(trial, "error_msg", None) or "trial failed"
-    lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else "trial failed")[:500]
+    from .trial import error_reason
+
+    return error_reason(trial) if trial.status == "ERROR" else None
 
 
 def _results_table(trials, ranking) -> pd.DataFrame:

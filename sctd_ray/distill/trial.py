@@ -108,6 +108,21 @@ class BudgetStopper(Stopper):
         return False
 
 
+def error_reason(trial) -> str:
+    """The last line of a failed trial's error (Tune's error file, else its message)."""
+    msg = None
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        if path and os.path.exists(path):
+            with open(path) as f:
+                msg = f.read()
+    except OSError:
+        pass
+    msg = msg or getattr(trial, "error_msg", None) or "trial failed"
+    lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "trial failed")[:500]
+
+
 class Progress(Callback):
     """A progress line every few seconds and one per trial that stops early or fails."""
 
@@ -144,7 +159,8 @@ class Progress(Callback):
         live = self._live()
         if live is not None:
             p = trial.config["trial"]
-            live["log"](f"  trial {p['trial_id']} ({p['method']}) failed; the search goes on")
+            live["log"](f"  trial {p['trial_id']} ({p['method']}) failed: {error_reason(trial)[:200]}; "
+                        "the search goes on")
 
     def on_step_end(self, iteration, trials, **info):
         live = self._live()
