@@ -480,12 +480,12 @@ def _error_rows(results, tid, target_names, msg, fingerprints: dict, sha256: str
                        "teacher_sha256": sha256})
 
 
-def _current(row: dict, fingerprints: dict, shas: dict, config_shas: dict | None = None) -> bool:
+def _current(row: dict, fingerprints: dict, shas: dict, config_shas: dict) -> bool:
     """A result row scored from this very target (its fingerprint), these very weights (the
     manifest's sha256) and this very config.json (its preprocessing, labels and model
     arguments; checked when the manifest records its sha256). Rows without the stamps (written
     before 0.1 recorded them) are not."""
-    config_sha = (config_shas or {}).get(row["teacher_id"])
+    config_sha = config_shas.get(row["teacher_id"])
     return ("target_fingerprint" in row and row["target_fingerprint"] == fingerprints.get(row["target"])
             and "teacher_sha256" in row and (row["teacher_sha256"] or None) == shas.get(row["teacher_id"])
             and (config_sha is None or row.get("teacher_config_sha256") == config_sha))

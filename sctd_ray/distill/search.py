@@ -267,7 +267,7 @@ def _warn_if_changed_since_ranked(zoo_store, teachers: list[str], ranking: pd.Da
     Weights are hashed where that is cheap (a local zoo; an S3 object's sha256 metadata)."""
     import hashlib
 
-    from ..zoo.manifest import _weights_sha256
+    from ..zoo.manifest import weights_sha256
     from ..zoo.teacher import read_config_bytes, weights_key
 
     if ranking.empty or "teacher_sha256" not in ranking.columns:
@@ -277,7 +277,7 @@ def _warn_if_changed_since_ranked(zoo_store, teachers: list[str], ranking: pd.Da
         if rows.empty:
             continue
         row = rows.iloc[0]
-        now = {"teacher_sha256": _weights_sha256(zoo_store, weights_key(tid)),
+        now = {"teacher_sha256": weights_sha256(zoo_store, weights_key(tid)),
                "teacher_config_sha256": hashlib.sha256(read_config_bytes(zoo_store, tid)).hexdigest()}
         changed = [name for name, sha in (("weights", "teacher_sha256"), ("config.json", "teacher_config_sha256"))
                    if isinstance(row.get(sha), str) and row.get(sha) and now[sha] and now[sha] != row[sha]]

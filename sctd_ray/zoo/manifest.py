@@ -25,15 +25,23 @@ COLUMNS = ["id", "architecture", "num_classes", "num_features", "label_names", "
 
 def list_teacher_ids(store) -> list[str]:
     """Ids of every ``teachers/<id>/`` folder in the zoo, sorted."""
-    ids = set()
-    for key in store.list(f"{TEACHERS_PREFIX}/"):
+    return sorted(_teacher_times(store))
+
+
+def _teacher_times(store) -> dict[str, float]:
+    """Every ``teachers/<id>/`` folder's id and the newest modification time of its files, from
+    one listing."""
+    times: dict[str, float] = {}
+    for key, when in store.modified(f"{TEACHERS_PREFIX}/").items():
         parts = key.split("/")
         if len(parts) >= 3 and parts[1]:
-            ids.add(parts[1])
-    return sorted(ids)
+            times[parts[1]] = max(when, times.get(parts[1], when))
+    return times
 
 
-def _weights_sha256(store, key: str) -> str | None:
+def weights_sha256(store, key: str) -> str | None:
+    """The sha256 of a weights file where it is cheap: an S3 object's metadata, a local file
+    hashed; None for an S3 object without the metadata (no download for it)."""
     info = store.info(key)
     if info.get("sha256"):
         return info["sha256"]
@@ -64,7 +72,7 @@ def describe_teacher(store, teacher_id: str) -> dict:
         row.update(architecture=cfg.architecture, num_classes=cfg.num_classes,
                    num_features=cfg.num_features, label_names=list(cfg.label_names),
                    input_size=[int(v) for v in cfg.pretrained_cfg["input_size"]],
-                   params=header["params"], bytes=size, sha256=_weights_sha256(store, key),
+                   params=header["params"], bytes=size, sha256=weights_sha256(store, key),
                    source_task=json.dumps(cfg.source_task, sort_keys=True))
     except (StoreUnreachable, StoreAuthError):
         raise
@@ -96,16 +104,9 @@ def current_manifest(store, log=print, workers: int = 8) -> pd.DataFrame:
     manifest = read_manifest(store)
     if written is None:
         return manifest
-    files = store.modified(f"{TEACHERS_PREFIX}/")
-    present, newer = set(), set()
-    for key, when in files.items():
-        parts = key.split("/")
-        if len(parts) >= 3 and parts[1]:
-            present.add(parts[1])
-            if when > written:
-                newer.add(parts[1])
-    listed = set(manifest["id"])
-    changed = sorted(newer | (present - listed))
+    times = _teacher_times(store)
+    present, listed = set(times), set(manifest["id"])
+    changed = sorted({t for t, when in times.items() if when > written} | (present - listed))
     gone = sorted(listed - present)
     if not changed and not gone:
         return manifest

@@ -196,22 +196,28 @@ class LocalStore(Store):
         st = self._stat(key)
         return {"size": st.st_size, "mtime": st.st_mtime}
 
-    def modified(self, prefix: str = "") -> dict[str, float]:
+    def _walk(self, prefix: str):
+        """(key, path) of each file under ``prefix``: only the deepest folder the prefix names
+        is walked, then keys are filtered by string prefix."""
         prefix = _check_prefix(prefix)
-        # walk only the deepest folder the prefix names, then filter by string prefix
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        keys = {}
         for folder, _dirs, files in os.walk(base):
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
-                if name.endswith(TMP_SUFFIX):
-                    continue
                 key = name if rel == "." else f"{rel}/{name}"
-                if key.startswith(prefix):
-                    try:
-                        keys[key] = os.stat(os.path.join(folder, name)).st_mtime
-                    except FileNotFoundError:   # removed while listed
-                        pass
+                if not name.endswith(TMP_SUFFIX) and key.startswith(prefix):
+                    yield key, os.path.join(folder, name)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(key for key, _path in self._walk(prefix))   # no stat per file
+
+    def modified(self, prefix: str = "") -> dict[str, float]:
+        keys = {}
+        for key, path in self._walk(prefix):
+            try:
+                keys[key] = os.stat(path).st_mtime
+            except FileNotFoundError:   # removed while listed
+                pass
         return keys
 
     def read_bytes(self, key: str) -> bytes:
