@@ -10,7 +10,12 @@ in ``TeacherStats.compute`` on CPU, measured in one run on N = 2000 synthetic po
 - TransRate's class rates and the global scatter: the batched route of a GPU (zero-padded class
   rows, one batched Cholesky) vs the per-class route the CPU keeps.
 
-    python bench/linalg_bench.py [--dims 64,128,256,512] [--classes 10]
+    python bench/linalg_bench.py [--dims 64,128,256,512] [--classes 10] [--torch-threads 2]
+
+``--torch-threads 2`` gives the torch routes torch's own OpenMP threads (its MKL shares them,
+so they do not fight torch's spinning workers as a threaded OpenBLAS does) while the scipy
+routes stay on one BLAS thread: whether a second core pays at these sizes. It adds a row for
+LogME by torch's full ``eigh`` (MKL).
 
 Prints, per feature dimension D, the best of --repeats for both routes of each, their ratio and
 the largest differences (relative to the largest entry or eigenvalue).
@@ -44,6 +49,11 @@ def full_eigh(gram: np.ndarray, b: np.ndarray):
     return w, v.T @ b
 
 
+def torch_eigh(gram: torch.Tensor, b: torch.Tensor):
+    w, v = torch.linalg.eigh(gram)
+    return w, v.T @ b
+
+
 def class_rate_routes(z: torch.Tensor, classes: int, repeats: int):
     """TransRate's class rates and the global scatter (``TeacherStats._scatter_and_class_rates``)
     by the batched route a GPU takes vs the per-class LAPACK route of the CPU, on the same rows."""
@@ -73,11 +83,13 @@ def main():
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch's threads for its routes (the scipy ones stay on one BLAS thread)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
     with threadpool_limits(limits=1, user_api="blas"):
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.torch_threads)
         for d in (int(v) for v in args.dims.split(",")):
             f = np.maximum(rng.standard_normal((args.samples, d)) @ rng.standard_normal((d, d)) / np.sqrt(d) + 0.3, 0)
             gram = f.T @ f
@@ -89,6 +101,13 @@ def main():
             dw = np.max(np.abs(w1 - w0)) / w0[-1]
             dp = np.max(np.abs(p1 ** 2 - p0 ** 2)) / np.max(p0 ** 2)
             rows.append(("LogME eigh + V^T b | eigh_projections", d, t_full, t_tri, max(dw, dp)))
+            if args.torch_threads > 1:
+                gt, bt = torch.from_numpy(gram), torch.from_numpy(b)
+                t_teigh = best_ms(lambda: torch_eigh(gt, bt), args.repeats)
+                w2, p2 = (a.numpy() for a in torch_eigh(gt, bt))
+                diff = max(np.max(np.abs(w2 - w0)) / w0[-1], np.max(np.abs(p2 ** 2 - p0 ** 2)) / np.max(p0 ** 2))
+                rows.append((f"LogME torch eigh ({args.torch_threads} thr) | eigh_projections", d,
+                             t_teigh, t_tri, diff))
 
             z = torch.from_numpy(f - f.mean(0))
             blocks = list(torch.chunk(z, args.classes))
@@ -108,10 +127,11 @@ def main():
                          float(np.abs(l1 - l0).max() / np.abs(l0).max())))
             rows.append(("class rates + S: batched | per class", d,
                          *class_rate_routes(z, args.classes, args.repeats)))
-    print(f"{'routine: before | now':40s} {'D':>5s} {'before ms':>10s} {'now ms':>8s} {'ratio':>6s} "
+    print(f"threads: torch {torch.get_num_threads()}, scipy BLAS 1")
+    print(f"{'routine: before | now':44s} {'D':>5s} {'before ms':>10s} {'now ms':>8s} {'ratio':>6s} "
           f"{'max rel diff':>13s}")
     for name, d, t0, t1, diff in sorted(rows, key=lambda r: (r[0], r[1])):
-        print(f"{name:40s} {d:5d} {t0:10.3f} {t1:8.3f} {t0 / t1:6.2f} {diff:13.1e}")
+        print(f"{name:44s} {d:5d} {t0:10.3f} {t1:8.3f} {t0 / t1:6.2f} {diff:13.1e}")
 
 if __name__ == "__main__":
     main()

@@ -123,8 +123,12 @@ def cmd_scan(args) -> int:
     from .distill.search import check_search_args, recipe_from_args, run_distill_for_scan
     from .report import write_report
 
+    from .data.targets import check_split_labels
+
     check_search_args(args.budget, args.top_k, args.samples, args.student)  # before the assess step
     recipe = recipe_from_args(args)
+    for target in args.target:   # the distillation's splits and labels, before Ray starts
+        check_split_labels(target, s3_endpoint=args.s3_endpoint)
     result = run_scan(_scan_settings(args))
     print_ranking(result)
     summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,

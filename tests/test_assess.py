@@ -570,7 +570,7 @@ def test_an_unreachable_cluster_is_one_line(demo_zoo, tmp_path):
     argv = [sys.executable, "-m", "sctd_ray.cli", "assess", "--zoo", demo_zoo, "--target",
             _targets(demo_zoo)[0], "--out", str(tmp_path / "run"), "--quiet"]
     cases = [(["--address", f"127.0.0.1:{port}"], {}, "cannot reach the Ray cluster"),
-             (["--address", f"ray://127.0.0.1:{port}"], {}, "cannot reach the Ray cluster"),
+             (["--address", f"ray://127.0.0.1:{port}"], {}, "the Ray Client (ray://) is not supported"),
              ([], {"RAY_ADDRESS": f"127.0.0.1:{port}"}, "cannot reach the Ray cluster"),
              (["--address", "head-node"], {}, "expected HOST:PORT"),
              (["--address", f"127.0.0.1:{web_port}"], {}, "answers, but not as a Ray cluster"),

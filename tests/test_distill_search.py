@@ -6,6 +6,7 @@ assessment engine over three teachers to keep the test short. Trials use a short
 
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -349,11 +350,21 @@ def test_a_target_without_a_val_split_is_one_line_before_any_trial(demo_zoo_dir,
     assert not (tmp_path / "out").exists()
 
 
-def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_bucket, capsys):
+def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_bucket, capsys,
+                                                         monkeypatch):
+    from ray.tune.execution import class_cache
+
+    # Tune as shipped: the driver's S3 keys copied into every trial actor's runtime env
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE",
+                        set(class_cache.ENV_VARS_TO_PROPAGATE) | {"AWS_SECRET_ACCESS_KEY"})
     out = f"{s3_bucket}/runs/distill"
     argv = ["--run", run_dir, "--target", TARGET, "--out", out, "--top-k", "1", "--samples", "1",
             "--budget", "90", "--no-export", "--quiet", "--recipe", json.dumps({**FAST, "epochs": 2})]
     assert main(argv) == 0, capsys.readouterr()
+    # the trials read S3 with their own environment: the keys are in no trial's runtime env,
+    # which Ray logs and shows to every holder of the cluster's token
+    trial_env = class_cache._ActorClassCache().get(type("Trial", (), {}))._default_options["runtime_env"]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(trial_env)
     store = open_store(out)
     assert store.exists("results.parquet") and store.exists("summary.json") and store.exists("search.json")
     assert any(k.endswith("/checkpoint_000001/state.pt") for k in store.list("tune/"))  # Tune stored on S3

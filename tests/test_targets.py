@@ -241,3 +241,86 @@ def test_large_host_images_are_resized_a_few_at_a_time_with_the_same_values(monk
     monkeypatch.setattr(preprocess, "HOST_RESIZE_CHUNK_BYTES", 3 * 40 * 40 * 3 * 4)
     chunked = pre.resize(x)
     assert calls == [3, 3, 3, 1] and torch.equal(chunked, whole)
+
+
+def test_an_image_folder_is_what_a_user_sees_in_it(tmp_path):
+    """Hidden files and folders and non-image files are not part of a split; GIF and TIFF
+    images are; an image in a nested folder is an error naming it, for the scan's probe (before
+    Ray) and for the reader alike, never a class named after the nested folder."""
+    from sctd_ray.data.ray_data import probe_target
+
+    root = tmp_path / "mine"
+    pic = lambda v: Image.fromarray(np.full((8, 8), v, np.uint8))  # noqa: E731
+    for split in ("train", "val", "test"):
+        _save(root / split / "T shirt" / "a.png", pic(10))
+        _save(root / split / "Coat" / "b.tif", pic(20))
+        _save(root / split / "bag" / "c.GIF", pic(30))
+        (root / split / "bag" / ".DS_Store").write_bytes(b"\0junk")
+        (root / split / "bag" / "README.txt").write_text("notes")
+        _save(root / split / "bag" / "._c.png", pic(0))                       # macOS metadata
+        _save(root / split / ".ipynb_checkpoints" / "a-checkpoint.png", pic(40))
+    task = load_target(str(root))
+    assert task.class_names == ["Coat", "T shirt", "bag"]
+    assert sorted(task.splits["train"].images[:, 0, 0, 0].tolist()) == [10, 20, 30]
+    _save(root / "train" / "bag" / "more" / "d.png", pic(50))
+    for read in (lambda: load_target(str(root)), lambda: probe_target(str(root))):
+        with pytest.raises(TargetError, match=r"bag/more/d.png: expected train/<class>/<image>"):
+            read()
+
+
+def test_a_parquet_label_or_image_of_another_type_is_refused_by_the_probe(tmp_path):
+    from sctd_ray.data.ray_data import probe_target
+
+    store = _write_parquet_target(tmp_path / "t")
+    png = encode_png(_imgs(1)[0])
+    for table, needle in [
+            (pa.table({"image": [png, png], "label": pa.array([[0], [1]])}), "'label' must hold class names"),
+            (pa.table({"image": ["x.png", "y.png"], "label": ["cat", "dog"]}), "'image' must hold image bytes")]:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        store.write_bytes("train.parquet", buf.getvalue())
+        for read in (lambda: load_target(str(tmp_path / "t")), lambda: probe_target(str(tmp_path / "t"))):
+            with pytest.raises(TargetError, match=needle):
+                read()
+
+
+def test_split_labels_are_checked_from_listings_and_label_columns(tmp_path):
+    import unicodedata
+
+    from sctd_ray.data.targets import check_split_labels
+
+    root = tmp_path / "mine"
+    pic = Image.fromarray(np.zeros((8, 8), np.uint8))
+    for split in ("train", "test"):
+        for c in ("Größe", "bag"):
+            _save(root / split / c / "a.png", pic)
+    with pytest.raises(TargetError, match="missing or empty split 'val'"):
+        check_split_labels(str(root))
+    _save(root / "val" / unicodedata.normalize("NFD", "Größe") / "a.png", pic)   # copied from a Mac
+    with pytest.raises(TargetError, match="differ from train's only in their Unicode form"):
+        check_split_labels(str(root))
+    (root / "val" / unicodedata.normalize("NFD", "Größe") / "a.png").rename(root / "val" / "a.png")
+    _save(root / "val" / "bag" / "a.png", pic)
+    (root / "val" / "a.png").unlink()
+    check_split_labels(str(root))
+    _write_parquet_target(tmp_path / "pq", {"train": ["cat"] * 3, "val": ["cat"], "test": ["cat"]})
+    with pytest.raises(TargetError, match="1 class"):
+        check_split_labels(str(tmp_path / "pq"))
+
+
+def test_scan_refuses_a_target_without_val_before_ray_starts(demo_zoo, tmp_path):
+    """`sctd scan` distills after assessing: a split it will need is checked first, not after
+    every teacher was scored."""
+    import shutil
+    import subprocess
+    import sys
+
+    target = tmp_path / "dg"
+    shutil.copytree(f"{demo_zoo}/targets/dg-high5", target)
+    (target / "val.parquet").unlink()
+    p = subprocess.run([sys.executable, "-m", "sctd_ray.cli", "scan", "--zoo", demo_zoo, "--target",
+                        str(target), "--out", str(tmp_path / "run"), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "missing split 'val'" in lines[0], p.stderr
+    assert not (tmp_path / "run" / "ranking.parquet").exists()

@@ -61,7 +61,8 @@ CLUSTER_CONNECT_TIMEOUT = 5.0   # seconds to open a TCP connection, then an HTTP
 
 def check_cluster_reachable(address: str, source: str = "--address") -> None:
     """One clear line unless a Ray head answers at a cluster address (``host:port`` of the head's
-    GCS, or ``ray://host:port``). Without this, Ray retries an address where nothing listens
+    GCS). The Ray Client (``ray://``) is refused: Ray Data's ``materialize`` fails through it
+    (``'Worker' object has no attribute 'core_worker'``, Ray 2.60). Without this, Ray retries an address where nothing listens
     for minutes, and one where something else listens (a web server) for ~12 minutes, deaf to
     SIGTERM. ``auto`` and ``local`` are left to Ray; ``source`` names where the address came from."""
     import socket
@@ -73,11 +74,16 @@ def check_cluster_reachable(address: str, source: str = "--address") -> None:
     if scheme in ("http", "https"):
         raise SctdError(f"{source} {address!r} is a dashboard address (for `ray job submit`; give "
                         "it to that as RAY_API_SERVER_ADDRESS); sctd joins a cluster at the head's "
-                        "GCS, HOST:6379, or at ray://HOST:10001")
+                        "GCS, HOST:6379")
+    if scheme == "ray":
+        raise SctdError(f"{source} {address!r}: the Ray Client (ray://) is not supported (Ray Data "
+                        "cannot run through it); give the head's GCS address, HOST:6379, from a "
+                        "machine on the cluster's network, or submit a job (`ray job submit`, "
+                        "docs/cluster.md)")
     host, _, port = rest.rpartition(":")
     if scheme not in ("", "ray") or not host or not port.isdigit():
         raise SctdError(f"{source} {address!r}: expected HOST:PORT (the head node's GCS, e.g. "
-                        "10.0.0.5:6379), ray://HOST:PORT, or auto")
+                        "10.0.0.5:6379), or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT).close()
     except OSError as e:
@@ -88,12 +94,12 @@ def check_cluster_reachable(address: str, source: str = "--address") -> None:
     import grpc
 
     channel = grpc.insecure_channel(rest)
-    try:   # the GCS and the Ray Client server are gRPC servers: an HTTP/2 connection must open
+    try:   # the GCS is a gRPC server: an HTTP/2 connection must open
         grpc.channel_ready_future(channel).result(timeout=CLUSTER_CONNECT_TIMEOUT)
     except grpc.FutureTimeoutError:
         raise SctdError(f"{address} answers, but not as a Ray cluster (no gRPC handshake within "
                         f"{CLUSTER_CONNECT_TIMEOUT:.0f} s); check {source}: the head node's GCS "
-                        "port is 6379 by default, the Ray Client's ray://HOST:10001") from None
+                        "port is 6379 by default") from None
     finally:
         channel.close()
 

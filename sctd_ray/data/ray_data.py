@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import TargetError
 from .images import DECODE_MAX_SIDE, decode_image, decode_size, unify_channels
-from .targets import IMAGE_SUFFIXES, check_labels_present, detect_layout, parquet_split, target_name
+from .targets import check_labels_present, detect_layout, image_folder_files, parquet_split, target_name
 
 
 def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
@@ -115,10 +115,7 @@ def _first_image(store, split: str, pf=None) -> bytes:
         if pf.metadata.num_rows == 0:
             raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
         return next(pf.iter_batches(batch_size=1, columns=["image"])).column("image")[0].as_py()
-    keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
-    if not keys:
-        raise TargetError(f"{store.join(split)}: missing or empty split {split!r}")
-    return store.read_bytes(keys[0])
+    return store.read_bytes(image_folder_files(store, split)[0][0])
 
 
 def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str | None):
@@ -128,7 +125,7 @@ def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str 
     fs, root = arrow_filesystem(uri, s3_endpoint)
     if layout == "parquet":
         return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs).select_columns(["image", "label"])
-    keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
+    keys = [k for k, _ in image_folder_files(store, split)]
     ds = ray.data.read_binary_files([f"{root}/{k}" for k in keys], filesystem=fs, include_paths=True)
     prefix = uri.rstrip("/")
     return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2],
@@ -168,6 +165,10 @@ def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
     if pf is not None and _may_lack_labels(pf):
         check_labels_present(parquet_split(store, split).read(columns=["label"]).column("label"),
                              store.join(f"{split}.parquet"))
+    if layout == "imagefolder" and split == "train":   # the folder listing names the classes
+        classes = {label for _, label in image_folder_files(store, split)}
+        if len(classes) < 2:
+            raise TargetError(f"{_where(uri, split)}: {len(classes)} class(es); a target needs at least 2")
     first = decode_image(_first_image(store, split, pf), where=f"{_where(uri, split)} row 0")
     return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]))
 

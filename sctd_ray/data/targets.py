@@ -22,7 +22,7 @@ from ..errors import NotFound, TargetError
 from .images import DECODE_MAX_SIDE, decode_image, decode_size, encode_png, unify_channels
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -123,6 +123,14 @@ def parquet_split(store, split: str, whole: bool = True) -> pq.ParquetFile:
         raise TargetError(f"{store.join(key)}: missing column(s) {sorted(missing)}; found "
                           f"{pf.schema_arrow.names} (a target split needs image: PNG/JPEG bytes "
                           f"and label: class name)")
+    schema = pf.schema_arrow
+    label, image = schema.field("label").type, schema.field("image").type
+    if pa.types.is_dictionary(label):
+        label = label.value_type
+    if not (pa.types.is_string(label) or pa.types.is_large_string(label) or pa.types.is_integer(label)):
+        raise TargetError(f"{store.join(key)}: 'label' must hold class names (strings), not {label}")
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)):
+        raise TargetError(f"{store.join(key)}: 'image' must hold image bytes (PNG/JPEG...), not {image}")
     return pf
 
 
@@ -142,6 +150,66 @@ def check_labels_present(labels: pa.ChunkedArray | pa.Array, where: str) -> None
         raise TargetError(f"{where}: {n} row(s) without a label; the first is row {first}")
 
 
+def image_folder_files(store, split: str) -> list[tuple[str, str]]:
+    """(key, class name) of each image of an ImageFolder split, ``<split>/<class>/<image>``, in
+    the store's order. Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints/``, macOS's
+    ``._`` files) and files without an image suffix (``README.txt``) are not part of it; an
+    image anywhere else (a nested folder, loose in the split) is an error naming it."""
+    files = []
+    for k in store.list(f"{split}/"):
+        parts = k.split("/")
+        if any(p.startswith(".") for p in parts) or not k.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        if len(parts) != 3:
+            raise TargetError(f"{store.join(k)}: expected {split}/<class>/<image> (images in a "
+                              f"class folder, no deeper)")
+        files.append((k, parts[1]))
+    if not files:
+        raise TargetError(f"{store.join(split)}: missing or empty split {split!r}")
+    return files
+
+
+def split_labels(store, split: str, layout: str) -> list[str]:
+    """The class names of a split's rows, without reading its images (a folder listing, or the
+    Parquet label column)."""
+    if layout == "imagefolder":
+        return [label for _, label in image_folder_files(store, split)]
+    column = parquet_split(store, split, whole=False).read(columns=["label"]).column("label")
+    check_labels_present(column, store.join(f"{split}.parquet"))
+    return [str(x) for x in column.to_pylist()]
+
+
+def check_split_labels(uri: str, splits=SPLITS, s3_endpoint: str | None = None) -> None:
+    """What a scan's distillation will need of a target, checked from its labels alone, before
+    any Ray work: every split present and not empty, at least 2 train classes, and no other
+    split using a class the train split lacks. Raises TargetError."""
+    store = _open(uri, s3_endpoint)
+    layout = detect_layout(store)
+    classes = sorted(set(split_labels(store, "train", layout)))
+    if len(classes) < 2:
+        raise TargetError(f"{uri}: the train split has {len(classes)} class(es); need at least 2")
+    for split in splits:
+        if split != "train":
+            labels = split_labels(store, split, layout)
+            if not labels:
+                raise TargetError(f"{uri}: split {split!r} is empty")
+            check_known_labels(uri, split, labels, classes)
+
+
+def check_known_labels(uri: str, split: str, labels, class_names) -> None:
+    """A split may only use the train split's classes; a name that differs from one of them only
+    in its Unicode form (folders copied from a Mac: NFD) is named as such."""
+    import unicodedata
+
+    unknown = sorted(set(labels) - set(class_names))
+    if not unknown:
+        return
+    nfc = {unicodedata.normalize("NFC", c) for c in class_names}
+    hint = ("; they differ from train's only in their Unicode form (NFC vs NFD): rename the "
+            "folders or labels alike" if all(unicodedata.normalize("NFC", u) in nfc for u in unknown[:5]) else "")
+    raise TargetError(f"{uri}: split {split!r} has labels the train split lacks: {unknown[:5]}{hint}")
+
+
 def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], list[str]]:
     """Raw (image bytes, class name) records of one split, undecoded."""
     if layout == "parquet":
@@ -154,17 +222,8 @@ def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], lis
             if not isinstance(img, (bytes, bytearray)):
                 raise TargetError(f"{store.join(key)} row {i}: 'image' must be image bytes")
         return images, labels
-    keys = [k for k in store.list(f"{split}/") if k.lower().endswith(IMAGE_SUFFIXES)]
-    if not keys:
-        raise TargetError(f"{store.join(split)}: missing or empty split {split!r}")
-    images, labels = [], []
-    for k in keys:
-        parts = k.split("/")
-        if len(parts) != 3:
-            raise TargetError(f"{store.join(k)}: expected {split}/<class>/<image>")
-        images.append(store.read_bytes(k))
-        labels.append(parts[1])
-    return images, labels
+    files = image_folder_files(store, split)
+    return [store.read_bytes(k) for k, _ in files], [label for _, label in files]
 
 
 def decode_split(uri: str, split: str, images: list[bytes], labels: list[str],
@@ -173,9 +232,7 @@ def decode_split(uri: str, split: str, images: list[bytes], labels: list[str],
     if not labels:
         raise TargetError(f"{uri}: split {split!r} is empty")
     index = {c: i for i, c in enumerate(class_names)}
-    unknown = sorted(set(labels) - set(index))
-    if unknown:
-        raise TargetError(f"{uri}: split {split!r} has labels the train split lacks: {unknown[:5]}")
+    check_known_labels(uri, split, labels, class_names)
     arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}") for i, b in enumerate(images)]
     return arrays, np.array([index[c] for c in labels], dtype=np.int64)
 

@@ -30,6 +30,9 @@ import pandas as pd
 from ..errors import NotFound, SctdError
 from .recipe import DEFAULT_HP, DEFAULT_STUDENT, METHODS, Recipe, check_student
 
+# what Ray Tune copies from the driver's environment into every trial actor's runtime env
+# (``ray.tune.execution.class_cache``): stored with each actor and shown to every token holder
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.json"
 SEARCH_FILE = "search.json"
@@ -373,6 +376,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     key = exp_path
     tr.LIVE[key] = live
     save()
+    keep_credentials_out_of_trials()
     trainable = tune.with_resources(tr.distill_trial, resources)
     restored = False
     try:
@@ -434,6 +438,16 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         summary["best"]["student_uri"] = export["uri"]
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
     return DistillResult(results, summary)
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Ray Tune from copying the driver's S3 keys into each trial actor's runtime env, where
+    Ray logs them (runtime_env_agent.log) and `ray list actors --detail` shows them to anyone
+    holding the cluster's token. Trials read S3 with their node's own credential chain, as the
+    scan's workers do (the environment Ray started with, or the job's runtime env)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIAL_VARS)
 
 
 def _trial_name(trial) -> str:
