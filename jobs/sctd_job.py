@@ -15,7 +15,8 @@ A job takes exactly the options of `sctd <command>` (the argv is handed to
                             starts, so it sizes its workers to the GPUs; withdrawn at the end.
 
 Jobs always pass `--resume` where the command has it, so resubmitting a job with the same
-`--out` continues it; choose a new `--out` for a new run.
+`--out` continues it; choose a new `--out` for a new run. A local `--out` must be absolute
+(a relative one would be written into Ray's temporary copy of the working_dir).
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ def read_config(uri: str) -> dict:
     if uri.startswith("s3://"):
         from sctd_ray.zoo.store import open_store
 
+        from sctd_ray.errors import SctdError
+
         parent, _, name = uri.rpartition("/")
-        text = open_store(parent).read_bytes(name).decode()
+        try:
+            text = open_store(parent).read_bytes(name).decode()
+        except SctdError as e:   # not found, refused credentials, unreachable: one line
+            raise JobConfigError(f"cannot read job file {uri}: {e}") from None
     else:
         try:
             with open(uri, encoding="utf-8") as f:
@@ -308,6 +314,18 @@ def _on_sigterm(signum, frame):  # `ray job stop` sends SIGTERM first: stop like
     raise KeyboardInterrupt
 
 
+def check_out_is_kept(argv: list[str]) -> None:
+    """A relative local --out would land in Ray's temporary copy of the working_dir (lost with
+    the session; a changed checkout is another copy, so a resubmitted job would not resume)."""
+    for i, tok in enumerate(argv):
+        value = argv[i + 1] if tok == "--out" and i + 1 < len(argv) else \
+            tok.split("=", 1)[1] if tok.startswith("--out=") else None
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            raise JobConfigError(f"--out {value!r} is relative: in a job it would be written into "
+                                 "Ray's temporary copy of the working_dir and lost; give s3://... or "
+                                 "an absolute path on the head node")
+
+
 def run(command: str, argv: list[str] | None = None) -> int:
     """Run `sctd <command>` as a Ray job and return its exit status (logs say why)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -326,6 +344,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
     code, message, gpus, started = 0, "", 0, False
     try:
         full, job = build_job(command, argv)
+        check_out_is_kept(full)
         where = os.environ.get("RAY_ADDRESS") or "local Ray (no RAY_ADDRESS)"
         log(f"job {submission_id() or '(not submitted with ray job submit)'} on "
             f"{socket.gethostname()}, Ray at {where}")

@@ -119,6 +119,8 @@ def test_bad_config_is_one_clear_error(tmp_path, data, expected):
     (["--config", "{tmp}/missing.yaml"], "cannot read job file"),
     (["--zoo", "z"], "the following arguments are required"),
     (["--request-gpus"], "--request-gpus needs a value"),
+    (["--zoo", "z", "--target", "t", "--out", "runs/r1"], "--out 'runs/r1' is relative"),
+    (["--zoo", "z", "--target", "t", "--out=r1"], "--out 'r1' is relative"),
 ])
 def test_job_reports_errors_in_its_last_line_and_exit_status(tmp_path, capsys, monkeypatch, argv, expected):
     """What `ray job logs` ends with: one [sctd-job] FAILED line with the reason, no traceback."""
@@ -130,6 +132,14 @@ def test_job_reports_errors_in_its_last_line_and_exit_status(tmp_path, capsys, m
     last = out.strip().splitlines()[-1]
     assert code == 2, out + err
     assert last.startswith("[sctd-job]") and "FAILED" in last and expected in last, last
+    assert "Traceback" not in err
+
+
+def test_a_job_file_on_s3_that_cannot_be_read_is_one_line(s3_bucket, capsys):
+    code = sctd_job.run("assess", ["--config", f"{s3_bucket}/jobs/nope.yaml"])
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1]
+    assert code == 2 and "FAILED" in last and f"cannot read job file {s3_bucket}/jobs/nope.yaml" in last, last
     assert "Traceback" not in err
 
 
