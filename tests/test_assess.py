@@ -737,3 +737,17 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     pairs = set(zip(res.ranking["target"], res.ranking["teacher_id"]))
     assert ("fm-mix5", "student-fm-mix5") not in pairs  # it has seen fm-mix5's labels
     assert {("dg-high5", "student-fm-mix5"), ("fm-mix5", "fm-all-resnet")} <= pairs
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_ray(demo_zoo, tmp_path, monkeypatch):
+    """A run folder under a file (or read-only, or in a bucket the keys may not write): one line
+    before Ray starts, not an error per teacher after every teacher was scored."""
+    from sctd_ray.assess import scan
+
+    (tmp_path / "afile").write_text("not a folder")
+    started = []
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a, **k: started.append(1) or pytest.fail("Ray started"))
+    with pytest.raises(SctdError, match="Not a directory|not a folder"):
+        scan.run_scan(scan.ScanSettings(zoo=demo_zoo, targets=[_targets(demo_zoo)[0]],
+                                        out=str(tmp_path / "afile" / "run")))
+    assert not started

@@ -199,6 +199,17 @@ def _check_settings(s: ScanSettings) -> None:
                         f"{s.device_cache_mb}")
 
 
+WRITE_CHECK = ".sctd-write-check"
+
+
+def check_writable(out) -> None:
+    """Write and delete one small file in the run folder, so a folder that cannot be written (read
+    only, under a file, a bucket the keys may not write) is one error before Ray starts, not one
+    per teacher after the scoring."""
+    out.write_bytes(WRITE_CHECK, b"")
+    out.delete(WRITE_CHECK)
+
+
 def run_scan(s: ScanSettings, log=print) -> ScanResult:
     """Run (or resume) a scan; see the module docstring. Returns the ranking."""
     from ..zoo.manifest import current_manifest
@@ -212,6 +223,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if previous and not s.resume:
         raise SctdError(f"{s.out} already holds {len(previous)} results: pass --resume to continue "
                         "that scan, or choose another --out")
+    check_writable(out)
     zoo = open_store(s.zoo, s3_endpoint=s.s3_endpoint)
     manifest = all_teachers = current_manifest(zoo, log)
     if s.teachers:
