@@ -227,11 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = s3(sub.add_parser("scan", help="assess + distill + report: the whole pipeline"))
     add_assess_args(sc)
-    sc.add_argument("--top-k", type=int, default=3, help="distill from the k best-ranked teachers")
-    sc.add_argument("--budget", default="600", help="distillation budget: seconds, or 10m, 1h (default 600)")
-    sc.add_argument("--samples", type=int, default=3, help="hyper-parameter samples per teacher")
-    sc.add_argument("--student", default="test_resnet", help="timm architecture of the student")
-    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--top-k", type=int, default=3, help="distill from the k best-ranked teachers (default 3)")
+    sc.add_argument("--budget", default="600", help="distillation budget: seconds, or 10m, 1h (default 600; "
+                    "with several targets split equally between them)")
+    sc.add_argument("--samples", type=int, default=3, help="hyper-parameter samples per teacher (default 3)")
+    sc.add_argument("--student", default="test_resnet", help="timm architecture of the student (default test_resnet)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the draws and the trials (default 0)")
     add_recipe_args(sc)
     sc.set_defaults(func=cmd_scan)
 

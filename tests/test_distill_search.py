@@ -203,13 +203,25 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(run_dir, r
             assert after.loc[tid, "resumed_epoch"] >= row["epochs"] - 1, tid
     assert summary["used_s"] > first["used_s"] and summary["used_s"] <= 1.1 * 240
 
-    # resumed once more, finished: nothing is charged to the budget, and other settings given
-    # now are said not to apply (the trials were planned with the search's own)
+    # resumed once more, finished: nothing is charged to the budget, its budget and how it ended
+    # stay what they were (summary.json, the report), and other settings given now are said not
+    # to apply (the trials were planned with the search's own)
     capsys.readouterr()
-    again = run_distill_for_scan(run, budget=240, top_k=3, samples=2, resume=True, export=False,
+    again = run_distill_for_scan(run, budget=500, top_k=3, samples=2, resume=True, export=False,
                                  progress=False, log=lambda *_: None)[TARGET]
     assert again["complete"] and again["used_s"] == pytest.approx(summary["used_s"], abs=0.05)
-    assert "continues the search with its own settings (top_k 2); top_k 3 not applied" in capsys.readouterr().err
+    assert (again["budget_s"], again["stopped_by_budget"]) == (summary["budget_s"], summary["stopped_by_budget"])
+    assert ("the search is complete, with its own settings (top_k 2, budget 240.0); top_k 3, budget 500.0 "
+            "not applied") in capsys.readouterr().err
+    # on the command line only what the user typed counts: the defaults are not "given"
+    from sctd_ray.cli import build_parser
+    from sctd_ray.distill.search import settings_from_args
+
+    args = build_parser().parse_args(["distill", "--run", run, "--target", TARGET, "--resume"])
+    assert settings_from_args(args).given == ()
+    args = build_parser().parse_args(["distill", "--run", run, "--target", TARGET, "--top-k", "2"])
+    settings = settings_from_args(args)
+    assert settings.given == ("top_k",) and (settings.top_k, settings.samples, settings.budget) == (2, 3, 600.0)
 
 
 def test_a_crashing_trial_is_reported_and_the_search_goes_on(run_dir, demo_zoo_dir, ray_local, tmp_path, capsys):

@@ -86,6 +86,7 @@ class DistillSettings:
     cpus_per_trial: float = 1.0
     trials_per_gpu: int = 4
     progress: bool = True
+    given: tuple | None = None   # the settings the user gave (a resume names those not applied); None: all
 
 
 @dataclass
@@ -253,12 +254,13 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
-def _say_kept_settings(kept: dict, given: dict) -> None:
-    """A resumed search keeps its own settings (its trials were planned with them): say so
-    when the command gave others, instead of ignoring them silently."""
+def _say_kept_settings(kept: dict, given: dict, how: str = "continues") -> None:
+    """A resumed search keeps its own settings (its trials were planned with them; a finished
+    one also its budget): say so when the command gave others, instead of ignoring them."""
     other = {k: v for k, v in given.items() if k in kept and kept[k] != v}
     if other:
-        print("sctd: note: --resume continues the search with its own settings ("
+        what = "the search is complete, with" if how == "is complete" else "--resume continues the search with"
+        print(f"sctd: note: {what} its own settings ("
               + ", ".join(f"{k} {kept[k]}" for k in other) + "); "
               + ", ".join(f"{k} {v}" for k, v in other.items())
               + " not applied (another --out starts a new search)", file=sys.stderr)
@@ -338,6 +340,9 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     if previous and previous.get("target") != name:
         raise SctdError(f"{out.uri} holds the search of target {previous.get('target')!r}, not {name!r}")
     used_before = float(previous.get("used_s", 0.0)) if previous else 0.0
+    finished = bool(previous and previous.get("complete"))
+    if finished:   # a finished search keeps its budget and how it ended (summary.json, the report)
+        budget = float(previous.get("budget_s", budget))
     teachers = previous["teachers"] if previous else _choose_teachers(s, ranking)
     _check_in_zoo(zoo, teachers)
     _warn_if_changed_since_ranked(zoo, teachers, ranking)
@@ -359,9 +364,11 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                            "student": s.student, "recipe": recipe.to_dict(), "resources": resources}}
     if previous:
         search["settings"] = previous["settings"]
-        _say_kept_settings(previous["settings"], {"method": s.method, "samples": s.samples,
-                                                  "top_k": s.top_k, "seed": s.seed, "student": s.student})
-    finished = bool(previous and previous.get("complete"))
+        given = {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
+                 "student": s.student, "budget": s.budget}
+        kept = {**previous["settings"], "budget": budget if finished else s.budget}
+        _say_kept_settings(kept, {k: v for k, v in given.items() if s.given is None or k in s.given},
+                           "is complete" if finished else "continues")
 
     def used() -> float:   # a finished search spends nothing more: looking at it is free
         return used_before + (0.0 if finished else time.time() - t_start)
@@ -373,6 +380,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     live = {"deadline": t_start + remaining, "max_interval": 0.0, "last_report": {}, "trial_start": {},
             "best": (-1.0, None), "log": log, "progress": s.progress, "last_line": 0.0,
             "last_save": time.time(), "save": save, "used": used, "budget": budget, "budget_hit": False}
+    if finished:
+        live["budget_hit"] = bool((_read_json(out, SUMMARY_FILE) or {}).get("stopped_by_budget"))
     key = exp_path
     tr.LIVE[key] = live
     save()
@@ -690,18 +699,18 @@ def add_distill_args(p) -> None:
     p.add_argument("--target", required=True, help="target name in the run (or the target's uri)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/distill)")
     p.add_argument("--zoo", default=None, help="zoo (default: the zoo recorded in RUN/run.json)")
-    p.add_argument("--top-k", type=int, default=3, help="distill from the k best-ranked teachers (default 3)")
+    p.add_argument("--top-k", type=int, default=None, help="distill from the k best-ranked teachers (default 3)")
     p.add_argument("--teacher", action="append", default=None,
                    help="distill from this teacher id instead of the top-k (repeatable)")
-    p.add_argument("--method", choices=list(METHODS), default="ot",
+    p.add_argument("--method", choices=list(METHODS), default=None,
                    help="ot (default; across label spaces), kd (same label names only), ce (baseline only)")
-    p.add_argument("--budget", default="600", help="wall-clock budget: seconds, or 90s, 10m, 1h (default 600)")
-    p.add_argument("--samples", type=int, default=3,
+    p.add_argument("--budget", default=None, help="wall-clock budget: seconds, or 90s, 10m, 1h (default 600)")
+    p.add_argument("--samples", type=int, default=None,
                    help="hyper-parameter draws per teacher and for the ce baseline (default 3)")
-    p.add_argument("--student", default=DEFAULT_STUDENT,
+    p.add_argument("--student", default=None,
                    help=f"timm architecture of the student (default {DEFAULT_STUDENT})")
     add_recipe_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the draws and the trials (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
     p.add_argument("--export", dest="export", action="store_true", default=True,
                    help="write the best student to the zoo (default)")
@@ -737,11 +746,16 @@ def add_recipe_args(p) -> None:
                    help="recipe overrides, e.g. '{\"student_max_side\": 64}' (docs/distill.md)")
 
 
+_DEFAULTS = {"top_k": 3, "method": "ot", "budget": "600", "samples": 3, "student": DEFAULT_STUDENT, "seed": 0}
+
+
 def settings_from_args(args) -> DistillSettings:
     recipe = recipe_from_args(args)
-    return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, top_k=args.top_k,
-                           teachers=args.teacher, method=args.method, samples=args.samples,
-                           budget=parse_budget(args.budget), student=args.student, seed=args.seed,
+    given = tuple(k for k in _DEFAULTS if getattr(args, k, None) is not None)
+    v = {k: _DEFAULTS[k] if getattr(args, k, None) is None else getattr(args, k) for k in _DEFAULTS}
+    return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, top_k=v["top_k"],
+                           teachers=args.teacher, method=v["method"], samples=v["samples"], given=given,
+                           budget=parse_budget(v["budget"]), student=v["student"], seed=v["seed"],
                            resume=args.resume, export=args.export, address=args.address,
                            s3_endpoint=getattr(args, "s3_endpoint", None), recipe=recipe,
                            cpus_per_trial=args.cpus_per_trial, progress=not getattr(args, "quiet", False))
