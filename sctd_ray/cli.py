@@ -316,7 +316,12 @@ def entry() -> None:
         import ray
 
         if ray.is_initialized():
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            except KeyboardInterrupt:   # a second Ctrl-C (or SIGTERM) while Ray stops: the
+                code = 130              # results are written; end as interrupted, not a traceback
+                print("sctd: interrupted while Ray shut down; results written so far are kept",
+                      file=sys.stderr)
     import logging
 
     logging.shutdown()

@@ -142,7 +142,9 @@ def ensure_ray(address: str | None = None):
             ray.init(address="local", **kwargs)
     except ConnectionError as e:
         raise SctdError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}; "
-                        f"check {source} (the head node's GCS port, 6379 by default)") from None
+                        f"check {source} (the head node's GCS port, 6379 by default) and, for a "
+                        "cluster with token auth, RAY_AUTH_MODE=token and its token "
+                        "(RAY_AUTH_TOKEN or `ray get-auth-token`)") from None
     except SystemExit:
         # SIGTERM while ray.init runs: its own handlers stop the processes it started and
         # call sys.exit, which would end sctd with status 15 (or 1) and no word
