@@ -732,8 +732,11 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     cfg = json.loads((student / "config.json").read_text())
     cfg["source_task"] = {"distilled": {"target": "fm-mix5", "teacher_id": "fm-all-resnet"}}
     (student / "config.json").write_text(json.dumps(cfg))
+    said = []
     res = run_scan(ScanSettings(zoo=str(zoo), targets=_targets(demo_zoo), out=str(tmp_path / "r"),
-                                progress=False, teachers=["fm-all-resnet", "student-fm-mix5"]))
+                                progress=False, teachers=["fm-all-resnet", "student-fm-mix5"]), log=said.append)
+    assert any("1 student(s) distilled for fm-mix5 left out of its ranking" in line and
+               "student-fm-mix5" in line for line in said), said   # not silently
     pairs = set(zip(res.ranking["target"], res.ranking["teacher_id"]))
     assert ("fm-mix5", "student-fm-mix5") not in pairs  # it has seen fm-mix5's labels
     assert {("dg-high5", "student-fm-mix5"), ("fm-mix5", "fm-all-resnet")} <= pairs

@@ -265,8 +265,12 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if retried:
         log(f"resume: {len(retried)} earlier error row(s) are tried again")
     todo: dict[str, list[str]] = {}
+    target_names = {t.name for t in targets}
+    students = {}   # target -> its own students, left out of its ranking
     for _, r in manifest.iterrows():
         own = _distilled_for(r)  # a student exported for a target has seen its labels: not scored on it
+        if own in target_names:
+            students.setdefault(own, []).append(r["id"])
         missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done and t.name != own]
         if not missing_targets:
             continue
@@ -275,6 +279,9 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
                         r["architecture"])
             continue
         todo[r["id"]] = missing_targets
+    for name, ids in students.items():
+        log(f"scan: {len(ids)} student(s) distilled for {name} left out of its ranking (trained on "
+            f"its labels): {', '.join(sorted(ids)[:5])}{' ...' if len(ids) > 5 else ''}")
     rows_by_id = {r["id"]: r for _, r in manifest.iterrows()}
     samples = sum(t.num_rows for t in targets)
     costs = {tid: estimate_seconds(rows_by_id[tid]["params"], rows_by_id[tid]["input_size"],
