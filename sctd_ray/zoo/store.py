@@ -432,7 +432,7 @@ class S3Store(Store):
         except ReadTimeoutError:
             raise StoreUnreachable(
                 f"S3 endpoint {self.endpoint or '(AWS default endpoint)'} accepts connections but "
-                f"did not answer within {S3_PROBE_READ_TIMEOUT} s: check --s3-endpoint or "
+                f"did not answer ({S3_CONNECT_ATTEMPTS} tries of {S3_PROBE_READ_TIMEOUT} s): check --s3-endpoint or "
                 "AWS_ENDPOINT_URL_S3") from None
         except BotoConnectionError as exc:
             raise self._error(exc) from None
