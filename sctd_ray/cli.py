@@ -44,6 +44,8 @@ def cmd_zoo_index(args) -> int:
 
 
 def cmd_zoo_list(args) -> int:
+    import pandas as pd
+
     from .zoo.manifest import current_manifest
 
     df = current_manifest(_store(args.zoo, args), log=lambda line: print(line, file=sys.stderr))
@@ -53,6 +55,9 @@ def cmd_zoo_list(args) -> int:
     cols = ["id", "architecture", "num_classes", "num_features", "input_size", "params", "bytes", "status"]
     view = df[cols].copy()
     view["input_size"] = view["input_size"].map(lambda v: "x".join(str(int(i)) for i in v) if v is not None else "")
+    for col in ("num_classes", "num_features", "params", "bytes"):   # a broken teacher's are unknown:
+        view[col] = view[col].map(lambda v: "" if pd.isna(v) else str(int(v)))   # blank, not NaN/10.0
+    view["architecture"] = view["architecture"].fillna("")
     print(view.to_string(index=False))
     print(f"{len(df)} teachers")
     return 0

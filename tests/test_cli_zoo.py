@@ -50,6 +50,13 @@ def test_index_list_verify(demo_zoo, tmp_path, capsys):
     assert f"{len(SMALL_TEACHERS)} ok, 0 bad" in capsys.readouterr().out
     assert main(["zoo", "verify", str(tmp_path / "typo")]) == 2      # not a zoo: not "0 ok, 0 bad"
     assert "no teachers found" in capsys.readouterr().err
+    # a broken teacher's row: its unknowns blank, the others' numbers still integers
+    (zoo / "teachers" / SMALL_TEACHERS[0].teacher_id / "config.json").write_text("{bad")
+    assert main(["zoo", "index", str(zoo)]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "list", str(zoo)]) == 0
+    table = capsys.readouterr().out
+    assert "NaN" not in table and ".0 " not in table and "error" in table, table
 
 
 def test_verify_names_corrupt_and_mismatched_teachers(demo_zoo, tmp_path, capsys):
