@@ -125,10 +125,9 @@ def cmd_distill(args) -> int:
 def cmd_scan(args) -> int:
     """assess + distill (top-k teachers, within --budget) + report: the whole pipeline."""
     from .assess.scan import print_ranking, run_scan
+    from .data.targets import check_split_labels
     from .distill.search import check_search_args, recipe_from_args, run_distill_for_scan
     from .report import write_report
-
-    from .data.targets import check_split_labels
 
     check_search_args(args.budget, args.top_k, args.samples, args.student)  # before the assess step
     recipe = recipe_from_args(args)
@@ -138,6 +137,7 @@ def cmd_scan(args) -> int:
     print_ranking(result)
     summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,
                                      student=args.student, seed=args.seed, resume=args.resume,
+                                     export=args.export,
                                      address=args.address, s3_endpoint=args.s3_endpoint,
                                      progress=not args.quiet, recipe=recipe)
     report = write_report(args.out, s3_endpoint=args.s3_endpoint)
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--samples", type=int, default=3, help="hyper-parameter samples per teacher (default 3)")
     sc.add_argument("--student", default="test_resnet", help="timm architecture of the student (default test_resnet)")
     sc.add_argument("--seed", type=int, default=0, help="seed of the draws and the trials (default 0)")
+    sc.add_argument("--no-export", dest="export", action="store_false",
+                    help="do not write the best student to the zoo (default: it is written)")
     add_recipe_args(sc)
     sc.set_defaults(func=cmd_scan)
 

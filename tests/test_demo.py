@@ -48,3 +48,23 @@ def test_scan_checks_its_distillation_settings_before_assessing(demo_zoo, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and match in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_scan_no_export_reaches_the_distillation(demo_zoo, tmp_path, monkeypatch, capsys):
+    """`sctd scan --no-export` distills without writing the student into the zoo."""
+    from sctd_ray.assess import scan as scan_mod
+    from sctd_ray.distill import search
+    import sctd_ray.report as report
+
+    seen = {}
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: seen.setdefault("scan", settings))
+    monkeypatch.setattr(scan_mod, "print_ranking", lambda result: None)
+    monkeypatch.setattr(search, "run_distill_for_scan",
+                        lambda run, **kw: seen.update(kw) or {"t": {"complete": True, "best": {}}})
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: str(tmp_path / "report.html"))
+    target = str(Path(demo_zoo) / "targets" / "fm-mix5")
+    argv = ["scan", "--zoo", demo_zoo, "--target", target, "--out", str(tmp_path / "run"), "--quiet"]
+    main(argv + ["--no-export"])
+    assert seen["export"] is False
+    main(argv)
+    assert seen["export"] is True

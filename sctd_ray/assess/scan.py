@@ -225,7 +225,6 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if previous and not s.resume:
         raise SctdError(f"{s.out} already holds {len(previous)} results: pass --resume to continue "
                         "that scan, or choose another --out")
-    check_writable(out)
     zoo = open_store(s.zoo, s3_endpoint=s.s3_endpoint)
     manifest = all_teachers = current_manifest(zoo, log)
     if s.teachers:
@@ -242,6 +241,7 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     max_side = decode_max_side(manifest)
     probes = [probe_target(u, s.split, s3_endpoint=s.s3_endpoint, max_side=max_side)  # before Ray
               for u in s.targets]
+    check_writable(out)   # the last check before Ray: the inputs' errors leave no folder behind
     ray = ensure_ray(s.address)
 
     t_data = time.time()
