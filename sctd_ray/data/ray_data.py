@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import TargetError
 from .images import DECODE_MAX_SIDE, decode_image, decode_size, unify_channels
-from .targets import check_labels_present, detect_layout, image_folder_files, parquet_split, target_name
+from .targets import (check_enough_classes, check_known_labels, check_labels_present, detect_layout,
+                      image_folder_files, parquet_split, target_name)
 
 
 def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
@@ -108,26 +109,26 @@ def _may_lack_labels(pf) -> bool:
     return False
 
 
-def _first_image(store, split: str, pf=None) -> bytes:
+def _first_image(store, split: str, pf=None, files=None) -> bytes:
     """The first image of a split, read directly (to fix the split's size and channels); of a
-    Parquet split (``pf``, opened by ranges) only the footer and the first data page are read."""
+    Parquet split (``pf``, opened by ranges) only the footer and the first data page are read,
+    of an ImageFolder split the first of its ``files``."""
     if pf is not None:
         if pf.metadata.num_rows == 0:
             raise TargetError(f"{store.join(split + '.parquet')}: split {split!r} is empty")
         return next(pf.iter_batches(batch_size=1, columns=["image"])).column("image")[0].as_py()
-    return store.read_bytes(image_folder_files(store, split)[0][0])
+    return store.read_bytes(files[0][0])
 
 
-def _records_dataset(store, uri: str, split: str, layout: str, s3_endpoint: str | None):
+def _records_dataset(probe: "TargetProbe", s3_endpoint: str | None):
     """Undecoded Ray Dataset with columns image (bytes) and label (class name)."""
     import ray.data
 
-    fs, root = arrow_filesystem(uri, s3_endpoint)
-    if layout == "parquet":
-        return ray.data.read_parquet(f"{root}/{split}.parquet", filesystem=fs).select_columns(["image", "label"])
-    keys = [k for k, _ in image_folder_files(store, split)]
-    ds = ray.data.read_binary_files([f"{root}/{k}" for k in keys], filesystem=fs, include_paths=True)
-    prefix = uri.rstrip("/")
+    fs, root = arrow_filesystem(probe.uri, s3_endpoint)
+    if probe.layout == "parquet":
+        return ray.data.read_parquet(f"{root}/{probe.split}.parquet", filesystem=fs).select_columns(["image", "label"])
+    ds = ray.data.read_binary_files([f"{root}/{k}" for k, _ in probe.files], filesystem=fs, include_paths=True)
+    prefix = probe.uri.rstrip("/")
     return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2],
                              "source": prefix + "/" + "/".join(r["path"].rsplit("/", 3)[-3:])})
 
@@ -142,6 +143,7 @@ class TargetProbe:
     layout: str                      # "parquet" or "imagefolder" (``targets.detect_layout``)
     shape: tuple[int, int, int]      # (H, W) every image is decoded to (``images.decode_size``),
                                      # and C of its first image (3 in the end if any is in colour)
+    files: list | None = None        # an ImageFolder split's (key, class name): listed once
 
     @property
     def where(self) -> str:
@@ -165,12 +167,12 @@ def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
     if pf is not None and _may_lack_labels(pf):
         check_labels_present(parquet_split(store, split).read(columns=["label"]).column("label"),
                              store.join(f"{split}.parquet"))
-    if layout == "imagefolder" and split == "train":   # the folder listing names the classes
-        classes = {label for _, label in image_folder_files(store, split)}
-        if len(classes) < 2:
-            raise TargetError(f"{_where(uri, split)}: {len(classes)} class(es); a target needs at least 2")
-    first = decode_image(_first_image(store, split, pf), where=f"{_where(uri, split)} row 0")
-    return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]))
+    files = image_folder_files(store, split) if layout == "imagefolder" else None
+    if files is not None and split == "train":   # the folder listing names the classes
+        check_enough_classes(_where(uri, split), {label for _, label in files})
+    first = decode_image(_first_image(store, split, pf, files), where=f"{_where(uri, split)} row 0")
+    return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]),
+                       files)
 
 
 def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
@@ -184,7 +186,7 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
 
     probe = probe or probe_target(uri, split, s3_endpoint)
     store, layout, where = probe.store, probe.layout, probe.where
-    ds = _records_dataset(store, uri, split, layout, s3_endpoint)
+    ds = _records_dataset(probe, s3_endpoint)
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()
     meta = ray.get(decoded.select_columns(["label", "error", "colour", "digest"]).to_numpy_refs())
@@ -204,11 +206,8 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     found = sorted(set(labels.tolist()))
     if class_names is None:
         class_names = found
-        if len(class_names) < 2:
-            raise TargetError(f"{where}: {len(class_names)} class(es); a target needs at least 2")
-    unknown = sorted(set(found) - set(class_names))
-    if unknown:
-        raise TargetError(f"{where}: labels the train split lacks: {unknown[:5]}")
+        check_enough_classes(where, class_names)
+    check_known_labels(uri, split, found, class_names)
     digests = np.concatenate([b["digest"] for b in meta])
     return MaterializedTarget(target_name(uri), store.uri, list(class_names), int(len(labels)), refs,
                               target_fingerprint(digests, labels))

@@ -169,6 +169,12 @@ def image_folder_files(store, split: str) -> list[tuple[str, str]]:
     return files
 
 
+def check_enough_classes(where: str, classes) -> None:
+    """A task needs at least 2 classes (its train split's)."""
+    if len(classes) < 2:
+        raise TargetError(f"{where}: {len(classes)} class(es); need at least 2")
+
+
 def split_labels(store, split: str, layout: str) -> list[str]:
     """The class names of a split's rows, without reading its images (a folder listing, or the
     Parquet label column)."""
@@ -186,8 +192,7 @@ def check_split_labels(uri: str, splits=SPLITS, s3_endpoint: str | None = None) 
     store = _open(uri, s3_endpoint)
     layout = detect_layout(store)
     classes = sorted(set(split_labels(store, "train", layout)))
-    if len(classes) < 2:
-        raise TargetError(f"{uri}: the train split has {len(classes)} class(es); need at least 2")
+    check_enough_classes(f"{uri} split 'train'", classes)
     for split in splits:
         if split != "train":
             labels = split_labels(store, split, layout)
@@ -249,8 +254,7 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None,
     raw = {s: read_split_records(store, s, layout) for s in dict.fromkeys(("train", *splits))}
     train_labels = raw["train"][1]
     class_names = sorted(set(train_labels))
-    if len(class_names) < 2:
-        raise TargetError(f"{uri}: the train split has {len(class_names)} class(es); need at least 2")
+    check_enough_classes(f"{uri} split 'train'", class_names)
     first = decode_image(raw["train"][0][0], where=f"{uri} split 'train' row 0")
     size = decode_size(first.shape[:2], max_side)
     decoded = {s: decode_split(uri, s, *raw[s], class_names, size) for s in splits}

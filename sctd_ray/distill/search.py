@@ -254,12 +254,12 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
-def _say_kept_settings(kept: dict, given: dict, how: str = "continues") -> None:
+def _say_kept_settings(kept: dict, given: dict, finished: bool = False) -> None:
     """A resumed search keeps its own settings (its trials were planned with them; a finished
     one also its budget): say so when the command gave others, instead of ignoring them."""
     other = {k: v for k, v in given.items() if k in kept and kept[k] != v}
     if other:
-        what = "the search is complete, with" if how == "is complete" else "--resume continues the search with"
+        what = "the search is complete, with" if finished else "--resume continues the search with"
         print(f"sctd: note: {what} its own settings ("
               + ", ".join(f"{k} {kept[k]}" for k in other) + "); "
               + ", ".join(f"{k} {v}" for k, v in other.items())
@@ -368,7 +368,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                  "student": s.student, "budget": s.budget}
         kept = {**previous["settings"], "budget": budget if finished else s.budget}
         _say_kept_settings(kept, {k: v for k, v in given.items() if s.given is None or k in s.given},
-                           "is complete" if finished else "continues")
+                           finished)
 
     def used() -> float:   # a finished search spends nothing more: looking at it is free
         return used_before + (0.0 if finished else time.time() - t_start)
@@ -746,18 +746,17 @@ def add_recipe_args(p) -> None:
                    help="recipe overrides, e.g. '{\"student_max_side\": 64}' (docs/distill.md)")
 
 
-_DEFAULTS = {"top_k": 3, "method": "ot", "budget": "600", "samples": 3, "student": DEFAULT_STUDENT, "seed": 0}
-
-
 def settings_from_args(args) -> DistillSettings:
+    """The options typed on the command line; the others take DistillSettings' defaults (so a
+    resume can tell the two apart)."""
     recipe = recipe_from_args(args)
-    given = tuple(k for k in _DEFAULTS if getattr(args, k, None) is not None)
-    v = {k: _DEFAULTS[k] if getattr(args, k, None) is None else getattr(args, k) for k in _DEFAULTS}
-    return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, top_k=v["top_k"],
-                           teachers=args.teacher, method=v["method"], samples=v["samples"], given=given,
-                           budget=parse_budget(v["budget"]), student=v["student"], seed=v["seed"],
-                           resume=args.resume, export=args.export, address=args.address,
-                           s3_endpoint=getattr(args, "s3_endpoint", None), recipe=recipe,
+    given = {k: getattr(args, k) for k in ("top_k", "method", "budget", "samples", "student", "seed")
+             if getattr(args, k, None) is not None}
+    if "budget" in given:
+        given["budget"] = parse_budget(given["budget"])
+    return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, **given,
+                           given=tuple(given), teachers=args.teacher, resume=args.resume, export=args.export,
+                           address=args.address, s3_endpoint=getattr(args, "s3_endpoint", None), recipe=recipe,
                            cpus_per_trial=args.cpus_per_trial, progress=not getattr(args, "quiet", False))
 
 
