@@ -725,21 +725,30 @@ def test_a_blank_label_is_found_in_the_ray_data_pass(demo_zoo, ray_local, tmp_pa
 
 
 def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_path):
+    """A student written back by `sctd distill` has seen its target's labels: it is left out of
+    that target's ranking, found by the target's name or, under another name, by the train
+    split's fingerprint in its card."""
     zoo = tmp_path / "zoo"
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
-    student = zoo / "teachers" / "student-fm-mix5"
-    shutil.copytree(zoo / "teachers" / "fm-all-resnet", student)
-    cfg = json.loads((student / "config.json").read_text())
-    cfg["source_task"] = {"distilled": {"target": "fm-mix5", "teacher_id": "fm-all-resnet"}}
-    (student / "config.json").write_text(json.dumps(cfg))
+    fm_mix5 = load_target(_targets(demo_zoo)[0])
+    cards = {"student-fm-mix5": {"target": "fm-mix5"},
+             "student-renamed": {"target": "my-copy-of-fm", "target_fingerprint": fm_mix5.fingerprints["train"]}}
+    for sid, card in cards.items():
+        student = zoo / "teachers" / sid
+        shutil.copytree(zoo / "teachers" / "fm-all-resnet", student)
+        cfg = json.loads((student / "config.json").read_text())
+        cfg["source_task"] = {"distilled": {**card, "teacher_id": "fm-all-resnet"}}
+        (student / "config.json").write_text(json.dumps(cfg))
     said = []
     res = run_scan(ScanSettings(zoo=str(zoo), targets=_targets(demo_zoo), out=str(tmp_path / "r"),
-                                progress=False, teachers=["fm-all-resnet", "student-fm-mix5"]), log=said.append)
-    assert any("1 student(s) distilled for fm-mix5 left out of its ranking" in line and
-               "student-fm-mix5" in line for line in said), said   # not silently
+                                progress=False, teachers=["fm-all-resnet", *cards]), log=said.append)
+    assert any("2 student(s) distilled for fm-mix5 left out of its ranking" in line and
+               "student-fm-mix5, student-renamed" in line for line in said), said   # not silently
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["targets"]["fm-mix5"]["fingerprint"] == fm_mix5.fingerprints["train"]   # one fingerprint
     pairs = set(zip(res.ranking["target"], res.ranking["teacher_id"]))
-    assert ("fm-mix5", "student-fm-mix5") not in pairs  # it has seen fm-mix5's labels
-    assert {("dg-high5", "student-fm-mix5"), ("fm-mix5", "fm-all-resnet")} <= pairs
+    assert not {("fm-mix5", "student-fm-mix5"), ("fm-mix5", "student-renamed")} & pairs   # seen its labels
+    assert {("dg-high5", "student-fm-mix5"), ("dg-high5", "student-renamed"), ("fm-mix5", "fm-all-resnet")} <= pairs
 
 
 def test_an_out_folder_that_cannot_be_written_is_one_line_before_ray(demo_zoo, tmp_path, monkeypatch):

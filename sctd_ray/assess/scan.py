@@ -265,13 +265,14 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     if retried:
         log(f"resume: {len(retried)} earlier error row(s) are tried again")
     todo: dict[str, list[str]] = {}
-    target_names = {t.name for t in targets}
     students = {}   # target -> its own students, left out of its ranking
     for _, r in manifest.iterrows():
-        own = _distilled_for(r)  # a student exported for a target has seen its labels: not scored on it
-        if own in target_names:
-            students.setdefault(own, []).append(r["id"])
-        missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done and t.name != own]
+        # a student exported for a target has seen its labels: not scored on it (by its name, or
+        # by its train images and labels under another name)
+        own = [t.name for t in targets if _distilled_on(r, t)]
+        for name in own:
+            students.setdefault(name, []).append(r["id"])
+        missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done and t.name not in own]
         if not missing_targets:
             continue
         if r["status"] != "ok":  # the manifest already knows it is broken
@@ -351,13 +352,18 @@ def decode_max_side(manifest) -> int:
     return max([DECODE_MAX_SIDE, *sides])
 
 
-def _distilled_for(row) -> str | None:
-    """The target a zoo entry was distilled for (students written back by `sctd distill`)."""
+def _distilled_on(row, target) -> bool:
+    """Whether a zoo entry is a student distilled on ``target`` (written back by `sctd distill`,
+    whose card names the target and fingerprints its train split)."""
     try:
         task = json.loads(row.get("source_task") or "{}")
     except (TypeError, ValueError):
-        return None
-    return (task.get("distilled") or {}).get("target") if isinstance(task, dict) else None
+        return False
+    own = (task.get("distilled") or {}) if isinstance(task, dict) else {}
+    if not isinstance(own, dict):
+        return False
+    return own.get("target") == target.name or bool(
+        own.get("target_fingerprint") and own.get("target_fingerprint") == target.fingerprint)
 
 
 def _versions() -> dict:

@@ -48,7 +48,7 @@ class TargetData:
     class_names: list[str]
     images: np.ndarray | list[np.ndarray]
     labels: np.ndarray
-    fingerprint: str = ""   # ``ray_data.target_fingerprint``, written into each result row
+    fingerprint: str = ""   # ``targets.target_fingerprint``, written into each result row
 
     @property
     def blocks(self) -> list[np.ndarray]:

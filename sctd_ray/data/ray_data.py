@@ -4,7 +4,6 @@ blocks to every shard worker (RAY-NOTES: each actor reads all of a materialised 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import numpy as np
 from ..errors import TargetError
 from .images import DECODE_MAX_SIDE, decode_image, decode_size, unify_channels
 from .targets import (check_enough_classes, check_known_labels, check_labels_present, detect_layout,
-                      image_folder_files, parquet_split, target_name)
+                      image_digest, image_folder_files, parquet_split, target_fingerprint, target_name)
 
 
 def arrow_filesystem(uri: str, s3_endpoint: str | None = None):
@@ -59,7 +58,7 @@ class DecodeBatch:
                 images.append(np.zeros((*self.size, self.channels), np.uint8))
                 errors.append(str(e))
         colour = np.array([im.shape[2] == 3 for im in images], dtype=bool)
-        digest = [hashlib.blake2b(bytes(d or b""), digest_size=16).hexdigest() for d in batch["image"]]
+        digest = [image_digest(d) for d in batch["image"]]
         return {"image": np.stack(unify_channels(images)), "label": np.asarray(labels, dtype=object),
                 "error": np.asarray(errors, dtype=object), "colour": colour,
                 "digest": np.asarray(digest, dtype=object)}
@@ -211,14 +210,6 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     digests = np.concatenate([b["digest"] for b in meta])
     return MaterializedTarget(target_name(uri), store.uri, list(class_names), int(len(labels)), refs,
                               target_fingerprint(digests, labels))
-
-
-def target_fingerprint(digests, labels) -> str:
-    """What a target's scores depend on: its (image bytes, label) pairs, in any order. A resumed
-    scan scores a pair again when its target's fingerprint changed (a new target under the
-    same name, images added or relabelled)."""
-    lines = sorted(f"{d} {label}" for d, label in zip(digests, labels))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
 
 
 def _first_undecodable(store, split: str) -> str | None:

@@ -10,6 +10,7 @@ Class ids are the sorted class names of the ``train`` split; val/test may only u
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class TargetTask:
     uri: str
     class_names: list[str]
     splits: dict[str, TargetSplit] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)   # split -> ``target_fingerprint``
 
     @property
     def num_classes(self) -> int:
@@ -53,6 +55,20 @@ def target_name(uri: str) -> str:
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
     return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def image_digest(data) -> str:
+    """The digest of one image's stored bytes, as ``target_fingerprint`` takes it."""
+    return hashlib.blake2b(bytes(data or b""), digest_size=16).hexdigest()
+
+
+def target_fingerprint(digests, labels) -> str:
+    """What a target split's scores depend on: its (image bytes, label) pairs, in any order. A
+    resumed scan scores a pair again when its target's fingerprint changed (a new target under
+    the same name, images added or relabelled), and a student distilled on a split is not
+    scored on it under another name (the fingerprint is in its card)."""
+    lines = sorted(f"{d} {label}" for d, label in zip(digests, labels))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
 
 
 def _open(uri: str, s3_endpoint: str | None):
@@ -260,6 +276,8 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None,
     decoded = {s: decode_split(uri, s, *raw[s], class_names, size) for s in splits}
     everything = unify_channels([im for arrays, _ in decoded.values() for im in arrays])
     task, at = TargetTask(target_name(uri), uri, class_names), 0
+    task.fingerprints = {s: target_fingerprint(map(image_digest, images), labels)
+                         for s, (images, labels) in raw.items()}
     for s, (arrays, labels) in decoded.items():
         task.splits[s] = TargetSplit(np.stack(everything[at:at + len(arrays)]), labels)
         at += len(arrays)
