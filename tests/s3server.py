@@ -299,6 +299,8 @@ def serve_fake_s3(handler: type[http.server.BaseHTTPRequestHandler]):
 
 
 if __name__ == "__main__":
+    # `kill PID` (SIGTERM) stops it like Ctrl-C: the server and its temp dir go with it
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with SeaweedS3() as server:
         for key, value in server.env().items():
             print(f"export {key}={value}")
