@@ -147,6 +147,9 @@ def cmd_scan(args) -> int:
         if best.get("student_uri"):
             print(f"student for {name}: {best['student_uri']}")
     print(f"report:  {report}")
+    if result.errors:   # the scan's exit status is the distillation's: say it here, even with --quiet
+        print(f"sctd: {result.errors} error row(s) in the ranking (teachers that could not be scored); "
+              "the report lists them", file=sys.stderr)
     if not all((s or {}).get("complete") for s in summaries.values()):
         print("sctd: interrupted in the distillation; results written so far are kept: rerun "
               "with --resume", file=sys.stderr)

@@ -465,6 +465,19 @@ def test_reading_a_target_starts_no_actors(demo_zoo, ray_local):
     assert again.num_rows > 0 and started == []
 
 
+def test_a_materialised_target_waits_for_its_blocks(demo_zoo, ray_local):
+    """Ray Data's ``to_numpy_refs()`` gives refs of tasks (block -> array) that each need a CPU;
+    the shard actors created next take every CPU and would wait for them forever (a scan hung
+    in ~1 of 8 runs). The reader returns only when every block is computed."""
+    import ray
+
+    from sctd_ray.data.ray_data import materialize_target
+
+    mat = materialize_target(_targets(demo_zoo)[0])
+    ready, pending = ray.wait(mat.block_refs, num_returns=len(mat.block_refs), timeout=0, fetch_local=False)
+    assert len(ready) == len(mat.block_refs) and not pending
+
+
 def _photo_folder(root, n=300, grey=270, seed=0):
     """An ImageFolder target as photographs come: of several sizes, the first ``grey`` of them
     grey (more than one decode batch of 256), the rest in colour."""
@@ -493,6 +506,7 @@ def test_ray_data_decodes_a_target_as_load_target_does(ray_local, tmp_path):
     assert scanned.shape == task.splits["train"].images.shape == (300, 20, 20, 3)
     key = lambda images, ids: sorted((int(c), im.tobytes()) for im, c in zip(images, ids))  # noqa: E731
     assert key(scanned, labels) == key(task.splits["train"].images, task.splits["train"].labels)
+    assert mat.fingerprint == task.fingerprints["train"]   # the same images and labels, one hash
 
 
 def test_the_decode_size_grows_with_the_largest_teacher_input():

@@ -359,3 +359,39 @@ def test_code_version_ignores_docs_and_layout_not_code():
     assert gtm.normalised_source(a) == gtm.normalised_source(b)
     assert gtm.normalised_source(a) != gtm.normalised_source(c)
     assert gtm.recipe_code_version() == gtm.recipe_code_version()
+
+
+def test_scores_equal_up_to_float_noise_are_ties():
+    """H-score saturates at C-1 with few samples: 3.9999999999999982 vs 4.000000000000002 is a
+    tie, not a ranking (tau 0, regret of a random pick among the tied)."""
+    from sctd_ray.bench.quality import top1_regret, weighted_tau
+
+    noise = [3.9999999999999982, 4.0, 4.000000000000002, 3.999999999999999]
+    truth = [0.9, 0.5, 0.3, 0.6]
+    assert weighted_tau(noise, truth) == 0.0
+    assert abs(top1_regret(noise, truth) - 100 * (0.9 - sum(truth) / 4)) < 1e-9
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--recipe", "/nonexistent.json"], "--recipe /nonexistent.json: No such file"),
+    (["--recipe", "/etc/hostname"], "not a JSON object of Recipe settings"),
+    (["--recipe", "{epochs: 3}"], "not a JSON object of Recipe settings"),
+    (["--recipe", '{"epochz": 3}'], "epochz"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--teachers-per-target", "0"], "--teachers-per-target must be at least 1"),
+    (["--distill-max-seconds", "-5"], "--distill-max-seconds must be 0 or more"),
+    (["--json", "/proc/nope/x.json"], "--json /proc/nope/x.json: cannot create its folder"),
+])
+def test_bad_options_are_one_line_before_any_work(tmp_path, monkeypatch, capsys, flags, match):
+    from sctd_ray.cli import main
+
+    monkeypatch.setattr(q, "run_quality", lambda *a, **k: pytest.fail("the benchmark ran"))
+    code = main(["bench", "quality", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "c"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], err
+
+
+def test_recipe_is_json_as_for_distill_or_a_file(tmp_path):
+    (tmp_path / "r.json").write_text('{"epochs": 3}')
+    assert q._recipe('{"epochs": 3}').epochs == 3 == q._recipe(str(tmp_path / "r.json")).epochs
+    assert q._recipe("default").to_dict() == q._recipe("{}").to_dict()

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -57,7 +58,7 @@ def test_scan_no_export_reaches_the_distillation(demo_zoo, tmp_path, monkeypatch
     import sctd_ray.report as report
 
     seen = {}
-    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: seen.setdefault("scan", settings))
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: SimpleNamespace(errors=0))
     monkeypatch.setattr(scan_mod, "print_ranking", lambda result: None)
     monkeypatch.setattr(search, "run_distill_for_scan",
                         lambda run, **kw: seen.update(kw) or {"t": {"complete": True, "best": {}}})
@@ -68,3 +69,22 @@ def test_scan_no_export_reaches_the_distillation(demo_zoo, tmp_path, monkeypatch
     assert seen["export"] is False
     main(argv)
     assert seen["export"] is True
+
+
+def test_scan_with_broken_teachers_says_so_and_exits_as_its_distillation(demo_zoo, tmp_path, monkeypatch,
+                                                                         capsys):
+    """A scan that distilled a student exits 0 although some teachers are error rows (the
+    distillation is its job); a line on stderr says how many, also under --quiet."""
+    from sctd_ray.assess import scan as scan_mod
+    from sctd_ray.distill import search
+    import sctd_ray.report as report
+
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: SimpleNamespace(errors=3))
+    monkeypatch.setattr(scan_mod, "print_ranking", lambda result: None)
+    monkeypatch.setattr(search, "run_distill_for_scan",
+                        lambda run, **kw: {"t": {"complete": True, "best": {"student_uri": "zoo/s"}}})
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: str(tmp_path / "report.html"))
+    target = str(Path(demo_zoo) / "targets" / "fm-mix5")
+    code = main(["scan", "--zoo", demo_zoo, "--target", target, "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and "3 error row(s) in the ranking" in err

@@ -32,7 +32,7 @@ from sctd_ray.errors import SctdError
 from sctd_ray.metrics import NAMES
 from sctd_ray.report import add_report_args, cmd_report, collect_report_data, write_report
 from sctd_ray.report.bridge import Bridge, mean_plan
-from sctd_ray.report.render import fmt_score
+from sctd_ray.report.render import fmt_score, render_html
 from sctd_ray.zoo.loading import load_teacher
 from sctd_ray.zoo.manifest import build_manifest, write_manifest
 from sctd_ray.zoo.store import open_store
@@ -457,3 +457,25 @@ def test_clashing_target_names_and_a_target_without_any_ok_teacher(world, tmp_pa
     assert "No teacher was scored without error on this target." in text
     assert "cannot score: class &#x27;bag&#x27; has no samples" in text
     assert "The run description" not in text  # run.json was there
+
+
+def test_a_scan_of_several_targets_shows_each_targets_search(world, run, tmp_path):
+    """``sctd scan`` with several targets writes RUN/distill/<target>/ (run_distill_for_scan):
+    each search is shown with its own numbers, none is reported as missing."""
+    import shutil
+
+    multi = tmp_path / "multi"
+    shutil.copytree(run, multi)
+    for name in ("tiny", "other"):
+        (multi / "distill" / name).mkdir(parents=True)
+        for f in ("results.parquet", "summary.json"):
+            shutil.copy(multi / "distill" / f, multi / "distill" / name / f)
+    for f in ("results.parquet", "summary.json"):
+        (multi / "distill" / f).unlink()
+    data = collect_report_data(str(multi), bridges=False)
+    assert [d.target for d in data.distill] == ["other", "tiny"]
+    assert all(d.best["trial_id"] == "t0" and not d.notes for d in data.distill)
+    text = render_html(data)
+    assert "is missing" not in text
+    assert 'id="distill-tiny"' in text and 'id="distill-other"' in text
+    assert text.count("<h2>Distillation search: ") == 2

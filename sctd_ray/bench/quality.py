@@ -29,11 +29,18 @@ def _log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- measures
 
+def _tied(scores) -> np.ndarray:
+    """Scores rounded to 12 significant digits: values that differ only by floating-point noise
+    (H-score saturates at C-1 when features outnumber samples: 3.9999999999999982 vs
+    4.000000000000002) are ties, not a ranking."""
+    return np.array([float(f"{v:.12g}") for v in np.asarray(scores, float)])
+
+
 def weighted_tau(scores, truth) -> float:
     """SPEC 6: ``scipy.stats.weightedtau(scores, truth)`` (hyperbolic weights, both rankings)."""
     from scipy.stats import weightedtau
 
-    s, t = np.asarray(scores, float), np.asarray(truth, float)
+    s, t = _tied(scores), np.asarray(truth, float)
     if len(s) < 2 or np.ptp(t) == 0:
         return float("nan")
     if np.ptp(s) == 0:
@@ -44,7 +51,7 @@ def weighted_tau(scores, truth) -> float:
 def top1_regret(scores, truth) -> float:
     """Best ground truth minus the ground truth of the top-scored teacher, in points (truth is
     an accuracy in [0, 1]); teachers tied for the top score count by their mean ground truth."""
-    s, t = np.asarray(scores, float), np.asarray(truth, float)
+    s, t = _tied(scores), np.asarray(truth, float)
     top = s == np.max(s)
     return float(100.0 * (t.max() - t[top].mean()))
 
@@ -219,7 +226,9 @@ def format_table(result: dict, teachers: int, distill_pairs: dict | None = None,
         lines.append("")
         lines.append(f"weighted Kendall tau vs the {kind} ground truth ({len(used)} targets in the mean)")
         if not used:
-            lines.append("  (no target has this ground truth with enough spread)")
+            have = [tg for tg in tgs if result["spread"][tg][kind] is not None]
+            lines.append("  (no target has this ground truth with enough spread)" if have else
+                         f"  (not computed, or fewer than {MIN_TEACHERS} teachers with a result per target)")
             continue
         head = f"{'metric':18s}" + "".join(f"{tg[:10]:>11s}" for tg in used) + \
             f"{'mean':>8s} {'95% CI':>15s} {'regret':>7s}"
@@ -261,7 +270,8 @@ def add_bench_quality_args(p) -> None:
                    help="target task folders (default: the zoo's targets/*)")
     p.add_argument("--out", default=None, help="cache + results folder (default: $SCTD_HOME/bench-quality)")
     p.add_argument("--recipe", default="default",
-                   help="distillation recipe: 'default' or a JSON file of Recipe settings")
+                   help="distillation recipe: 'default', a JSON object of Recipe settings "
+                        "('{\"epochs\": 20}', as for sctd distill) or a file holding one")
     p.add_argument("--seeds", type=int, default=1, help="distillation seeds per pair (default 1)")
     p.add_argument("--teachers-per-target", type=int, default=None,
                    help="distill at most this many teachers per target (a seeded, score-independent subset)")
@@ -276,12 +286,29 @@ def add_bench_quality_args(p) -> None:
 
 
 def _recipe(spec: str):
+    """``--recipe``: 'default', a JSON object of Recipe settings (as ``sctd distill --recipe``
+    takes it), or the path of a file holding one. One line (SctdError) for anything else."""
     from ..distill.recipe import Recipe
+    from ..errors import SctdError
 
     if spec in (None, "", "default"):
         return Recipe()
-    with open(spec) as f:
-        return Recipe.from_dict(json.load(f))
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        try:
+            with open(spec) as f:
+                text = f.read()
+        except OSError as e:
+            raise SctdError(f"--recipe {spec}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            text = ""
+    try:
+        settings = json.loads(text)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise SctdError(f"--recipe {spec}: not a JSON object of Recipe settings ({e})") from None
+    if not isinstance(settings, dict):
+        raise SctdError(f"--recipe {spec}: not a JSON object of Recipe settings")
+    return Recipe.from_dict(settings)
 
 
 def run_quality(zoo: str, target_uris: list[str] | None, out: str, recipe="default", seeds: int = 1,
@@ -327,6 +354,22 @@ def cmd_bench_quality(args) -> int:
     import os
     from pathlib import Path
 
+    from ..errors import SctdError
+
+    if args.seeds < 1:
+        raise SctdError(f"--seeds must be at least 1, not {args.seeds}")
+    if args.teachers_per_target is not None and args.teachers_per_target < 1:
+        raise SctdError(f"--teachers-per-target must be at least 1, not {args.teachers_per_target}")
+    if args.distill_max_seconds is not None and args.distill_max_seconds < 0:
+        raise SctdError(f"--distill-max-seconds must be 0 or more, not {args.distill_max_seconds:g}")
+    if args.json:   # its folder before the benchmark's minutes, not after them
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SctdError(f"--json {args.json}: cannot create its folder ({e.strerror or e})") from None
+        if not os.access(Path(args.json).parent, os.W_OK):
+            raise SctdError(f"--json {args.json}: its folder is not writable")
+    recipe = _recipe(args.recipe)   # a bad recipe before the benchmark's minutes
     home = Path(os.environ.get("SCTD_HOME", Path.home() / ".cache" / "sctd-ray"))
     zoo = args.zoo
     if zoo is None:
@@ -336,7 +379,7 @@ def cmd_bench_quality(args) -> int:
         build_demo(zoo, preset="bench")
     out = args.out or str(home / "bench-quality")
     teachers = [t for t in (args.teachers or "").split(",") if t] or None
-    result, table = run_quality(zoo, args.targets, out, args.recipe, args.seeds, args.teachers_per_target,
+    result, table = run_quality(zoo, args.targets, out, recipe, args.seeds, args.teachers_per_target,
                                 args.distill_max_seconds, args.gt, not args.no_ce, teachers,
                                 getattr(args, "s3_endpoint", None))
     print(table)

@@ -195,7 +195,10 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
         raise TargetError(f"{len(errors)} undecodable image(s) in {where}; the first: {first or errors[0]}")
     if probe.shape[2] == 1 and any(b["colour"].any() for b in meta):  # grey first, colour later
         decoded = decoded.map_batches(grey_to_rgb, batch_format="numpy").materialize()
-    refs = decoded.to_numpy_refs()
+    refs = decoded.to_numpy_refs()   # each ref is a Ray *task* (block -> ndarray), still pending
+    # wait for those tasks here: the shard actors created next take every CPU (one per CPU by
+    # default) and would wait in ray.get for tasks that can no longer be scheduled (a deadlock)
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
     labels = np.concatenate([b["label"] for b in meta])
     if any(label is None or not str(label).strip() for label in labels):
         if layout == "parquet":   # the row numbers: Ray Data does not keep them

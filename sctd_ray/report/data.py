@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, SctdError, StoreAuthError, StoreError, StoreUnreachable
+from ..score_names import DEFAULT_RANK_BY
 if TYPE_CHECKING:   # bridge.py imports torch: only when a bridge is computed
     from .bridge import Bridge
 
@@ -67,6 +68,7 @@ class DistillData:
     best: dict | None
     ce: dict | None
     notes: list[str] = field(default_factory=list)
+    target: str | None = None   # RUN/distill/<target>/ of a scan of several targets; None: RUN/distill/
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ReportData:
     metrics: list[str]
     rank_by: str
     targets: list[TargetSection]
-    distill: DistillData | None
+    distill: list[DistillData]   # one per distilled target (empty: no RUN/distill/)
     notes: list[str] = field(default_factory=list)
     generated_at: str = ""
 
@@ -199,27 +201,42 @@ def _pick(rows: pd.DataFrame) -> dict | None:
     return rows.sort_values(order, ascending=asc).iloc[0].drop("_acc").to_dict()
 
 
-def collect_distill(store) -> DistillData | None:
-    """``RUN/distill``: trials, summary, best student and ce baseline; None if there is none."""
+def collect_distill(store) -> list[DistillData]:
+    """Every distillation search of the run: ``RUN/distill/`` (one target), or one
+    ``RUN/distill/<target>/`` per target (``sctd scan`` with several targets,
+    ``distill.search.run_distill_for_scan``). Empty when the run has none."""
     try:
         keys = store.list(DISTILL_PREFIX)
     except NotFound:
         keys = []
     if not keys:
-        return None
+        return []
+    rel = [k[len(DISTILL_PREFIX):] for k in keys]
+    if any(r in ("results.parquet", "summary.json") for r in rel):
+        return [_collect_one(store, keys, DISTILL_PREFIX, None)]
+    names = sorted({r.split("/", 1)[0] for r in rel
+                    if r.endswith(("/results.parquet", "/summary.json")) and r.count("/") == 1})
+    if not names:   # a distill/ folder without any search files: say so, as before
+        return [_collect_one(store, keys, DISTILL_PREFIX, None)]
+    return [_collect_one(store, keys, f"{DISTILL_PREFIX}{n}/", n) for n in names]
+
+
+def _collect_one(store, keys: list[str], prefix: str, target: str | None) -> DistillData:
+    """One search's folder ``prefix`` (``distill/`` or ``distill/<target>/``)."""
+    results, summary_key = prefix + "results.parquet", prefix + "summary.json"
     notes: list[str] = []
     trials = None
-    if DISTILL_RESULTS in keys:
+    if results in keys:
         try:
-            trials = _read_parquet(store, DISTILL_RESULTS)
+            trials = _read_parquet(store, results)
         except StoreError as e:
             notes.append(str(e))
     else:
-        notes.append(f"{store.join(DISTILL_RESULTS)} is missing: no trial results to show.")
-    summary = _read_json(store, DISTILL_SUMMARY, notes, "The search summary") \
-        if DISTILL_SUMMARY in keys else {}
-    if DISTILL_SUMMARY not in keys:
-        notes.append(f"{store.join(DISTILL_SUMMARY)} is missing.")
+        notes.append(f"{store.join(results)} is missing: no trial results to show.")
+    summary = _read_json(store, summary_key, notes, "The search summary") \
+        if summary_key in keys else {}
+    if summary_key not in keys:
+        notes.append(f"{store.join(summary_key)} is missing.")
     best = ce = None
     if trials is not None and len(trials):
         ok = trials[~trials["status"].isin(FAILED)] if "status" in trials else trials
@@ -233,7 +250,7 @@ def collect_distill(store) -> DistillData | None:
             best = _pick(ok)
         if "method" in ok:
             ce = _pick(ok[ok["method"] == "ce"])
-    return DistillData(trials, summary, best, ce, notes)
+    return DistillData(trials, summary, best, ce, notes, target=target)
 
 
 def collect_report_data(run_uri: str, s3_endpoint: str | None = None, bridges: bool = True,
@@ -254,7 +271,8 @@ def collect_report_data(run_uri: str, s3_endpoint: str | None = None, bridges: b
     run = _read_json(store, RUN_FILE, notes, "The run description")
     if run and run.get("complete") is False:
         notes.append("The scan did not complete: teachers it did not reach are absent.")
-    rank_by = (run.get("settings") or {}).get("rank_by") or "sctd"
+    # the scan's own default when run.json does not say (the stored ranks come from it)
+    rank_by = (run.get("settings") or {}).get("rank_by") or DEFAULT_RANK_BY
     if rank_by not in ranking.columns:
         notes.append(f"The ranking metric {rank_by!r} is not a column of ranking.parquet.")
     sections = _target_sections(ranking, run, rank_by)

@@ -262,8 +262,9 @@ def target_section(data: ReportData, s: TargetSection, aid: str) -> str:
     return "".join(out)
 
 
-def distill_section(d: DistillData) -> str:
-    out = ['<section id="distill"><h2>Distillation search</h2>']
+def distill_section(d: DistillData, aid: str = "distill") -> str:
+    title = "Distillation search" + (f": {e(d.target)}" if d.target else "")
+    out = [f'<section id="{aid}"><h2>{title}</h2>']
     for n in d.notes:
         out.append(note(n))
     s = d.summary
@@ -335,8 +336,10 @@ def render_html(data: ReportData) -> str:
     ids = anchors("target", [s.name for s in data.targets])
     nav = ['<a href="#facts">Run</a>'] + [
         f'<a href="#{ids[s.name]}">{e(s.name)}</a>' for s in data.targets]
-    if data.distill is not None:
-        nav.append('<a href="#distill">Distillation</a>')
+    dids = (anchors("distill", [d.target for d in data.distill])
+            if len(data.distill) > 1 else {d.target: "distill" for d in data.distill})
+    for d in data.distill:
+        nav.append(f'<a href="#{dids[d.target]}">Distillation{": " + e(d.target) if d.target else ""}</a>')
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>sctd-ray report: {e(data.run_uri)}</title>", f"<style>{STYLE}</style></head><body>",
@@ -349,7 +352,6 @@ def render_html(data: ReportData) -> str:
                      + "".join(f"<li>{e(n)}</li>" for n in data.notes) + "</ul></div>")
     parts.append(run_facts(data))
     parts.extend(target_section(data, s, ids[s.name]) for s in data.targets)
-    if data.distill is not None:
-        parts.append(distill_section(data.distill))
+    parts.extend(distill_section(d, dids[d.target]) for d in data.distill)
     parts.append("</body></html>\n")
     return "\n".join(parts)
