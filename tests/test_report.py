@@ -410,6 +410,35 @@ def test_mean_plan_is_the_soft_joint():
     np.testing.assert_allclose(j, expected)
 
 
+@pytest.mark.parametrize("layout", ["parquet", "imagefolder"])
+def test_the_bridge_streams_the_target_a_batch_at_a_time(world, monkeypatch, tmp_path, layout):
+    """The report's bridge reads the split a batch at a time (a large target is never loaded
+    whole into the report's process) and gives the bridge of the split held in memory."""
+    from PIL import Image
+
+    import sctd_ray.data.targets as targets
+    from sctd_ray.assess.engine import TeacherRunner
+    from sctd_ray.report import bridge
+
+    uri, task = world["target"], world["task"]
+    if layout == "imagefolder":
+        uri = str(tmp_path / "tiny")
+        for i, (im, y) in enumerate(zip(task.splits["train"].images, task.splits["train"].labels)):
+            path = tmp_path / "tiny" / "train" / task.class_names[y] / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im[:, :, 0]).save(path)
+    whole = bridge.compute_bridge(world["teacher"], task.splits["train"].images, task.splits["train"].labels,
+                                  "tiny", task.class_names)
+    monkeypatch.setattr(targets, "read_split_records", lambda *a: pytest.fail("the whole split read"))
+    monkeypatch.setattr(bridge, "BATCH_SIZE", 7)
+    seen, forward = [], TeacherRunner.forward
+    monkeypatch.setattr(TeacherRunner, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    streamed = bridge.load_bridge(open_store(world["zoo"]), "fm-real", "tiny", uri)
+    assert seen == [7, 5] and streamed.samples == 12 and streamed.target_classes == task.class_names
+    np.testing.assert_allclose(streamed.cost, whole.cost, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(streamed.plan, whole.plan, rtol=1e-6, atol=1e-12)
+
+
 def test_large_label_spaces_show_the_heaviest_teacher_classes():
     plan = np.zeros((100, 3))
     plan[[7, 42, 3], 0] = [0.5, 0.3, 0.2]

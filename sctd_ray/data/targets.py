@@ -284,6 +284,48 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None,
     return task
 
 
+def iter_split(uri: str, split: str = "train", s3_endpoint: str | None = None, batch_size: int = 256,
+               max_side: int = DECODE_MAX_SIDE):
+    """One split decoded a batch at a time, at the size ``load_target`` gives it: the task's
+    class names and an iterator of (images (n, H, W, C) uint8, class ids (n,)). Memory holds
+    one batch of image bytes and pixels, not the split (the report's bridge over a large target).
+    A batch is RGB when any of its images is in colour (``load_target`` decides that for the
+    whole split; a grey teacher sees the same values either way, up to rounding)."""
+    store = _open(uri, s3_endpoint)
+    layout = detect_layout(store)
+    class_names = sorted(set(split_labels(store, "train", layout)))
+    check_enough_classes(f"{uri} split 'train'", class_names)
+    labels = split_labels(store, split, layout)
+    check_known_labels(uri, split, labels, class_names)
+    if not labels:
+        raise TargetError(f"{uri}: split {split!r} is empty")
+    index = {c: i for i, c in enumerate(class_names)}
+    ids = np.array([index[c] for c in labels], dtype=np.int64)
+    if layout == "parquet":
+        def chunks():
+            for b in parquet_split(store, split, whole=False).iter_batches(batch_size, columns=["image"]):
+                yield b.column("image").to_pylist()
+        train_first = next(parquet_split(store, "train", whole=False).iter_batches(
+            batch_size=1, columns=["image"])).column("image")[0].as_py()
+    else:
+        files = [k for k, _ in image_folder_files(store, split)]
+
+        def chunks():
+            for at in range(0, len(files), batch_size):
+                yield [store.read_bytes(k) for k in files[at:at + batch_size]]
+        train_first = store.read_bytes(image_folder_files(store, "train")[0][0])
+    size = decode_size(decode_image(train_first, where=f"{uri} split 'train' row 0").shape[:2], max_side)
+
+    def batches():
+        at = 0
+        for images in chunks():
+            arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {at + i}")
+                      for i, b in enumerate(images)]
+            yield np.stack(unify_channels(arrays)), ids[at:at + len(arrays)]
+            at += len(arrays)
+    return class_names, batches()
+
+
 def write_target(store, images_by_split: dict[str, np.ndarray], labels_by_split: dict[str, list[str]]) -> None:
     """Write a target in the Parquet layout (PNG bytes + class names), one file per split."""
     for split, images in images_by_split.items():

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import TargetError
+
 BATCH_SIZE = 256
 
 
@@ -65,36 +67,49 @@ def compute_bridge(teacher, images: np.ndarray, labels: np.ndarray, target: str,
                    target_classes: list[str], split: str = "train",
                    device: str | torch.device | None = None,
                    batch_size: int = BATCH_SIZE) -> Bridge:
-    """Forward the teacher over uint8 images (N, H, W, C) with the scan's engine, then build
-    ``M`` and ``J`` (module docstring). Teacher problems raise TeacherError naming it."""
+    """``bridge_from_batches`` over uint8 images (N, H, W, C) held in memory."""
+    batches = ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
+    return bridge_from_batches(teacher, batches, target, target_classes, split, device)
+
+
+def bridge_from_batches(teacher, batches, target: str, target_classes: list[str], split: str = "train",
+                        device: str | torch.device | None = None) -> Bridge:
+    """Forward the teacher over (uint8 images (n, H, W, C), class ids) batches with the scan's
+    engine, keeping only streaming sums (module docstring): the class sums of the features for
+    ``M`` (``ot.cost_from_prototypes``) and the soft joint for ``J``. Memory does not grow with
+    the target. Teacher problems raise TeacherError naming it."""
     from .. import ot
     from ..assess.engine import TeacherRunner
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     runner = TeacherRunner(teacher, device)
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    feats, probs = [], []
-    for i in range(0, len(x), batch_size):
-        f, logits = runner.forward(x[i:i + batch_size])
-        feats.append(f.double().cpu())
-        probs.append(torch.softmax(logits.double(), dim=1).cpu())
-    features = torch.cat(feats).numpy()
-    p = torch.cat(probs).numpy()
-    y = np.asarray(labels, dtype=np.int64)
+    c = len(target_classes)
+    sums, counts, joint, n = None, np.zeros(c), 0.0, 0
+    for images, labels in batches:
+        f, logits = runner.forward(torch.from_numpy(np.ascontiguousarray(images)))
+        f, p = f.double().cpu(), torch.softmax(logits.double(), dim=1).cpu().numpy()
+        y = np.asarray(labels, dtype=np.int64)
+        if sums is None:
+            sums = torch.zeros(c, f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, torch.from_numpy(y), f)
+        counts += np.bincount(y, minlength=c)
+        joint = joint + mean_plan(p, y, c) * len(y)
+        n += len(y)
+    if not n:
+        raise TargetError(f"target {target!r}: split {split!r} is empty")
     weight = runner.weight.double().cpu().numpy()
-    cost = np.asarray(ot.ground_cost(features, y, weight, num_classes=len(target_classes)),
-                      dtype=np.float64)
+    cost = np.asarray(ot.cost_from_prototypes(weight, sums.numpy(), counts), dtype=np.float64)
     return Bridge(teacher.teacher_id, target, split, list(teacher.config.label_names),
-                  list(target_classes), cost, mean_plan(p, y, len(target_classes)), len(y))
+                  list(target_classes), cost, joint / n, n)
 
 
 def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: str = "train",
                 s3_endpoint: str | None = None, device: str | None = None,
                 teacher_cache: dict | None = None) -> Bridge:
-    """Load a teacher from the ``zoo`` store and one split of the target at ``target_uri``,
-    then ``compute_bridge``. Raises SctdError subclasses (TeacherError, TargetError,
-    StoreError) on anything the user can fix."""
-    from ..data.targets import load_target
+    """Load a teacher from the ``zoo`` store, then ``bridge_from_batches`` over one split of the
+    target at ``target_uri``, read a batch at a time (``targets.iter_split``). Raises SctdError
+    subclasses (TeacherError, TargetError, StoreError) on anything the user can fix."""
+    from ..data.targets import iter_split
     from ..zoo.loading import load_teacher
 
     if teacher_cache is not None and teacher_id in teacher_cache:
@@ -103,7 +118,5 @@ def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: 
         teacher = load_teacher(zoo, teacher_id)
         if teacher_cache is not None:
             teacher_cache[teacher_id] = teacher
-    task = load_target(target_uri, splits=(split,), s3_endpoint=s3_endpoint)
-    data = task.splits[split]
-    return compute_bridge(teacher, data.images, data.labels, target_name, task.class_names,
-                          split=split, device=device)
+    class_names, batches = iter_split(target_uri, split, s3_endpoint=s3_endpoint, batch_size=BATCH_SIZE)
+    return bridge_from_batches(teacher, batches, target_name, class_names, split=split, device=device)
