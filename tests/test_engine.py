@@ -36,3 +36,17 @@ def test_runner_runs_channels_last_with_the_plain_forwards_features(demo_zoo, ti
     contiguous = TeacherRunner(load_teacher(open_store(demo_zoo), tid), "cpu", channels_last=False)
     assert all(m.weight.is_contiguous() for m in contiguous.model.modules() if isinstance(m, torch.nn.Conv2d))
     torch.testing.assert_close(contiguous.forward(x)[0], f_ref, rtol=1e-6, atol=1e-6 * float(f_ref.abs().max()))
+
+
+def test_a_nan_in_the_classifier_is_a_teacher_error_that_says_so(demo_zoo):
+    """A corrupt head makes every score NaN: the teacher's error row names the cause and the
+    check that finds it, not a score function's input error."""
+    from sctd_ray.errors import TeacherError
+
+    teacher = load_teacher(open_store(demo_zoo), "fm-all-resnet")
+    with torch.no_grad():
+        teacher.model.get_classifier().weight[2, 3] = float("nan")
+        teacher.model.get_classifier().bias[0] = float("inf")
+    with pytest.raises(TeacherError, match=r"fm-all-resnet.*2 NaN or inf value\(s\) in the classifier's "
+                                           r"weights .*sctd zoo verify"):
+        TeacherRunner(teacher, "cpu")

@@ -127,7 +127,11 @@ def _write_run(run: Path, zoo_uri: str, target_uri: str, real_scores: dict, dist
             "target": "tiny", "best_trial_id": "t0", "best_teacher_id": "fm-real",
             "best_val_acc": 0.8125, "best_test_acc": 0.7917, "ce_val_acc": 0.75,
             "ce_test_acc": 0.7083, "budget_s": 60.0, "used_s": 32.5,
-            "student": {"id": "student-tiny", "uri": "zoo/teachers/student-tiny"}}).encode())
+            "student": {"id": "student-tiny", "uri": "zoo/teachers/student-tiny"},
+            "best": {"trial_id": "t0", "lam": 100.0, "lr": 0.003, "val_acc": 0.8125},
+            "gain_vs_ce_points": 8.34, "export": {"teacher_id": "student-tiny", "uri": "zoo/teachers/student-tiny"},
+            "teachers": [{"teacher_id": "fm-real", "rank": 1, "val_acc": 0.8125, "scores": {"sctd": 0.5}}],
+        }).encode())
     return str(run)
 
 
@@ -274,7 +278,7 @@ def test_errors_are_shown_with_their_reasons_escaped(page):
 def test_run_facts(page):
     p = parse(page)
     facts = dict(zip(p.terms[::2], p.terms[1::2]))
-    assert facts["wall time (s)"] == "3.5" and facts["samples/s"] == "16"
+    assert facts["assess wall time (s)"] == "3.5" and facts["samples/s"] == "16"
     assert facts["teachers scanned (this run)"] == "3" and facts["errors"] == "1"
     assert facts["zoo"].endswith("zoo") and facts["complete"] == "yes"
     assert ["w0", "1536.2", "2", "cpu"] in [cells for _, cells in p.rows]  # worker usage
@@ -292,6 +296,12 @@ def test_distill_numbers_match_results_parquet(run, page):
         assert fmt_score(best[col]) in best_cells
         assert fmt_score(ce[col]) in ce_cells
     assert "32.5 of 60.0" in page  # budget used
+    facts = dict(zip(p.terms[::2], p.terms[1::2]))
+    assert facts["best student vs ce (test accuracy, points)"] == "+8.3"
+    assert facts["exported student"] == "zoo/teachers/student-tiny"
+    # summary.json: hyper-parameters as numbers, accuracies as scores, a list of teachers by item
+    assert facts["best.lam"] == "100" and facts["best.lr"] == "0.003" and facts["best.val_acc"] == "0.8125"
+    assert facts["teachers.0.teacher_id"] == "fm-real" and facts["teachers.0.scores.sctd"] == "0.5000"
     for tid in trials.trial_id:
         assert len(rows_where(p, "data-trial", tid)) == 1
 

@@ -52,6 +52,10 @@ def linear_head(teacher) -> torch.nn.Linear:
     head = teacher.model.get_classifier()
     if not isinstance(head, torch.nn.Linear):
         raise TeacherError(teacher.teacher_id, f"classifier is {type(head).__name__}, not a linear layer")
+    bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in head.parameters())
+    if bad:   # every score would be NaN: a broken file, said as such (not as a score's input error)
+        raise TeacherError(teacher.teacher_id, f"{bad} NaN or inf value(s) in the classifier's weights "
+                                               "(a corrupt model.safetensors? `sctd zoo verify` checks every tensor)")
     return head
 
 

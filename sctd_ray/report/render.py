@@ -65,7 +65,11 @@ def fmt_score(v) -> str:
 
 
 def fmt_seconds(v) -> str:
-    return MISSING if _missing(v) else f"{float(v):.1f}"
+    """Seconds: 1 decimal; under 1 s 3 (a teacher scored in 0.017 s is not "0.0")."""
+    if _missing(v):
+        return MISSING
+    v = float(v)
+    return f"{v:.1f}" if abs(v) >= 1 or v == 0 else f"{v:.3f}"
 
 
 def fmt_int(v) -> str:
@@ -180,7 +184,7 @@ def run_facts(data: ReportData) -> str:
     items.append(("errors", fmt_int(run["errors"]) if "errors" in run else str(n_errors)))
     if "complete" in run:
         items.append(("complete", fmt_value(run["complete"])))
-    for key, label in (("total_seconds", "wall time (s)"), ("data_seconds", "target loading (s)"),
+    for key, label in (("total_seconds", "assess wall time (s)"), ("data_seconds", "target loading (s)"),
                        ("scan_seconds", "scan (s)")):
         if key in t:
             items.append((label, fmt_seconds(t[key])))
@@ -276,6 +280,12 @@ def distill_section(d: DistillData, aid: str = "distill") -> str:
         share = (f" ({100 * float(used) / float(budget):.1f}% of the budget)"
                  if not _missing(budget) and not _missing(used) and float(budget) > 0 else "")
         items.append(("budget used (s)", f"{fmt_seconds(used)} of {fmt_seconds(budget)}{share}"))
+    gain = s.get("gain_vs_ce_points")
+    if not _missing(gain):
+        items.append(("best student vs ce (test accuracy, points)", f"{float(gain):+.1f}"))
+    export = s.get("export") if isinstance(s.get("export"), dict) else {}
+    if export.get("uri") or export.get("teacher_id"):
+        items.append(("exported student", fmt_value(export.get("uri") or export.get("teacher_id"))))
     if d.trials is not None:
         items.append(("trials", str(len(d.trials))))
         if "seconds" in d.trials:
@@ -316,16 +326,25 @@ def distill_section(d: DistillData, aid: str = "distill") -> str:
 
 
 def _summary_value(key: str, v) -> str:
+    """Seconds with 1 decimal, accuracies and scores with 4 (as in the tables), anything else
+    (hyper-parameters, points, resources) with ``fmt_value``'s 4 significant digits."""
     if isinstance(v, float) and not isinstance(v, bool):
-        return fmt_seconds(v) if key.endswith(("_s", "seconds")) else fmt_score(v)
+        if key.endswith(("_s", "seconds")):
+            return fmt_seconds(v)
+        if key.endswith("_acc") or ".scores." in key or key.startswith("teacher_scores."):
+            return fmt_score(v)
     return fmt_value(v)
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested keys as ``a.b``; a list of objects (``teachers``) as ``teachers.0.rank``, ..."""
     out = []
     for k, v in d.items():
         if isinstance(v, dict):
             out.extend(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.extend(_flatten(x, f"{prefix}{k}.{i}."))
         else:
             out.append((f"{prefix}{k}", v))
     return out
