@@ -760,6 +760,13 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
                "student-fm-mix5, student-renamed" in line for line in said), said   # not silently
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["targets"]["fm-mix5"]["fingerprint"] == fm_mix5.fingerprints["train"]   # one fingerprint
+    assert run["targets"]["fm-mix5"]["students_left_out"] == ["student-fm-mix5", "student-renamed"]
+    assert run["targets"]["dg-high5"]["students_left_out"] == []
+    from sctd_ray.report import collect_report_data
+    from sctd_ray.report.render import render_html
+
+    page = render_html(collect_report_data(str(tmp_path / "r"), bridges=False))
+    assert "Left out of this ranking: 2 students distilled on this target" in page   # the report says so too
     pairs = set(zip(res.ranking["target"], res.ranking["teacher_id"]))
     assert not {("fm-mix5", "student-fm-mix5"), ("fm-mix5", "student-renamed")} & pairs   # seen its labels
     assert {("dg-high5", "student-fm-mix5"), ("dg-high5", "student-renamed"), ("fm-mix5", "fm-all-resnet")} <= pairs

@@ -315,7 +315,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
                if name in ranked and name not in fingerprints}   # scanned before, not this time
     run = {
         "zoo": zoo.uri, "targets": {**earlier, **{t.name: {"uri": t.uri, "classes": t.class_names,
-                                                           "samples": t.num_rows, "fingerprint": t.fingerprint}
+                                                           "samples": t.num_rows, "fingerprint": t.fingerprint,
+                                                           "students_left_out": sorted(students.get(t.name, []))}
                                                   for t in targets}},
         "settings": {"workers": n_workers, "batch_size": s.batch_size, "metrics": list(s.metrics),
                      "rank_by": s.rank_by, "split": s.split, "prefetch": s.prefetch, "resources": resources},

@@ -48,6 +48,7 @@ class TargetSection:
     top_teacher: str | None
     bridge: Bridge | None = None
     bridge_note: str | None = None
+    students_left_out: list[str] = field(default_factory=list)   # distilled on it: not ranked
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -138,7 +139,8 @@ def _target_sections(ranking: pd.DataFrame, run: dict, rank_by: str) -> list[Tar
         sections.append(TargetSection(
             name=name, uri=t.get("uri"), classes=list(t.get("classes") or []),
             samples=t.get("samples"), table=rows,
-            top_teacher=str(top.iloc[0]["teacher_id"]) if len(top) else None))
+            top_teacher=str(top.iloc[0]["teacher_id"]) if len(top) else None,
+            students_left_out=[str(x) for x in t.get("students_left_out") or []]))
     return sections
 
 

@@ -261,6 +261,10 @@ def target_section(data: ReportData, s: TargetSection, aid: str) -> str:
         out.append("<h3>Errors</h3><ul>" + "".join(
             f"<li><b>{e(r['teacher_id'])}</b>: {e(fmt_value(r.get('error')))}</li>"
             for _, r in s.errors.iterrows()) + "</ul>")
+    if s.students_left_out:
+        out.append(note(f"Left out of this ranking: {plural(len(s.students_left_out), 'student')} "
+                        f"distilled on this target (they have seen its labels): "
+                        f"{', '.join(s.students_left_out)}."))
     out.append(_bridge_html(s))
     out.append("</section>")
     return "".join(out)
