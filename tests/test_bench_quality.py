@@ -47,6 +47,7 @@ def test_random_tau_is_near_zero_and_bootstrap_brackets_the_mean():
     assert abs(q.random_tau(gt, n=300)) < 0.08
     lo, hi = q.bootstrap_ci([0.2, 0.4, 0.6, 0.8])
     assert lo < 0.5 < hi and 0.2 <= lo and hi <= 0.8
+    assert all(math.isnan(x) for x in q.bootstrap_ci([0.81, 0.3]))   # 2 targets: no interval, "-"
 
 
 def test_evaluate_leaves_flat_targets_out_of_the_means():

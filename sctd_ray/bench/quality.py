@@ -69,10 +69,14 @@ def random_regret(truth) -> float:
     return float(100.0 * (t.max() - t.mean()))
 
 
+MIN_CI_TARGETS = 3   # below this a bootstrap over targets says nothing ([a, a] from 1 target)
+
+
 def bootstrap_ci(values, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean over targets (resampling targets)."""
+    """Percentile bootstrap CI of the mean over targets (resampling targets); NaN for fewer
+    than ``MIN_CI_TARGETS`` targets."""
     v = np.asarray([x for x in values if np.isfinite(x)], float)
-    if len(v) == 0:
+    if len(v) < MIN_CI_TARGETS:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(1)
@@ -183,7 +187,7 @@ def evaluate(scores: dict, truths: dict[str, dict[str, dict[str, float]]], n_ran
             taus = [per[tg][col] for tg in used[kind] if per[tg][col] is not None and math.isfinite(per[tg][col])]
             regs = [per[tg][reg_col] for tg in used[kind] if per[tg][reg_col] is not None]
             entry[f"{col}_mean"] = float(np.mean(taus)) if taus else None
-            entry[f"{col}_ci"] = list(bootstrap_ci(taus)) if taus else None
+            entry[f"{col}_ci"] = list(bootstrap_ci(taus)) if len(taus) >= MIN_CI_TARGETS else None
             entry[f"{reg_col}_mean"] = float(np.mean(regs)) if regs else None
         res[name] = entry
     return {"metrics": res, "targets": targets, "used_targets": used,
