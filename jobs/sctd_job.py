@@ -28,6 +28,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -220,14 +221,67 @@ class JobError(Exception):
     """The cluster cannot run the job as asked (exit 2, one line)."""
 
 
-def request_gpus(n: int, timeout: float, address: str | None = None) -> None:
-    """Ask the autoscaler for `n` 1-GPU bundles and wait until the cluster has `n` GPUs."""
+# A cluster holds one `request_resources` request: the last one sent. Ray Data's
+# AutoscalingCoordinator (a detached actor that the first dataset read on a cluster starts, and
+# that outlives the job) sends its own merged request every 20 s and whenever a read starts or
+# ends, which replaces a plain `request_resources` call: the GPU workers were dropped while the
+# job waited for them, or went idle and were removed before the scan's actors claimed them (the
+# scan then sized itself to fewer GPUs). So the request goes through that coordinator, merged
+# with Ray Data's own; with a Ray without it, it is re-sent every second instead.
+REQUEST_EXPIRE_S = 120.0    # through the coordinator: gone this long after a driver killed -9
+_held: dict = {}
+
+
+def _coordinator():
+    """Ray Data's AutoscalingCoordinator actor (created if absent), or None (another Ray)."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
+            get_or_create_autoscaling_coordinator
+        return get_or_create_autoscaling_coordinator()
+    except Exception:  # noqa: BLE001 - private API: fall back to request_resources
+        return None
+
+
+def _hold_request(ray, bundles: list[dict]) -> None:
+    """Send the request now, then keep it in force until `release_gpus` (see above)."""
     from ray.autoscaler.sdk import request_resources
 
+    actor, rid = _coordinator(), f"sctd-job-{submission_id() or os.getpid()}"
+    if actor is not None:
+        try:
+            ray.get(actor.request_resources.remote(requester_id=rid, resources=bundles,
+                                                   expire_after_s=REQUEST_EXPIRE_S), timeout=60)
+        except Exception:  # noqa: BLE001 - another coordinator API: fall back
+            actor = None
+
+    def send():
+        if actor is not None:
+            actor.request_resources.remote(requester_id=rid, resources=bundles,
+                                           expire_after_s=REQUEST_EXPIRE_S)
+        else:
+            request_resources(bundles=bundles)
+    if actor is None:
+        send()
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(REQUEST_EXPIRE_S / 4 if actor is not None else 1.0):
+            try:
+                send()
+            except Exception:  # noqa: BLE001 - Ray shutting down: the job is ending anyway
+                return
+
+    thread = threading.Thread(target=run, name="sctd-request-gpus", daemon=True)
+    thread.start()
+    _held.update(stop=stop, thread=thread, actor=actor, rid=rid)
+
+
+def request_gpus(n: int, timeout: float, address: str | None = None) -> None:
+    """Ask the autoscaler for `n` 1-GPU bundles and wait until the cluster has `n` GPUs."""
     from sctd_ray.assess.scan import ensure_ray
 
     ray = ensure_ray(address)
-    request_resources(bundles=[{"GPU": 1}] * n)
+    _hold_request(ray, [{"GPU": 1}] * n)
     log(f"requested {n} GPU worker(s) from the autoscaler; waiting up to {timeout:.0f}s")
     t0, last = time.time(), -1.0
     while True:
@@ -249,9 +303,16 @@ def request_gpus(n: int, timeout: float, address: str | None = None) -> None:
 def release_gpus() -> None:
     """Withdraw the resource request, so idle GPU workers scale down."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if ray is None or not ray.is_initialized() or not _held:
         return  # never connected, so nothing was requested
+    _held["stop"].set()
+    _held["thread"].join(timeout=10)
+    actor, rid = _held["actor"], _held["rid"]
+    _held.clear()
     try:
+        if actor is not None:
+            ray.get(actor.cancel_request.remote(rid), timeout=30)
+            return
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[])

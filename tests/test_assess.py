@@ -403,6 +403,76 @@ def test_killed_worker_is_restarted_and_results_equal(demo_zoo, ray_local, tmp_p
     _close(_scores(res.ranking), _scores(clean.ranking))
 
 
+def test_a_lost_worker_whose_replacement_never_starts_leaves_its_teachers_to_the_others(
+        demo_zoo, ray_local, tmp_path, monkeypatch):
+    """A node dies and no new one comes (capacity gone): the other worker scores the lost one's
+    teachers; the scan neither waits forever nor counts a death against a teacher."""
+    import ray
+
+    from sctd_ray.assess import scan as scan_mod
+
+    class ReplacementThatNeverStarts(scan_mod.ShardActor):
+        """A replacement (``...-r1``) waits in its constructor as one does for a GPU node that
+        never comes (a class local to the test: Ray's workers cannot import this module)."""
+
+        def __init__(self, *args):
+            import time
+
+            import ray
+
+            if "-r" in (ray.get_runtime_context().get_actor_name() or ""):
+                time.sleep(3600)
+            super().__init__(*args)
+
+    monkeypatch.setattr(scan_mod, "ShardActor", ReplacementThatNeverStarts)
+    zoo = _bigger_zoo(demo_zoo, tmp_path / "zoo", copies=8)
+    out = tmp_path / "run"
+    killed, said, outcome = [], [], {}
+
+    def scan():
+        try:
+            outcome["res"] = run_scan(ScanSettings(zoo=zoo, targets=[_targets(demo_zoo)[0]], out=str(out),
+                                                   workers=2, progress=False), log=said.append)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome["error"] = e
+    th = threading.Thread(target=scan, daemon=True)
+    th.start()
+    deadline = time.time() + 300
+    while th.is_alive() and not killed and time.time() < deadline:
+        if len(list((out / "results").rglob("*.json"))) >= 2:
+            names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["name"].startswith("sctd-shard-"))
+            if names:
+                pid = int(ray.get(ray.get_actor(names[0]).ping.remote()).rsplit(":", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    th.join(timeout=300)
+    assert killed, "no worker was killed: the scan ended too soon"
+    assert not th.is_alive(), f"the scan waited for a replacement that never started: {said[-3:]}"
+    assert "error" not in outcome, outcome
+    res = outcome["res"]
+    teachers = len(list((Path(zoo) / "teachers").iterdir()))
+    assert res.errors == 0 and len(res.ranking) == len(set(res.ranking["teacher_id"])) == teachers
+    assert any("lost" in line and "the other workers take its teachers" in line for line in said), said
+
+
+def test_workers_that_cannot_start_give_error_rows_with_the_reason(demo_zoo, ray_local, tmp_path, monkeypatch):
+    """A worker constructor that always fails (a broken image, a bug): the scan ends, every
+    teacher an error row naming the exception, not Ray's "creation task" header; no retry loop."""
+    from sctd_ray.assess import scan as scan_mod
+
+    class Broken(scan_mod.ShardActor):
+        def __init__(self, *args):
+            raise RuntimeError("planted: no worker starts")
+
+    monkeypatch.setattr(scan_mod, "ShardActor", Broken)
+    res = run_scan(ScanSettings(zoo=demo_zoo, targets=[_targets(demo_zoo)[0]], out=str(tmp_path / "run"),
+                                workers=2, progress=False), log=lambda line: None)
+    assert res.errors == len(res.ranking) == 8
+    assert res.ranking["error"].str.contains("raised RuntimeError: planted: no worker starts").all()
+
+
 def test_interrupted_driver_resumes_without_rescoring(demo_zoo, tmp_path):
     zoo = _bigger_zoo(demo_zoo, tmp_path / "zoo")
     target = _targets(demo_zoo)[0]

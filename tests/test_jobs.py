@@ -289,6 +289,10 @@ class RayHead:
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # a test head: stop at once, no 30 s drain
         return env
 
+    def extra_args(self) -> list[str]:
+        """More `ray start` options (subclasses: tests/test_autoscaling.py)."""
+        return []
+
     def client(self):
         from ray.job_submission import JobSubmissionClient
 
@@ -301,7 +305,7 @@ class RayHead:
                "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                f"--min-worker-port={base}", f"--max-worker-port={base + 199}",
-               *(f"--{k}={v}" for k, v in self.ports.items())]
+               *(f"--{k}={v}" for k, v in self.ports.items()), *self.extra_args()]
         self.log = open(self.temp_dir / "ray-start.log", "wb")
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,

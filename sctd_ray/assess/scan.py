@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -297,7 +298,12 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     t_scan = time.time()
     fatal, usage = None, []
     if todo:
-        fatal, usage = _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources, samples)
+        fatal, usage = _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources, samples,
+                                 log)
+        on_cpu = [u["worker"] for u in usage if resources.get("num_gpus") and u.get("device") == "cpu"]
+        if on_cpu:
+            log(f"scan: {len(on_cpu)} of {len(usage)} GPU worker(s) scored on the CPU, much more slowly: "
+                f"torch saw no CUDA device on their node (its driver, or a CPU-only torch?): {', '.join(on_cpu)}")
     scan_seconds = time.time() - t_scan
 
     # every pair's row reached the driver; after a fatal error, workers may have written rows
@@ -400,10 +406,13 @@ class ShardActor:
         return self.worker.ping()
 
 
-def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources, samples):
+def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources, samples, log=print):
     """Feed each actor its shard (two calls in flight, so it can prefetch), steal work for idle
     actors from the longest remaining shard, and replace an actor that dies: its teachers go
     back to the front of its queue (a teacher that kills workers twice becomes an error row).
+    A replacement gets no calls until it runs (it may wait for a new node, or for one that never
+    comes): meanwhile the other actors may take all of its queue. A replacement that dies
+    before it runs is not replaced again; teachers no actor is left to score become error rows.
 
     Restarts are done here rather than with Ray's ``max_restarts``, so that a new actor gets
     fresh arguments (Ray warns that restarting an actor whose arguments live in the object
@@ -417,29 +426,55 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
     Actor = ray.remote(**resources, max_restarts=0, max_task_retries=0,
                        max_concurrency=IN_FLIGHT_PER_WORKER)(ShardActor)
     generation = [0] * len(shards)
+    pings = {}   # (actor index, generation) -> ref of its first call: done once the actor runs
 
     def start(i):
         name = f"sctd-shard-{scan_id}-{i}" + (f"-r{generation[i]}" if generation[i] else "")
-        return Actor.options(name=name).remote(zoo, results.store, targets, s.metrics, s.batch_size, None,
-                                               s.prefetch, s.device_cache_mb)
+        actor = Actor.options(name=name).remote(zoo, results.store, targets, s.metrics, s.batch_size, None,
+                                                s.prefetch, s.device_cache_mb)
+        pings[(i, generation[i])] = actor.ping.remote()
+        return actor
+
+    def ran(i, gen) -> bool:
+        """Whether that actor ever started: one placed on a node that died before Ray noticed
+        (a replacement, scheduled onto the same dead node) never ran its teachers."""
+        ready, _ = ray.wait([pings[(i, gen)]], timeout=0)
+        try:
+            return bool(ready) and ray.get(ready[0]) is not None
+        except Exception:
+            return False
 
     actors = [start(i) for i in range(len(shards))]
     queues = [list(sh) for sh in shards]
     inflight: dict = {}  # ref -> (actor index, actor generation, teacher id)
     busy = [0] * len(actors)
     deaths: dict[str, int] = {}
+    starting: dict = {}   # ping ref -> index of a replacement actor not yet running
+    gone: set[int] = set()   # actors whose replacement died before it ran: not replaced again
+    why: dict[int, str] = {}   # actor index -> how its last actor died
+
+    def fill_all():
+        for j in range(len(actors)):
+            while busy[j] < IN_FLIGHT_PER_WORKER and submit(j):
+                pass
 
     fingerprints = {t.name: t.fingerprint for t in targets}
 
     def sha(tid):
         return rows_by_id[tid]["sha256"] or None
 
+    def waiting(i) -> bool:
+        """A replacement actor that has not run yet (no calls for it until it does)."""
+        return generation[i] > 0 and not ran(i, generation[i])
+
     def submit(i):
-        if not queues[i]:  # steal from the tail of the longest queue
-            j = max(range(len(queues)), key=lambda k: len(queues[k]))
-            if len(queues[j]) <= 1:
+        if waiting(i) or i in gone:
+            return False
+        if not queues[i]:  # steal from the tail of the longest queue (all of a waiting actor's)
+            ks = [k for k in range(len(queues)) if len(queues[k]) > 1 or (queues[k] and (waiting(k) or k in gone))]
+            if not ks:
                 return False
-            queues[i].append(queues[j].pop())
+            queues[i].append(queues[max(ks, key=lambda k: len(queues[k]))].pop())
         tid = queues[i].pop(0)
         upcoming = [(u, sha(u)) for u in queues[i][:s.prefetch]]
         ref = actors[i].score.remote(tid, sha(tid), todo[tid], upcoming)
@@ -454,9 +489,24 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
                file=sys.stderr, dynamic_ncols=True)
     t0, n_done, fatal = time.time(), 0, None
     try:
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+        while inflight or (starting and any(queues)):
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1)
             ref = ready[0]
+            if ref in starting:   # a replacement runs now, or died before it ran
+                i = starting.pop(ref)
+                if ran(i, generation[i]):
+                    log(f"scan: worker {i}'s replacement runs")
+                    fill_all()
+                else:
+                    gone.add(i)
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - why it died, for the error rows
+                        why[i] = death_reason(e)
+                    log(f"scan: worker {i}'s replacement died before it ran; the other workers "
+                              "take its teachers")
+                    fill_all()
+                continue
             i, gen, tid = inflight.pop(ref)
             if gen == generation[i]:
                 busy[i] -= 1
@@ -471,19 +521,23 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
                 _error_rows(results, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}",
                             fingerprints, sha(tid))
             except ray.exceptions.RayActorError as e:
-                deaths[tid] = deaths.get(tid, 0) + 1
-                if gen == generation[i]:  # the first news of this death: replace the actor
+                if ran(i, gen) or getattr(e, "actor_init_failed", False):
+                    deaths[tid] = deaths.get(tid, 0) + 1
+                why[i] = death_reason(e)
+                if gen == generation[i] and i not in gone:  # the first news of this death: replace it
                     generation[i] += 1
                     busy[i] = 0
                     ray.kill(actors[i], no_restart=True)
                     actors[i] = start(i)
-                if deaths[tid] >= MAX_WORKER_DEATHS_PER_TEACHER:
+                    starting[pings[(i, generation[i])]] = i
+                    log(f"scan: worker {i} lost ({why[i]}); a replacement is "
+                              "starting (on a node with room), the other workers take its teachers meanwhile")
+                if deaths.get(tid, 0) >= MAX_WORKER_DEATHS_PER_TEACHER:
                     _error_rows(results, tid, todo[tid], f"worker died {deaths[tid]} times while scoring it: "
-                                f"{str(e).splitlines()[0][:200]}", fingerprints, sha(tid))
+                                f"{why[i]}", fingerprints, sha(tid))
                 else:
                     queues[i].insert(0, tid)
-                    while busy[i] < IN_FLIGHT_PER_WORKER and submit(i):
-                        pass
+                    fill_all()
                     continue
             n_done += 1
             bar.update(1)
@@ -491,16 +545,53 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
             bar.set_postfix_str(f"{n_done * samples / max(elapsed, 1e-9):.0f} samples/s", refresh=False)
             while busy[i] < IN_FLIGHT_PER_WORKER and submit(i):
                 pass
-    finally:
+    except BaseException:   # Ctrl-C / `ray job stop`: its SIGKILL follows in 3 s, no time for usage
+        _kill_all(ray, actors)
         bar.close()
-        usage = []
-        for a in actors:
-            try:
-                usage.append(ray.get(a.usage.remote(), timeout=10))
-            except Exception:  # a dead or stuck worker has no usage to report
-                pass
-            ray.kill(a, no_restart=True)
+        raise
+    bar.close()
+    left = [tid for q in queues for tid in q] if fatal is None else []
+    if left:   # every actor that could score them died, and no replacement ran
+        log(f"scan: no worker left to score {len(left)} teacher(s): error rows (rerun with --resume)")
+        for tid in left:
+            _error_rows(results, tid, todo[tid], "no worker left to score it (the workers died and their "
+                        f"replacements did not start): {'; '.join(sorted(set(why.values())))}",
+                        fingerprints, sha(tid))
+    # one wait for all: an actor that never started (waiting for a GPU node) has no usage
+    refs = [a.usage.remote() for i, a in enumerate(actors) if ran(i, generation[i])]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10) if refs else ([], [])
+    usage = []
+    for ref in ready:
+        try:
+            usage.append(ray.get(ref))
+        except Exception:  # a dead worker has no usage to report
+            pass
+    _kill_all(ray, actors)
     return fatal, usage
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def death_reason(e: BaseException) -> str:
+    """One line on why a worker actor died: for an error in its constructor, the exception that
+    Ray's message ends with (``RuntimeError: ...``), not its "died because of an error raised in
+    its creation task, ray::..." header; otherwise the message's first line."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    raised = [ln for ln in lines[1:] if _EXCEPTION_LINE.match(ln)]
+    return (f"its constructor raised {raised[-1]}" if "creation task" in lines[0] and raised
+            else lines[0])[:200]
+
+
+def _kill_all(ray, actors) -> None:
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:
+            pass
 
 
 def _error_rows(results, tid, target_names, msg, fingerprints: dict, sha256: str | None,
