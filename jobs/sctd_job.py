@@ -291,9 +291,10 @@ def request_gpus(n: int, timeout: float, address: str | None = None) -> None:
             return
         waited = time.time() - t0
         if waited >= timeout:
-            raise JobError(f"--request-gpus {n}: the cluster has {have} GPU(s) after {timeout:.0f}s; "
-                           "check that the autoscaler can start GPU workers (`ray status`, "
-                           "`ray monitor cluster/aws.yaml`, or the KubeRay operator's events)")
+            raise JobError(f"--request-gpus {n}: the cluster has {have} of {n} GPU(s) after {timeout:.0f}s; "
+                           f"check that the autoscaler can start {n} GPU workers (the GPU worker type's "
+                           "max_workers or maxReplicas; `ray status`, `ray monitor cluster/aws.yaml`, "
+                           "or the KubeRay operator's events)")
         if waited - last >= 30:
             log(f"waiting for GPUs: {have} of {n} ({waited:.0f}s)")
             last = waited

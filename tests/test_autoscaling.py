@@ -138,7 +138,7 @@ def test_more_gpus_than_the_cluster_can_start_is_one_line_and_keeps_the_request(
     assert (status, code) == ("FAILED", 2), logs[-3000:]
     last = logs.strip().splitlines()[-1]
     assert "the job ended before sctd assess started (status 2)" in last, last
-    assert "--request-gpus 3: the cluster has 2 GPU(s) after 25s" in last, last
+    assert "--request-gpus 3: the cluster has 2 of 3 GPU(s) after 25s" in last, last
     assert "Traceback" not in logs and not out.exists()
     wait_for("request withdrawn, GPU nodes removed", lambda: head.autoscaler() == (0, "(none)"),
              timeout=IDLE_TIMEOUT_S + 30)

@@ -542,7 +542,7 @@ def test_job_waiting_for_gpus_that_never_come_fails_clearly(ray_head, zoo_on_s3)
         "--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}", "--out", f"{bucket}/runs/gpu"))
     assert (status, code) == ("FAILED", 2), logs[-3000:]
     last = logs.strip().splitlines()[-1]
-    assert "FAILED" in last and "the cluster has 0 GPU(s) after 3s" in last, logs[-3000:]
+    assert "FAILED" in last and "the cluster has 0 of 1 GPU(s) after 3s" in last, logs[-3000:]
     assert "the job ended before sctd assess started (status 2)" in last, last
     assert "running: sctd" not in logs  # the command never started
 
