@@ -518,3 +518,21 @@ def test_a_scan_of_several_targets_shows_each_targets_search(world, run, tmp_pat
     assert "is missing" not in text
     assert 'id="distill-tiny"' in text and 'id="distill-other"' in text
     assert text.count("<h2>Distillation search: ") == 2
+
+
+def test_the_bridge_decodes_the_target_as_the_scan_did(world, run, tmp_path, monkeypatch):
+    """A scan of a teacher with inputs larger than the default decode size decodes the target
+    larger (run.json settings.decode_max_side): the report's bridge reads it the same way."""
+    import shutil
+
+    import sctd_ray.data.targets as targets
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta["settings"]["decode_max_side"] = 600
+    (copy / "run.json").write_text(json.dumps(meta))
+    seen, real = [], targets.iter_split
+    monkeypatch.setattr(targets, "iter_split", lambda *a, **k: seen.append(k.get("max_side")) or real(*a, **k))
+    data = collect_report_data(str(copy), device="cpu")
+    assert seen == [600] and data.targets[0].bridge is not None

@@ -325,7 +325,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
                                                            "students_left_out": sorted(students.get(t.name, []))}
                                                   for t in targets}},
         "settings": {"workers": n_workers, "batch_size": s.batch_size, "metrics": list(s.metrics),
-                     "rank_by": s.rank_by, "split": s.split, "prefetch": s.prefetch, "resources": resources},
+                     "rank_by": s.rank_by, "split": s.split, "prefetch": s.prefetch, "resources": resources,
+                     "decode_max_side": max_side},
         "versions": _versions(),
         "timings": {"data_seconds": round(data_seconds, 3), "scan_seconds": round(scan_seconds, 3),
                     "total_seconds": round(time.time() - t_start, 3),

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, SctdError, StoreAuthError, StoreError, StoreUnreachable
+from ..data.images import DECODE_MAX_SIDE
 from ..score_names import DEFAULT_RANK_BY
 if TYPE_CHECKING:   # bridge.py imports torch: only when a bridge is computed
     from .bridge import Bridge
@@ -152,6 +153,8 @@ def _attach_bridges(sections: list[TargetSection], run: dict, s3_endpoint: str |
 
     zoo_uri = run.get("zoo")
     split = (run.get("settings") or {}).get("split") or "train"
+    # the scan's decode size (larger than the default for teachers with larger inputs)
+    max_side = int((run.get("settings") or {}).get("decode_max_side") or DECODE_MAX_SIDE)
     if not zoo_uri:
         for s in sections:
             s.bridge_note = "run.json names no zoo, so the label-space bridge cannot be recomputed."
@@ -180,7 +183,7 @@ def _attach_bridges(sections: list[TargetSection], run: dict, s3_endpoint: str |
             continue
         try:
             s.bridge = load_bridge(zoo, s.top_teacher, s.name, s.uri, split, s3_endpoint, device,
-                                   teacher_cache=teachers)
+                                   teacher_cache=teachers, max_side=max_side)
         except SctdError as e:
             s.bridge_note = f"Cannot recompute the bridge of {s.top_teacher} on {s.name}: {e}"
             continue
