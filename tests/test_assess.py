@@ -816,7 +816,7 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
     fm_mix5 = load_target(_targets(demo_zoo)[0])
     cards = {"student-fm-mix5": {"target": "fm-mix5"},
-             "student-renamed": {"target": "my-copy-of-fm", "target_fingerprint": fm_mix5.fingerprints["train"]}}
+             "student-renamed": {"target": "my-copy-of-fm", "target_fingerprints": fm_mix5.fingerprints}}
     for sid, card in cards.items():
         student = zoo / "teachers" / sid
         shutil.copytree(zoo / "teachers" / "fm-all-resnet", student)

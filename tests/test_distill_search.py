@@ -114,8 +114,9 @@ def test_search_exports_the_best_student_within_budget(run_dir, demo_zoo_dir, ra
     assert cfg["label_names"] == task.class_names == cfg["pretrained_cfg"]["label_names"]
     card = json.loads((folder / "card.json").read_text())
     assert CARD_FIELDS <= set(card)
-    assert card["target_fingerprint"] == task.fingerprints["train"] == cfg["source_task"]["distilled"][
-        "target_fingerprint"]   # how a scan knows the student's images under any target name
+    assert card["target_fingerprints"] == task.fingerprints == cfg["source_task"]["distilled"][
+        "target_fingerprints"]   # how a scan knows the student's images under any target name
+    assert set(task.fingerprints) == {"train", "val", "test"}
     assert card["teacher_id"] == (None if pd.isna(best["teacher_id"]) else best["teacher_id"])
     assert card["val_acc"] == pytest.approx(best["val_acc"]) and card["budget_s"] == 60
     assert card["ce_baseline"]["trial_id"] == summary["ce_baseline"]["trial_id"]

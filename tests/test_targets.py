@@ -324,3 +324,26 @@ def test_scan_refuses_a_target_without_val_before_ray_starts(demo_zoo, tmp_path)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "missing split 'val'" in lines[0], p.stderr
     assert not (tmp_path / "run" / "ranking.parquet").exists()
+
+
+def test_iter_split_decodes_a_split_as_the_scans_reader(tmp_path):
+    """The report's streamed reader sizes a split from its own first image and takes its classes
+    from the split (or as given), as the scan's probe and Ray Data reader do; one listing."""
+    from PIL import Image
+
+    from sctd_ray.data.ray_data import probe_target
+    from sctd_ray.data.targets import iter_split
+
+    for split, (w, h), n in (("train", (30, 20), 4), ("val", (40, 40), 3)):
+        for i in range(n):
+            label = "ab"[i % 2]
+            path = tmp_path / "t" / split / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (w, h), (40 * i, 0, 0)).save(path)
+    uri = str(tmp_path / "t")
+    classes, batches = iter_split(uri, "val", batch_size=2)
+    got = list(batches)
+    assert classes == ["a", "b"] and [len(y) for _, y in got] == [2, 1]
+    assert got[0][0].shape[1:] == probe_target(uri, "val").shape == (40, 40, 3)
+    classes, batches = iter_split(uri, "val", class_names=["a", "b", "c"])
+    assert classes == ["a", "b", "c"] and [y.tolist() for _, y in batches] == [[0, 0, 1]]   # a/0, a/2, b/1

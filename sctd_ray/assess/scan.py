@@ -26,6 +26,7 @@ from .results import (RANKING_FILE, RUN_FILE, RunResults, done_pairs, format_ran
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_WORKER_DEATHS_PER_TEACHER = 2
+REPLACEMENT_WAIT_S = 900.0   # no worker scoring and none of the replacements started: give up
 
 
 @dataclass
@@ -362,7 +363,7 @@ def decode_max_side(manifest) -> int:
 
 def _distilled_on(row, target) -> bool:
     """Whether a zoo entry is a student distilled on ``target`` (written back by `sctd distill`,
-    whose card names the target and fingerprints its train split)."""
+    whose card names the target and fingerprints each of its splits)."""
     try:
         task = json.loads(row.get("source_task") or "{}")
     except (TypeError, ValueError):
@@ -370,8 +371,9 @@ def _distilled_on(row, target) -> bool:
     own = (task.get("distilled") or {}) if isinstance(task, dict) else {}
     if not isinstance(own, dict):
         return False
-    return own.get("target") == target.name or bool(
-        own.get("target_fingerprint") and own.get("target_fingerprint") == target.fingerprint)
+    prints = own.get("target_fingerprints")
+    return own.get("target") == target.name or (
+        isinstance(prints, dict) and bool(target.fingerprint) and target.fingerprint in prints.values())
 
 
 def _versions() -> dict:
@@ -450,7 +452,7 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
     inflight: dict = {}  # ref -> (actor index, actor generation, teacher id)
     busy = [0] * len(actors)
     deaths: dict[str, int] = {}
-    starting: dict = {}   # ping ref -> index of a replacement actor not yet running
+    starting: dict = {}   # ping ref -> (index, generation) of a replacement actor not yet running
     gone: set[int] = set()   # actors whose replacement died before it ran: not replaced again
     why: dict[int, str] = {}   # actor index -> how its last actor died
 
@@ -491,11 +493,20 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
     t0, n_done, fatal = time.time(), 0, None
     try:
         while inflight or (starting and any(queues)):
-            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1)
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1,
+                                timeout=None if inflight else REPLACEMENT_WAIT_S)
+            if not ready:   # nothing is scoring, and no replacement started (its node never came)
+                for i, _gen in starting.values():
+                    gone.add(i)
+                    why[i] = f"its replacement did not start within {REPLACEMENT_WAIT_S:.0f} s"
+                starting.clear()
+                continue
             ref = ready[0]
             if ref in starting:   # a replacement runs now, or died before it ran
-                i = starting.pop(ref)
-                if ran(i, generation[i]):
+                i, gen = starting.pop(ref)
+                if gen != generation[i]:   # that replacement ran, took calls and died since: the
+                    continue               # newer one's ping is in `starting` itself
+                if ran(i, gen):
                     log(f"scan: worker {i}'s replacement runs")
                     fill_all()
                 else:
@@ -530,9 +541,10 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
                     busy[i] = 0
                     ray.kill(actors[i], no_restart=True)
                     actors[i] = start(i)
-                    starting[pings[(i, generation[i])]] = i
+                    starting[pings[(i, generation[i])]] = (i, generation[i])
                     log(f"scan: worker {i} lost ({why[i]}); a replacement is "
                               "starting (on a node with room), the other workers take its teachers meanwhile")
+                    fill_all()   # its queue is open to the others now (idle ones included)
                 if deaths.get(tid, 0) >= MAX_WORKER_DEATHS_PER_TEACHER:
                     _error_rows(results, tid, todo[tid], f"worker died {deaths[tid]} times while scoring it: "
                                 f"{why[i]}", fingerprints, sha(tid))

@@ -285,36 +285,40 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None,
 
 
 def iter_split(uri: str, split: str = "train", s3_endpoint: str | None = None, batch_size: int = 256,
-               max_side: int = DECODE_MAX_SIDE):
-    """One split decoded a batch at a time, at the size ``load_target`` gives it: the task's
-    class names and an iterator of (images (n, H, W, C) uint8, class ids (n,)). Memory holds
-    one batch of image bytes and pixels, not the split (the report's bridge over a large target).
-    A batch is RGB when any of its images is in colour (``load_target`` decides that for the
-    whole split; a grey teacher sees the same values either way, up to rounding)."""
+               max_side: int = DECODE_MAX_SIDE, class_names: list[str] | None = None):
+    """One split decoded a batch at a time, as the scan's reader decodes it (``ray_data``: the
+    size from this split's first image and ``max_side``; the classes ``class_names``, by default
+    this split's sorted labels): the class names and an iterator of (images (n, H, W, C) uint8,
+    class ids (n,)). Memory holds one batch of image bytes and pixels, not the split (the
+    report's bridge over a large target). A batch is RGB when any of its images is in colour
+    (the scan decides that for the whole split; a grey teacher sees the same values either way,
+    up to rounding)."""
     store = _open(uri, s3_endpoint)
     layout = detect_layout(store)
-    class_names = sorted(set(split_labels(store, "train", layout)))
-    check_enough_classes(f"{uri} split 'train'", class_names)
-    labels = split_labels(store, split, layout)
-    check_known_labels(uri, split, labels, class_names)
+    files = image_folder_files(store, split) if layout == "imagefolder" else None   # listed once
+    labels = [label for _, label in files] if files is not None else split_labels(store, split, layout)
     if not labels:
         raise TargetError(f"{uri}: split {split!r} is empty")
+    if class_names is None:
+        class_names = sorted(set(labels))
+        check_enough_classes(f"{uri} split {split!r}", class_names)
+    check_known_labels(uri, split, labels, class_names)
     index = {c: i for i, c in enumerate(class_names)}
     ids = np.array([index[c] for c in labels], dtype=np.int64)
-    if layout == "parquet":
+    if files is None:
         def chunks():
             for b in parquet_split(store, split, whole=False).iter_batches(batch_size, columns=["image"]):
                 yield b.column("image").to_pylist()
-        train_first = next(parquet_split(store, "train", whole=False).iter_batches(
+        first = next(parquet_split(store, split, whole=False).iter_batches(
             batch_size=1, columns=["image"])).column("image")[0].as_py()
     else:
-        files = [k for k, _ in image_folder_files(store, split)]
+        keys = [k for k, _ in files]
 
         def chunks():
-            for at in range(0, len(files), batch_size):
-                yield [store.read_bytes(k) for k in files[at:at + batch_size]]
-        train_first = store.read_bytes(image_folder_files(store, "train")[0][0])
-    size = decode_size(decode_image(train_first, where=f"{uri} split 'train' row 0").shape[:2], max_side)
+            for at in range(0, len(keys), batch_size):
+                yield [store.read_bytes(k) for k in keys[at:at + batch_size]]
+        first = store.read_bytes(keys[0])
+    size = decode_size(decode_image(first, where=f"{uri} split {split!r} row 0").shape[:2], max_side)
 
     def batches():
         at = 0
@@ -323,7 +327,7 @@ def iter_split(uri: str, split: str = "train", s3_endpoint: str | None = None, b
                       for i, b in enumerate(images)]
             yield np.stack(unify_channels(arrays)), ids[at:at + len(arrays)]
             at += len(arrays)
-    return class_names, batches()
+    return list(class_names), batches()
 
 
 def write_target(store, images_by_split: dict[str, np.ndarray], labels_by_split: dict[str, list[str]]) -> None:

@@ -346,7 +346,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     teachers = previous["teachers"] if previous else _choose_teachers(s, ranking)
     _check_in_zoo(zoo, teachers)
     _warn_if_changed_since_ranked(zoo, teachers, ranking)
-    classes, fingerprint = _check_target(target_uri, s.s3_endpoint)
+    classes, fingerprints = _check_target(target_uri, s.s3_endpoint)
     if s.method == "kd":
         _check_kd(zoo, teachers, classes)
 
@@ -438,7 +438,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     best, ce = _pick(results), _pick(results[results["method"] == "ce"])
     export = None
     if best is not None and s.export and not interrupted:
-        export = _export(zoo, out, trials, best, ce, name, target_uri, fingerprint, ranking,
+        export = _export(zoo, out, trials, best, ce, name, target_uri, fingerprints, ranking,
                          budget, used, search["settings"])
     search["complete"] = not interrupted
     save()
@@ -471,15 +471,15 @@ def _can_restore(tune, exp_path, storage_fs) -> bool:
         return False
 
 
-def _check_target(target_uri, s3_endpoint) -> tuple[list[str], str]:
+def _check_target(target_uri, s3_endpoint) -> tuple[list[str], dict[str, str]]:
     """Read the target's train, val and test splits once on the driver, so a missing split or a
     bad image is one error before any trial (every trial would fail on it); its class names and
-    its train split's fingerprint (for the student's card: the scan leaves a student out of the
-    ranking of the images it was trained on, under any target name)."""
+    its splits' fingerprints (for the student's card: a scan of any of them leaves the student
+    out of its ranking, under any target name)."""
     from ..data.targets import load_target
 
     task = load_target(target_uri, s3_endpoint=s3_endpoint)
-    return task.class_names, task.fingerprints["train"]
+    return task.class_names, dict(task.fingerprints)
 
 
 def _check_kd(zoo, teachers, classes: list[str]) -> None:
@@ -574,7 +574,7 @@ def _pick(df: pd.DataFrame) -> dict | None:
         .drop("_l").to_dict()
 
 
-def _export(zoo, out, trials, best, ce, name, target_uri, fingerprint, ranking, budget, used, settings) -> dict:
+def _export(zoo, out, trials, best, ce, name, target_uri, fingerprints, ranking, budget, used, settings) -> dict:
     from .export import export_student, student_id
     from .train import BEST_FILE, STUDENT_FILE
 
@@ -590,7 +590,7 @@ def _export(zoo, out, trials, best, ce, name, target_uri, fingerprint, ranking, 
     sid = student_id(name, source, out.uri)
     cfg = json.loads(config_json)
     card = {
-        "target": name, "target_uri": target_uri, "target_fingerprint": fingerprint,
+        "target": name, "target_uri": target_uri, "target_fingerprints": fingerprints,
         "class_names": cfg.get("label_names"), "teacher_id": _str(best["teacher_id"]), "method": best["method"],
         "teacher_scores": _scores(ranking, _str(best["teacher_id"])),
         "hp": {k: _num(best[k]) for k in ("lam", "tau", "eps", "lr")},

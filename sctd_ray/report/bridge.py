@@ -105,10 +105,12 @@ def bridge_from_batches(teacher, batches, target: str, target_classes: list[str]
 
 def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: str = "train",
                 s3_endpoint: str | None = None, device: str | None = None,
-                teacher_cache: dict | None = None, max_side: int | None = None) -> Bridge:
+                teacher_cache: dict | None = None, max_side: int | None = None,
+                class_names: list[str] | None = None) -> Bridge:
     """Load a teacher from the ``zoo`` store, then ``bridge_from_batches`` over one split of the
     target at ``target_uri``, read a batch at a time (``targets.iter_split``) and decoded as
-    the scan did (``max_side``: run.json's ``settings.decode_max_side``). Raises SctdError
+    the scan did (``max_side``: run.json's ``settings.decode_max_side``; ``class_names``: the
+    target's classes in run.json). Raises SctdError
     subclasses (TeacherError, TargetError, StoreError) on anything the user can fix."""
     from ..data.targets import iter_split
     from ..zoo.loading import load_teacher
@@ -120,5 +122,5 @@ def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: 
         if teacher_cache is not None:
             teacher_cache[teacher_id] = teacher
     class_names, batches = iter_split(target_uri, split, s3_endpoint=s3_endpoint, batch_size=BATCH_SIZE,
-                                      **({"max_side": max_side} if max_side else {}))
+                                      class_names=class_names, **({"max_side": max_side} if max_side else {}))
     return bridge_from_batches(teacher, batches, target_name, class_names, split=split, device=device)

@@ -183,7 +183,7 @@ def _attach_bridges(sections: list[TargetSection], run: dict, s3_endpoint: str |
             continue
         try:
             s.bridge = load_bridge(zoo, s.top_teacher, s.name, s.uri, split, s3_endpoint, device,
-                                   teacher_cache=teachers, max_side=max_side)
+                                   teacher_cache=teachers, max_side=max_side, class_names=s.classes or None)
         except SctdError as e:
             s.bridge_note = f"Cannot recompute the bridge of {s.top_teacher} on {s.name}: {e}"
             continue
