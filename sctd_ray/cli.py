@@ -125,14 +125,17 @@ def cmd_distill(args) -> int:
 def cmd_scan(args) -> int:
     """assess + distill (top-k teachers, within --budget) + report: the whole pipeline."""
     from .assess.scan import print_ranking, run_scan
-    from .data.targets import check_split_labels
+    from .data.targets import check_split_labels, load_target
     from .distill.search import check_search_args, recipe_from_args, run_distill_for_scan
     from .report import write_report
 
     check_search_args(args.budget, args.top_k, args.samples, args.student)  # before the assess step
     recipe = recipe_from_args(args)
-    for target in args.target:   # the distillation's splits and labels, before Ray starts
+    for target in args.target:   # the distillation's splits, labels and images, before Ray starts
         check_split_labels(target, s3_endpoint=args.s3_endpoint)
+        # a bad val/test image: now, not after the other targets' searches (the scan's own pass
+        # decodes the train split)
+        load_target(target, splits=("val", "test"), s3_endpoint=args.s3_endpoint)
     result = run_scan(_scan_settings(args))
     print_ranking(result)
     summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,

@@ -816,7 +816,9 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
     fm_mix5 = load_target(_targets(demo_zoo)[0])
     cards = {"student-fm-mix5": {"target": "fm-mix5"},
-             "student-renamed": {"target": "my-copy-of-fm", "target_fingerprints": fm_mix5.fingerprints}}
+             "student-renamed": {"target": "my-copy-of-fm", "target_fingerprints": fm_mix5.fingerprints},
+             # exported by this run's own distillation before an interrupt: in no ranking of it
+             "student-of-this-run": {"target": "elsewhere", "search": str(tmp_path / "r" / "distill" / "x")}}
     for sid, card in cards.items():
         student = zoo / "teachers" / sid
         shutil.copytree(zoo / "teachers" / "fm-all-resnet", student)
@@ -840,6 +842,8 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     pairs = set(zip(res.ranking["target"], res.ranking["teacher_id"]))
     assert not {("fm-mix5", "student-fm-mix5"), ("fm-mix5", "student-renamed")} & pairs   # seen its labels
     assert {("dg-high5", "student-fm-mix5"), ("dg-high5", "student-renamed"), ("fm-mix5", "fm-all-resnet")} <= pairs
+    assert "student-of-this-run" not in set(res.ranking["teacher_id"])
+    assert any("1 student(s) exported by this run's own distillation are not scored" in line for line in said)
 
 
 def test_an_out_folder_that_cannot_be_written_is_one_line_before_ray(demo_zoo, tmp_path, monkeypatch):

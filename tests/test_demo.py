@@ -88,3 +88,21 @@ def test_scan_with_broken_teachers_says_so_and_exits_as_its_distillation(demo_zo
     code = main(["scan", "--zoo", demo_zoo, "--target", target, "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 0 and "3 error row(s) in the ranking" in err
+
+
+def test_scan_finds_a_bad_test_image_of_a_later_target_before_any_work(demo_zoo, tmp_path, monkeypatch, capsys):
+    """The distillation reads every split: an undecodable test image of the second target is
+    one line before Ray starts, not an error after the first target's search."""
+    from sctd_ray.assess import scan as scan_mod
+
+    bad = tmp_path / "bad-test"
+    shutil.copytree(Path(demo_zoo) / "targets" / "dg-high5", bad)
+    df = pd.read_parquet(bad / "test.parquet")
+    df.loc[7, "image"] = b"not an image"
+    df.to_parquet(bad / "test.parquet")
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: pytest.fail("the scan started"))
+    code = main(["scan", "--zoo", demo_zoo, "--target", str(Path(demo_zoo) / "targets" / "fm-mix5"),
+                 "--target", str(bad), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "split 'test' row 7" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -389,3 +389,26 @@ def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_
     assert summary["complete"] and summary["resumed"] and summary["used_s"] <= 1.1 * 90
     again = pd.read_parquet(io.BytesIO(store.read_bytes("results.parquet")))
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_a_target_added_on_resume_keeps_the_first_targets_search_where_it_is(tmp_path, monkeypatch):
+    """A one-target scan distills into RUN/distill; a `--resume` that adds a target must continue
+    (not redo) that search there and give only the new target RUN/distill/<target>."""
+    from types import SimpleNamespace
+
+    from sctd_ray.distill import search
+
+    run = tmp_path / "run"
+    (run / "distill").mkdir(parents=True)
+    (run / RUN_FILE).write_text(json.dumps({"zoo": "z", "targets": {"a": {}, "b": {}}}))
+    (run / "distill" / "search.json").write_text(json.dumps({"target": "a", "complete": True}))
+    dests = {}
+
+    def fake(settings, log=print):
+        dests[settings.target] = settings.out
+        return SimpleNamespace(summary={"target": settings.target, "complete": True}, complete=True)
+
+    monkeypatch.setattr(search, "run_distill", fake)
+    monkeypatch.setattr(search, "format_summary", lambda summary: "")
+    run_distill_for_scan(str(run), budget=60, resume=True, log=lambda line: None)
+    assert dests == {"a": str(run / "distill"), "b": str(run / "distill" / "b")}

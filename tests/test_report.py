@@ -520,6 +520,33 @@ def test_a_scan_of_several_targets_shows_each_targets_search(world, run, tmp_pat
     assert text.count("<h2>Distillation search: ") == 2
 
 
+def test_a_first_targets_search_and_the_ones_added_on_resume_are_all_shown(world, run, tmp_path):
+    """A one-target scan's search in RUN/distill, then targets added by `--resume` in
+    RUN/distill/<target>: every search has its section, the first named by its summary's target."""
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run, mixed)
+    (mixed / "distill" / "other").mkdir()
+    for f in ("results.parquet", "summary.json"):
+        shutil.copy(mixed / "distill" / f, mixed / "distill" / "other" / f)
+    data = collect_report_data(str(mixed), bridges=False)
+    assert [d.target for d in data.distill] == ["tiny", "other"]
+    text = render_html(data)
+    assert text.count("<h2>Distillation search: ") == 2 and "is missing" not in text
+
+
+def test_an_interrupted_search_says_so(world, run, tmp_path):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    summary = json.loads((cut / "distill" / "summary.json").read_text())
+    (cut / "distill" / "summary.json").write_text(json.dumps({**summary, "complete": False}))
+    text = render_html(collect_report_data(str(cut), bridges=False))
+    assert "This search was interrupted" in text and "--resume" in text
+
+
 def test_the_bridge_decodes_the_target_as_the_scan_did(world, run, tmp_path, monkeypatch):
     """A scan of a teacher with inputs larger than the default decode size decodes the target
     larger (run.json settings.decode_max_side): the report's bridge reads it the same way."""

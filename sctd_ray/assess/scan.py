@@ -268,12 +268,17 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
         log(f"resume: {len(retried)} earlier error row(s) are tried again")
     todo: dict[str, list[str]] = {}
     students = {}   # target -> its own students, left out of its ranking
+    # a resumed scan: the students its own distillation exported (for its first targets) must
+    # not join the rankings of its later targets, which an uninterrupted scan ranked without them
+    mine = {r["id"] for _, r in manifest.iterrows() if _exported_by(r, out.uri)}
     for _, r in manifest.iterrows():
         # a student exported for a target has seen its labels: not scored on it (by its name, or
         # by its train images and labels under another name)
         own = [t.name for t in targets if _distilled_on(r, t)]
         for name in own:
             students.setdefault(name, []).append(r["id"])
+        if r["id"] in mine:
+            continue
         missing_targets = [t.name for t in targets if (t.name, r["id"]) not in done and t.name not in own]
         if not missing_targets:
             continue
@@ -285,6 +290,10 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     for name, ids in students.items():
         log(f"scan: {len(ids)} student(s) distilled for {name} left out of its ranking (trained on "
             f"its labels): {', '.join(sorted(ids)[:5])}{' ...' if len(ids) > 5 else ''}")
+    if mine:
+        log(f"scan: {len(mine)} student(s) exported by this run's own distillation are not scored on "
+            f"its targets (an uninterrupted scan ranked without them): {', '.join(sorted(mine)[:5])}"
+            f"{' ...' if len(mine) > 5 else ''}")
     rows_by_id = {r["id"]: r for _, r in manifest.iterrows()}
     samples = sum(t.num_rows for t in targets)
     costs = {tid: estimate_seconds(rows_by_id[tid]["params"], rows_by_id[tid]["input_size"],
@@ -374,6 +383,18 @@ def _distilled_on(row, target) -> bool:
     prints = own.get("target_fingerprints")
     return own.get("target") == target.name or (
         isinstance(prints, dict) and bool(target.fingerprint) and target.fingerprint in prints.values())
+
+
+def _exported_by(row, run_uri: str) -> bool:
+    """Whether a zoo entry is a student exported by the distillation of the run ``run_uri``
+    (its card's search folder lies in the run folder)."""
+    try:
+        task = json.loads(row.get("source_task") or "{}")
+    except (TypeError, ValueError):
+        return False
+    own = (task.get("distilled") or {}) if isinstance(task, dict) else {}
+    search = own.get("search") if isinstance(own, dict) else None
+    return isinstance(search, str) and search.startswith(run_uri.rstrip("/") + "/")
 
 
 def _versions() -> dict:

@@ -39,7 +39,7 @@ def export_student(store, teacher_id: str, config_json: str, weights: bytes, car
     raw = json.loads(config_json)
     cfg = TeacherConfig.from_json(teacher_id, json.dumps(raw))
     cfg.source_task = {**cfg.source_task, "distilled": {k: card.get(k) for k in (
-        "target", "target_fingerprints", "teacher_id", "method", "val_acc", "test_acc")}}
+        "target", "target_fingerprints", "teacher_id", "method", "val_acc", "test_acc", "search")}}
     store.write_bytes(weights_key(teacher_id), weights)
     store.write_bytes(config_key(teacher_id), cfg.to_json().encode())
     store.write_bytes(card_key(teacher_id), json.dumps(

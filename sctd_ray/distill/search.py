@@ -681,6 +681,8 @@ def format_summary(summary: dict) -> str:
         lines.append("  no trial produced a student: none finished an epoch within the budget; give a "
                      "larger --budget, or cheaper epochs with --recipe '{\"steps_per_epoch\": 20, "
                      "\"student_max_side\": 64}' (a smaller student input; docs/distill.md)")
+    elif not summary.get("complete"):
+        lines.append("  no student exported yet: the search was interrupted (--resume continues it)")
     else:
         lines.append("  no trial produced a student")
     if ce:
@@ -791,9 +793,12 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
     if not names:
         raise SctdError(f"{run_store.join(RUN_FILE)} names no targets; pass them explicitly")
     each = parse_budget(budget) / len(names)
+    # a search already in RUN/distill (the run had one target then; --resume added others) stays
+    # there: a new RUN/distill/<target> would redo it and hide the others from the report
+    root = (_read_json(run_store, "distill/" + SEARCH_FILE) or {}).get("target")
     out = {}
     for n in names:
-        dest = run_store.join("distill") if len(names) == 1 else run_store.join(f"distill/{n}")
+        dest = run_store.join("distill") if len(names) == 1 or n == root else run_store.join(f"distill/{n}")
         res = run_distill(DistillSettings(target=n, run=run_store.uri, out=dest, zoo=zoo, top_k=top_k,
                                           samples=samples, budget=each, student=student, seed=seed,
                                           resume=resume, export=export, address=address,

@@ -217,13 +217,17 @@ def collect_distill(store) -> list[DistillData]:
     if not keys:
         return []
     rel = [k[len(DISTILL_PREFIX):] for k in keys]
-    if any(r in ("results.parquet", "summary.json") for r in rel):
-        return [_collect_one(store, keys, DISTILL_PREFIX, None)]
+    root = any(r in ("results.parquet", "summary.json") for r in rel)
     names = sorted({r.split("/", 1)[0] for r in rel
                     if r.endswith(("/results.parquet", "/summary.json")) and r.count("/") == 1})
-    if not names:   # a distill/ folder without any search files: say so, as before
+    if not names:   # one target (or a distill/ folder without any search files: say so, as before)
         return [_collect_one(store, keys, DISTILL_PREFIX, None)]
-    return [_collect_one(store, keys, f"{DISTILL_PREFIX}{n}/", n) for n in names]
+    found = [_collect_one(store, keys, f"{DISTILL_PREFIX}{n}/", n) for n in names]
+    if root:   # the run's first target, distilled before a --resume added others
+        first = _collect_one(store, keys, DISTILL_PREFIX, None)
+        first.target = str(first.summary.get("target") or "distill")
+        found.insert(0, first)
+    return found
 
 
 def _collect_one(store, keys: list[str], prefix: str, target: str | None) -> DistillData:

@@ -276,6 +276,9 @@ def distill_section(d: DistillData, aid: str = "distill") -> str:
     for n in d.notes:
         out.append(note(n))
     s = d.summary
+    if s.get("complete") is False:
+        out.append(note("This search was interrupted: its trials are partial and no student was "
+                        "exported; `sctd scan --resume` (or `sctd distill --resume`) continues it."))
     budget, used = s.get("budget_s"), s.get("used_s")
     items = []
     if "target" in s:
