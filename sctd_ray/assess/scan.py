@@ -370,16 +370,21 @@ def decode_max_side(manifest) -> int:
     return max([DECODE_MAX_SIDE, *sides])
 
 
-def _distilled_on(row, target) -> bool:
-    """Whether a zoo entry is a student distilled on ``target`` (written back by `sctd distill`,
-    whose card names the target and fingerprints each of its splits)."""
+def _distilled_card(row) -> dict:
+    """``source_task.distilled`` of a zoo entry: what `sctd distill` wrote into the config of a
+    student it exported (the target, its splits' fingerprints, the search folder); {} if none."""
     try:
         task = json.loads(row.get("source_task") or "{}")
     except (TypeError, ValueError):
-        return False
-    own = (task.get("distilled") or {}) if isinstance(task, dict) else {}
-    if not isinstance(own, dict):
-        return False
+        return {}
+    own = task.get("distilled") if isinstance(task, dict) else None
+    return own if isinstance(own, dict) else {}
+
+
+def _distilled_on(row, target) -> bool:
+    """Whether a zoo entry is a student distilled on ``target``: by its name, or by a split's
+    fingerprint (the same images and labels under another name)."""
+    own = _distilled_card(row)
     prints = own.get("target_fingerprints")
     return own.get("target") == target.name or (
         isinstance(prints, dict) and bool(target.fingerprint) and target.fingerprint in prints.values())
@@ -387,13 +392,8 @@ def _distilled_on(row, target) -> bool:
 
 def _exported_by(row, run_uri: str) -> bool:
     """Whether a zoo entry is a student exported by the distillation of the run ``run_uri``
-    (its card's search folder lies in the run folder)."""
-    try:
-        task = json.loads(row.get("source_task") or "{}")
-    except (TypeError, ValueError):
-        return False
-    own = (task.get("distilled") or {}) if isinstance(task, dict) else {}
-    search = own.get("search") if isinstance(own, dict) else None
+    (its search folder lies in the run folder)."""
+    search = _distilled_card(row).get("search")
     return isinstance(search, str) and search.startswith(run_uri.rstrip("/") + "/")
 
 
