@@ -382,6 +382,7 @@ def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(trial_env)
     store = open_store(out)
     assert store.exists("results.parquet") and store.exists("summary.json") and store.exists("search.json")
+    assert 0 < json.loads(store.read_bytes("search.json"))["max_interval_s"] < 90   # for a resume's stopper
     assert any(k.endswith("/checkpoint_000001/state.pt") for k in store.list("tune/"))  # Tune stored on S3
     first = pd.read_parquet(io.BytesIO(store.read_bytes("results.parquet")))
     assert main(argv + ["--resume"]) == 0  # a resubmitted job: the finished search is read back

@@ -373,11 +373,16 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     def used() -> float:   # a finished search spends nothing more: looking at it is free
         return used_before + (0.0 if finished else time.time() - t_start)
 
-    def save():
-        out.write_bytes(SEARCH_FILE, json.dumps({**search, "used_s": round(used(), 3)}, indent=2).encode())
+    def save():   # with the longest report interval (start-up included) seen, for a resume's stopper
+        out.write_bytes(SEARCH_FILE, json.dumps({**search, "used_s": round(used(), 3),
+                                                 "max_interval_s": round(live["max_interval"], 3)},
+                                                indent=2).encode())
 
     remaining = budget - used_before
-    live = {"deadline": t_start + remaining, "max_interval": 0.0, "last_report": {}, "trial_start": {},
+    # a resume knows how long its trials take to report (restored trials report only after their
+    # start-up): without it the stopper assumes FORCE_STOP_S and a short remaining budget trains nothing
+    max_interval = float((previous or {}).get("max_interval_s") or 0.0)
+    live = {"deadline": t_start + remaining, "max_interval": max_interval, "last_report": {}, "trial_start": {},
             "best": (-1.0, None), "log": log, "progress": s.progress, "last_line": 0.0,
             "last_save": time.time(), "save": save, "used": used, "budget": budget, "budget_hit": False}
     if finished:
