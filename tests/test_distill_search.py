@@ -413,3 +413,14 @@ def test_a_target_added_on_resume_keeps_the_first_targets_search_where_it_is(tmp
     monkeypatch.setattr(search, "format_summary", lambda summary: "")
     run_distill_for_scan(str(run), budget=60, resume=True, log=lambda line: None)
     assert dests == {"a": str(run / "distill"), "b": str(run / "distill" / "b")}
+
+
+def test_an_interrupted_searchs_summary_says_it_is_not_over():
+    from sctd_ray.distill.search import format_summary
+
+    summary = {"target": "t", "complete": False, "best": None, "ce_baseline": None, "budget_s": 40.0, "trials": 1,
+               "used_s": 12.0, "teachers": [{"teacher_id": "a", "rank": 1, "trials": 1, "val_acc": None,
+                                             "test_acc": None}]}
+    text = format_summary(summary)
+    assert "no student exported yet: the search was interrupted (--resume continues it)" in text
+    assert "teacher a (rank 1): 1 trials, no finished trial yet" in text and "no result" not in text

@@ -696,7 +696,7 @@ def format_summary(summary: dict) -> str:
                      + (f"  -> {gain:+.1f} points test accuracy" if gain is not None else ""))
     for t in summary.get("teachers", []):
         acc = (f"best val {t['val_acc']:.3f} test {t['test_acc']:.3f}" if t["val_acc"] is not None
-               else "no result")
+               else "no result" if summary.get("complete", True) else "no finished trial yet")
         rank = f"rank {t['rank']}" if t.get("rank") is not None else "unranked"
         lines.append(f"  teacher {t['teacher_id']} ({rank}): {t['trials']} trials, {acc}")
     if summary.get("export"):
