@@ -459,14 +459,22 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
         pings[(i, generation[i])] = actor.ping.remote()
         return actor
 
+    started: set[tuple[int, int]] = set()   # (actor index, generation) whose ping answered
+
     def ran(i, gen) -> bool:
         """Whether that actor ever started: one placed on a node that died before Ray noticed
-        (a replacement, scheduled onto the same dead node) never ran its teachers."""
+        (a replacement, scheduled onto the same dead node) never ran its teachers. Asked for
+        every queue at each steal, so an answer once seen is kept."""
+        if (i, gen) in started:
+            return True
         ready, _ = ray.wait([pings[(i, gen)]], timeout=0)
         try:
-            return bool(ready) and ray.get(ready[0]) is not None
+            if ready and ray.get(ready[0]) is not None:
+                started.add((i, gen))
+                return True
         except Exception:
-            return False
+            pass
+        return False
 
     actors = [start(i) for i in range(len(shards))]
     queues = [list(sh) for sh in shards]
@@ -487,15 +495,15 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
     def sha(tid):
         return rows_by_id[tid]["sha256"] or None
 
-    def waiting(i) -> bool:
-        """A replacement actor that has not run yet (no calls for it until it does)."""
-        return generation[i] > 0 and not ran(i, generation[i])
+    def stalled(i) -> bool:
+        """A replacement actor that has not run yet, or none at all (``gone``): no calls for it."""
+        return i in gone or (generation[i] > 0 and not ran(i, generation[i]))
 
     def submit(i):
-        if waiting(i) or i in gone:
+        if stalled(i):
             return False
-        if not queues[i]:  # steal from the tail of the longest queue (all of a waiting actor's)
-            ks = [k for k in range(len(queues)) if len(queues[k]) > 1 or (queues[k] and (waiting(k) or k in gone))]
+        if not queues[i]:  # steal from the tail of the longest queue (all of a stalled actor's)
+            ks = [k for k in range(len(queues)) if len(queues[k]) > 1 or (queues[k] and stalled(k))]
             if not ks:
                 return False
             queues[i].append(queues[max(ks, key=lambda k: len(queues[k]))].pop())

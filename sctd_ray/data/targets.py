@@ -293,32 +293,26 @@ def iter_split(uri: str, split: str = "train", s3_endpoint: str | None = None, b
     report's bridge over a large target). A batch is RGB when any of its images is in colour
     (the scan decides that for the whole split; a grey teacher sees the same values either way,
     up to rounding)."""
-    store = _open(uri, s3_endpoint)
-    layout = detect_layout(store)
-    files = image_folder_files(store, split) if layout == "imagefolder" else None   # listed once
-    labels = [label for _, label in files] if files is not None else split_labels(store, split, layout)
-    if not labels:
-        raise TargetError(f"{uri}: split {split!r} is empty")
+    from .ray_data import probe_target   # the scan's own probe: layout, listing, decode size
+
+    probe = probe_target(uri, split, s3_endpoint, max_side=max_side)
+    store, files = probe.store, probe.files
+    labels = [label for _, label in files] if files is not None else split_labels(store, split, probe.layout)
     if class_names is None:
         class_names = sorted(set(labels))
         check_enough_classes(f"{uri} split {split!r}", class_names)
     check_known_labels(uri, split, labels, class_names)
     index = {c: i for i, c in enumerate(class_names)}
     ids = np.array([index[c] for c in labels], dtype=np.int64)
-    if files is None:
-        def chunks():
+    size = probe.shape[:2]
+
+    def chunks():
+        if files is None:
             for b in parquet_split(store, split, whole=False).iter_batches(batch_size, columns=["image"]):
                 yield b.column("image").to_pylist()
-        first = next(parquet_split(store, split, whole=False).iter_batches(
-            batch_size=1, columns=["image"])).column("image")[0].as_py()
-    else:
-        keys = [k for k, _ in files]
-
-        def chunks():
-            for at in range(0, len(keys), batch_size):
-                yield [store.read_bytes(k) for k in keys[at:at + batch_size]]
-        first = store.read_bytes(keys[0])
-    size = decode_size(decode_image(first, where=f"{uri} split {split!r} row 0").shape[:2], max_side)
+        else:
+            for at in range(0, len(files), batch_size):
+                yield [store.read_bytes(k) for k, _ in files[at:at + batch_size]]
 
     def batches():
         at = 0
