@@ -846,6 +846,18 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     assert any("1 student(s) exported by this run's own distillation are not scored" in line for line in said)
 
 
+def test_a_left_out_student_is_named_once():
+    """A student of this run distilled on the scan's only target is named once (as distilled on
+    it), not again as this run's export; one left out of only some targets is named twice."""
+    from sctd_ray.assess.scan import _left_out_lines
+
+    lines = _left_out_lines({"dg-high5": ["s1"]}, {"s1"}, ["dg-high5"])
+    assert len(lines) == 1 and "distilled for dg-high5" in lines[0]
+    lines = _left_out_lines({"dg-high5": ["s1"]}, {"s1", "s2"}, ["dg-high5", "fm-mix5"])
+    assert "2 student(s) exported by this run's own distillation" in lines[1] and "s1, s2" in lines[1]
+    assert _left_out_lines({}, set(), ["dg-high5"]) == []
+
+
 def test_an_out_folder_that_cannot_be_written_is_one_line_before_ray(demo_zoo, tmp_path, monkeypatch):
     """A run folder under a file (or read-only, or in a bucket the keys may not write): one line
     before Ray starts, not an error per teacher after every teacher was scored."""

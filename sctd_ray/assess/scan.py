@@ -214,6 +214,22 @@ def check_writable(out) -> None:
     out.delete(WRITE_CHECK)
 
 
+def _left_out_lines(students: dict[str, list[str]], mine: set[str], targets: list[str]) -> list[str]:
+    """The lines naming the students a scan does not score: per target, those distilled on it;
+    then this run's own exported students, except those already named for every target."""
+    def names(ids):
+        ids = sorted(ids)
+        return f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+
+    lines = [f"scan: {len(ids)} student(s) distilled for {name} left out of its ranking (trained on "
+             f"its labels): {names(ids)}" for name, ids in students.items()]
+    rest = {i for i in mine if any(i not in students.get(t, ()) for t in targets)}
+    if rest:
+        lines.append(f"scan: {len(rest)} student(s) exported by this run's own distillation are not "
+                     f"scored on its targets (an uninterrupted scan ranked without them): {names(rest)}")
+    return lines
+
+
 def run_scan(s: ScanSettings, log=print) -> ScanResult:
     """Run (or resume) a scan; see the module docstring. Returns the ranking."""
     from ..zoo.manifest import current_manifest
@@ -287,13 +303,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
                         r["architecture"])
             continue
         todo[r["id"]] = missing_targets
-    for name, ids in students.items():
-        log(f"scan: {len(ids)} student(s) distilled for {name} left out of its ranking (trained on "
-            f"its labels): {', '.join(sorted(ids)[:5])}{' ...' if len(ids) > 5 else ''}")
-    if mine:
-        log(f"scan: {len(mine)} student(s) exported by this run's own distillation are not scored on "
-            f"its targets (an uninterrupted scan ranked without them): {', '.join(sorted(mine)[:5])}"
-            f"{' ...' if len(mine) > 5 else ''}")
+    for line in _left_out_lines(students, mine, [t.name for t in targets]):
+        log(line)
     rows_by_id = {r["id"]: r for _, r in manifest.iterrows()}
     samples = sum(t.num_rows for t in targets)
     costs = {tid: estimate_seconds(rows_by_id[tid]["params"], rows_by_id[tid]["input_size"],
