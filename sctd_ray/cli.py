@@ -173,7 +173,7 @@ def cmd_demo(args) -> int:
 
     home = Path(args.home) if args.home else default_home()
     info = build_demo(str(home / "demo-zoo"), preset="small", seed=0)
-    print(f"demo zoo: {info['zoo']} ({len(info['teachers'])} teachers, {len(info['built'])} trained now)")
+    print(f"demo zoo: {info['zoo']} ({len(info['teachers'])} demo teachers, {len(info['built'])} trained now)")
     run = home / "runs" / "demo"
     target = next((t for t in info["targets"] if t.rstrip("/").endswith("/" + DEMO_TARGET)),
                   info["targets"][0])
