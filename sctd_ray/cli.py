@@ -94,16 +94,26 @@ def cmd_zoo_build_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- assess
+def _id_list(flag: str, value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option's names, stripped (None when the option was not given)."""
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not names:
+        raise SctdError(f"{flag} names nothing: give comma-separated names (got {value!r})")
+    return names
+
+
 def _scan_settings(args):
     from .assess.scan import ScanSettings
     from .score_names import NAMES
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else NAMES
+    metrics = _id_list("--metrics", args.metrics) or NAMES
     return ScanSettings(zoo=args.zoo, targets=list(args.target), out=args.out, workers=args.workers,
                         batch_size=args.batch_size, metrics=metrics, rank_by=args.rank_by,
                         resume=args.resume, address=args.address, s3_endpoint=args.s3_endpoint,
                         split=args.split, progress=not args.quiet,
-                        teachers=[t for t in (args.teachers or "").split(",") if t] or None)
+                        teachers=_id_list("--teachers", args.teachers))
 
 
 def cmd_assess(args) -> int:

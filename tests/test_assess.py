@@ -846,6 +846,19 @@ def test_students_are_not_scored_on_their_own_target(demo_zoo, ray_local, tmp_pa
     assert any("1 student(s) exported by this run's own distillation are not scored" in line for line in said)
 
 
+@pytest.mark.parametrize("flag", ["--teachers", "--metrics"])
+def test_a_name_list_option_is_stripped_and_an_empty_one_refused(flag, tmp_path, capsys, monkeypatch):
+    """`--teachers "a, b"` means a and b (was ' b', "not in the zoo"); `--teachers ,` is one line
+    and exit 2 before any work (was: every teacher scored; `--metrics ,` blamed --rank-by)."""
+    from sctd_ray import cli
+
+    assert cli._id_list(flag, " a, b,,a ") == ("a", "b")
+    monkeypatch.setattr("sctd_ray.assess.scan.run_scan", lambda s: pytest.fail("scan started"))
+    assert main(["assess", "--zoo", str(tmp_path), "--target", str(tmp_path), "--out",
+                 str(tmp_path / "r"), flag, " , "]) == 2
+    assert f"{flag} names nothing" in capsys.readouterr().err
+
+
 def test_a_left_out_student_is_named_once():
     """A student of this run distilled on the scan's only target is named once (as distilled on
     it), not again as this run's export; one left out of only some targets is named twice."""
