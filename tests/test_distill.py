@@ -158,6 +158,23 @@ def test_bad_hyper_parameters_and_recipe_are_user_errors():
     assert Recipe.from_dict(Recipe().to_dict()) == Recipe()
 
 
+@pytest.mark.parametrize("setting, needle", [
+    ({"epochs": "a"}, "epochs must be an integer"), ({"epochs": 1.5}, "epochs must be an integer"),
+    ({"batch_size": True}, "batch_size must be an integer"),
+    ({"student_max_side": None}, "student_max_side must be an integer"),
+    ({"crop_scale": 5}, "crop_scale must be a pair"), ({"crop_scale": [0.5]}, "crop_scale must be a pair"),
+    ({"crop_ratio": [2, 1]}, "crop_ratio must satisfy"), ({"rotate": float("inf")}, "rotate must be a number"),
+    ({"hflip": "no"}, "hflip must be true or false"), ({"ce_mix": 5}, "ce_mix must be a string"),
+    ({"label_smoothing": 2}, "label_smoothing must lie"), ({"weight_decay": -1}, "weight_decay must not be"),
+])
+def test_a_recipe_setting_of_the_wrong_type_or_range_is_a_user_error(setting, needle):
+    """``--recipe`` is JSON typed by a user: a wrong type or value is one line before any
+    trial (was a traceback, or an error in every trial)."""
+    with pytest.raises(SctdError, match=needle):
+        Recipe.from_dict(setting)
+    assert Recipe.from_dict({"epochs": 2.0, "crop_scale": [0.5, 1]}) == Recipe(epochs=2, crop_scale=(0.5, 1.0))
+
+
 # --------------------------------------------------------------------------- reproducibility
 
 def test_same_seed_same_student_and_checkpoint_resume_is_exact(tmp_path):

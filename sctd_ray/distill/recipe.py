@@ -57,9 +57,9 @@ class Recipe:
         unknown = sorted(set(d) - names)
         if unknown:
             raise SctdError(f"unknown recipe setting(s) {unknown}; known: {', '.join(sorted(names))}")
-        for k in ("crop_scale", "crop_ratio"):
-            if k in d:
-                d[k] = tuple(float(v) for v in d[k])
+        defaults = cls()
+        for k, v in d.items():   # JSON from --recipe: the type of each default, before any use
+            d[k] = _typed(k, v, getattr(defaults, k))
         r = cls(**d)
         r.validate()
         return r
@@ -71,6 +71,14 @@ class Recipe:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise SctdError(f"crop_scale must satisfy 0 < low <= high <= 1; got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise SctdError(f"crop_ratio must satisfy 0 < low <= high; got {self.crop_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise SctdError(f"label_smoothing must lie in [0, 1); got {self.label_smoothing}")
+        for k in ("warmup_steps", "weight_decay", "translate", "rotate", "warp"):
+            if getattr(self, k) < 0:
+                raise SctdError(f"{k} must not be negative; got {getattr(self, k)}")
         if not 0 <= self.mix_frac < 1:
             raise SctdError(f"mix_frac must lie in [0, 1); got {self.mix_frac}")
         if self.sinkhorn_iters < 1:
@@ -79,6 +87,28 @@ class Recipe:
             raise SctdError(f"student_max_side must be at least 8; got {self.student_max_side}")
         if self.ce_mix not in ("labels", "none"):
             raise SctdError(f"ce_mix must be 'labels' or 'none'; got {self.ce_mix!r}")
+
+
+def _typed(name: str, value, default):
+    """``value`` as the type of the recipe's ``default`` (an int, a float, a bool, a string or a
+    (low, high) pair); SctdError naming the setting otherwise."""
+    def number(v, kind):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or kind is int and v != int(v):
+            raise SctdError(f"recipe setting {name} must be {'an integer' if kind is int else 'a number'}; "
+                            f"got {v!r}")
+        return kind(v)
+
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise SctdError(f"recipe setting {name} must be a pair [low, high]; got {value!r}")
+        return tuple(number(v, float) for v in value)
+    if isinstance(default, bool) or isinstance(default, str):
+        if type(value) is not type(default):
+            kind = "true or false" if isinstance(default, bool) else "a string"
+            raise SctdError(f"recipe setting {name} must be {kind}; got {value!r}")
+        return value
+    return number(value, type(default))
 
 
 def check_student(architecture: str) -> None:
