@@ -337,6 +337,52 @@ def test_a_teacher_changed_since_it_was_ranked_is_warned_about(run_dir, demo_zoo
     assert second not in err
 
 
+def test_a_plain_resume_keeps_the_searchs_own_plan_and_budget(run_dir, tmp_path, capsys, monkeypatch):
+    """A --resume keeps what the search was planned with: its budget unless --budget is given
+    (was the default 600 s for an interrupted search resumed without one), and its method and
+    recipe, which a note names as not applied (a --method kd was refused against the search's
+    own ot teachers, and --epochs was dropped without a word)."""
+    from sctd_ray.assess import scan
+    from sctd_ray.cli import build_parser
+    from sctd_ray.distill.recipe import Recipe
+    from sctd_ray.distill.search import _search_budget, parse_budget, settings_from_args
+
+    def budget(*argv, previous):
+        s = settings_from_args(build_parser().parse_args(
+            ["distill", "--run", run_dir, "--target", TARGET, "--resume", *argv]))
+        return _search_budget(s, previous, parse_budget(s.budget))
+
+    cut = {"budget_s": 150.0, "complete": False}
+    assert budget(previous=cut) == 150 and budget("--budget", "5m", previous=cut) == 300
+    assert budget("--budget", "5m", previous={**cut, "complete": True}) == 150
+    assert budget("--budget", "5m", previous=None) == 300
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = {"method": "ot", "samples": 1, "top_k": 1, "seed": 0, "student": "test_resnet",
+                "recipe": {**Recipe().to_dict(), "epochs": 3}}
+    (out / "search.json").write_text(json.dumps({**cut, "target": TARGET, "teachers": _ranked(run_dir)[:1],
+                                                 "used_s": 22.0, "settings": settings}))
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(out), "--resume", "--method", "kd",
+               "--epochs", "5", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "kd needs" not in err, err    # got as far as Ray: nothing refused
+    assert ("--resume continues the search with its own settings (method ot, recipe {'epochs': 3}); "
+            "method kd, recipe {'epochs': 5} not applied") in err
+
+
+def test_a_bad_samples_count_is_one_line_before_ray(run_dir, tmp_path, capsys, monkeypatch):
+    from sctd_ray.assess import scan
+
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), "--samples", "0",
+               "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["sctd: error: --samples must be at least 1; got 0"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
                "--budget", "30", "--quiet"])

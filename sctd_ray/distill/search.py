@@ -254,6 +254,15 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
+def _search_budget(s: DistillSettings, previous: dict | None, budget: float) -> float:
+    """The budget of the search: a finished one keeps its own, and how it ended (summary.json,
+    the report); a resumed unfinished one keeps its own unless --budget is given (a larger one
+    lets it go on), so a plain --resume does not give it the default 600 s instead."""
+    if previous and (previous.get("complete") or s.given is not None and "budget" not in s.given):
+        return float(previous.get("budget_s", budget))
+    return budget
+
+
 def _say_kept_settings(kept: dict, given: dict, finished: bool = False) -> None:
     """A resumed search keeps its own settings (its trials were planned with them; a finished
     one also its budget): say so when the command gave others, instead of ignoring them."""
@@ -341,34 +350,40 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         raise SctdError(f"{out.uri} holds the search of target {previous.get('target')!r}, not {name!r}")
     used_before = float(previous.get("used_s", 0.0)) if previous else 0.0
     finished = bool(previous and previous.get("complete"))
-    if finished:   # a finished search keeps its budget and how it ended (summary.json, the report)
-        budget = float(previous.get("budget_s", budget))
+    budget = _search_budget(s, previous, budget)
     teachers = previous["teachers"] if previous else _choose_teachers(s, ranking)
+    # what the search is planned with: a resumed one keeps its own (a note names those not applied)
+    planned = {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
+               "student": s.student, "recipe": recipe.to_dict()}
+    if previous:
+        planned.update(previous["settings"])
+        given = {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
+                 "student": s.student, "budget": s.budget}
+        if s.recipe:   # --recipe/--epochs: the settings named there
+            given["recipe"] = {k: recipe.to_dict()[k] for k in s.recipe}
+        kept = {**planned, "budget": budget,
+                "recipe": {k: planned["recipe"].get(k) for k in s.recipe}}
+        _say_kept_settings(kept, {k: v for k, v in given.items()
+                                  if s.given is None or k in s.given or k == "recipe"}, finished)
+        recipe = Recipe.from_dict(planned["recipe"])
     _check_in_zoo(zoo, teachers)
     _warn_if_changed_since_ranked(zoo, teachers, ranking)
     classes, fingerprints = _check_target(target_uri, s.s3_endpoint)
-    if s.method == "kd":
+    if planned["method"] == "kd":
         _check_kd(zoo, teachers, classes)
+    plans = plan_trials(teachers, planned["method"], planned["samples"], planned["seed"])
 
     ray = ensure_ray(s.address)
     resources, threads = _resources(ray, s)
     storage_path, storage_fs = _storage(out, s.s3_endpoint)
     exp_path = f"{storage_path}/{EXPERIMENT}"  # local path, or bucket/key with storage_fs
-    plans = plan_trials(teachers, s.method, s.samples, s.seed)
     common = {"zoo": zoo.uri, "target_uri": target_uri, "s3_endpoint": s.s3_endpoint,
-              "recipe": recipe.to_dict(), "seed": s.seed, "student": s.student, "threads": threads}
+              "recipe": recipe.to_dict(), "seed": planned["seed"], "student": planned["student"],
+              "threads": threads}
     search = {"target": name, "target_uri": target_uri, "run": run_store.uri if run_store else None,
               "zoo": zoo.uri, "teachers": teachers, "budget_s": budget, "used_s": used_before,
               "sessions": (previous or {}).get("sessions", 0) + 1,
-              "settings": {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
-                           "student": s.student, "recipe": recipe.to_dict(), "resources": resources}}
-    if previous:
-        search["settings"] = previous["settings"]
-        given = {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
-                 "student": s.student, "budget": s.budget}
-        kept = {**previous["settings"], "budget": budget if finished else s.budget}
-        _say_kept_settings(kept, {k: v for k, v in given.items() if s.given is None or k in s.given},
-                           finished)
+              "settings": previous["settings"] if previous else {**planned, "resources": resources}}
 
     def used() -> float:   # a finished search spends nothing more: looking at it is free
         return used_before + (0.0 if finished else time.time() - t_start)
@@ -414,7 +429,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                     stop=tr.BudgetStopper(key), callbacks=[tr.Progress(key)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=0)))
-            log(f"distill {name}: {len(plans)} trials ({len(teachers)} teacher(s) x {s.samples} draw(s) "
+            log(f"distill {name}: {len(plans)} trials ({len(teachers)} teacher(s) x {planned['samples']} draw(s) "
                 f"+ ce baseline) on {resources}, budget {budget:.0f}s")
         spent = False
         if previous and previous.get("complete"):
@@ -744,7 +759,7 @@ def recipe_from_args(args) -> dict:
             raise SctdError(f"--recipe must be a JSON object: {e}") from None
         if not isinstance(recipe, dict):
             raise SctdError("--recipe must be a JSON object")
-    if getattr(args, "epochs", None):
+    if getattr(args, "epochs", None) is not None:
         recipe["epochs"] = args.epochs
     Recipe.from_dict(recipe)
     return recipe
