@@ -381,6 +381,8 @@ def test_a_bad_samples_count_is_one_line_before_ray(run_dir, tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["sctd: error: --samples must be at least 1; got 0"]
     assert not (tmp_path / "out").exists()
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), "--epochs", "0"])
+    assert rc == 2 and "epochs >= 1" in capsys.readouterr().err   # was ignored: 12 epochs
 
 
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
