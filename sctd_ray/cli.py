@@ -139,7 +139,7 @@ def cmd_scan(args) -> int:
     from .distill.search import check_search_args, recipe_from_args, run_distill_for_scan
     from .report import write_report
 
-    check_search_args(args.budget, args.top_k, args.samples, args.student)  # before the assess step
+    check_search_args(args.budget, args.top_k, args.samples, args.student, args.seed)  # before the assess step
     recipe = recipe_from_args(args)
     for target in args.target:   # the distillation's splits, labels and images, before Ray starts
         check_split_labels(target, s3_endpoint=args.s3_endpoint)

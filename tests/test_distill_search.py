@@ -372,17 +372,21 @@ def test_a_plain_resume_keeps_the_searchs_own_plan_and_budget(run_dir, tmp_path,
             "method kd, recipe {'epochs': 5} not applied") in err
 
 
-def test_a_bad_samples_count_is_one_line_before_ray(run_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flags, line", [
+    (["--samples", "0"], "--samples must be at least 1; got 0"),          # was checked after Ray started
+    (["--seed", "-1"], "--seed must be a non-negative integer; got -1"),  # was a numpy traceback
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be a positive number; got 0.0"),  # was 0.1 CPU
+    (["--epochs", "0"], "recipe needs epochs >= 1"),                       # was ignored: 12 epochs
+])
+def test_a_bad_search_setting_is_one_line_before_ray(run_dir, tmp_path, capsys, monkeypatch, flags, line):
     from sctd_ray.assess import scan
 
     monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), "--samples", "0",
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), *flags,
                "--budget", "30", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["sctd: error: --samples must be at least 1; got 0"]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"sctd: error: {line}"), err
     assert not (tmp_path / "out").exists()
-    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), "--epochs", "0"])
-    assert rc == 2 and "epochs >= 1" in capsys.readouterr().err   # was ignored: 12 epochs
 
 
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):

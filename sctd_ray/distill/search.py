@@ -112,6 +112,7 @@ def plan_trials(teachers: list[str], method: str, samples: int, seed: int) -> li
     budget still reaches every source. Draw 0 is DEFAULT_HP and is protected from pruning."""
     if samples < 1:
         raise SctdError(f"--samples must be at least 1; got {samples}")
+    check_seed(seed)
     plans = []
     sources = [(None, "ce")] + ([(t, method) for t in teachers] if method != "ce" else [])
     for i in range(samples):
@@ -150,13 +151,13 @@ def _resources(ray, s: DistillSettings) -> tuple[dict, int]:
     res = ray.cluster_resources()
     if res.get("GPU", 0) >= 1:
         return {"cpu": 1, "gpu": 1.0 / max(1, s.trials_per_gpu)}, 1
-    cpu = max(0.1, float(s.cpus_per_trial))
+    cpu = float(s.cpus_per_trial)
     return {"cpu": cpu}, max(1, int(cpu))
 
 
 # --------------------------------------------------------------------------- inputs
 
-def check_search_args(budget, top_k: int, samples: int, student: str) -> float:
+def check_search_args(budget, top_k: int, samples: int, student: str, seed: int = 0) -> float:
     """User errors in a search's settings, before anything runs (``sctd scan`` checks them
     before its assess step); returns the budget in seconds."""
     seconds = parse_budget(budget)
@@ -164,8 +165,15 @@ def check_search_args(budget, top_k: int, samples: int, student: str) -> float:
         raise SctdError(f"--top-k must be at least 1; got {top_k}")
     if samples < 1:
         raise SctdError(f"--samples must be at least 1; got {samples}")
+    check_seed(seed)
     check_student(student)
     return seconds
+
+
+def check_seed(seed: int) -> None:
+    """numpy and torch seed with non-negative integers only (a negative one was a traceback)."""
+    if seed < 0:
+        raise SctdError(f"--seed must be a non-negative integer; got {seed}")
 
 
 def _read_json(store, key):
@@ -333,6 +341,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     if s.method not in METHODS:
         raise SctdError(f"unknown --method {s.method!r}; expected one of {', '.join(METHODS)}")
     budget = parse_budget(s.budget)
+    if not s.cpus_per_trial > 0:   # was taken as 0.1 of a CPU without a word
+        raise SctdError(f"--cpus-per-trial must be a positive number; got {s.cpus_per_trial}")
     recipe = Recipe.from_dict(s.recipe)
     check_student(s.student)
     run_store, run, zoo_uri, target_uri, name, ranking = _resolve(s)
