@@ -389,6 +389,27 @@ def test_a_bad_search_setting_is_one_line_before_ray(run_dir, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_target_other_than_the_one_ranked_is_warned_about(run_dir, demo_zoo_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    """--target may be a uri: another folder under the ranked target's name (or the folder
+    changed since the scan) got the run's top-k without a word."""
+    from sctd_ray.assess import scan
+
+    run = Path(_copy_run(run_dir, tmp_path / "run"))
+    info = json.loads((run / RUN_FILE).read_text())
+    ranked = info["targets"][TARGET]
+    ranked["fingerprint"] = load_target(ranked["uri"], splits=("train",)).fingerprints["train"]
+    (run / RUN_FILE).write_text(json.dumps(info))
+    other = tmp_path / "other" / TARGET                 # another task under the same name
+    shutil.copytree(Path(demo_zoo_dir) / "targets" / "dg-high5", other)
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for target, warned in ((TARGET, False), (ranked["uri"], False), (str(other), True)):
+        main(["--run", str(run), "--target", target, "--out", str(tmp_path / "out"), "--top-k", "1",
+              "--budget", "30", "--quiet"])
+        err = capsys.readouterr().err
+        assert ("images or labels are not those the run ranked the teachers on" in err) == warned, err
+
+
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
                "--budget", "30", "--quiet"])

@@ -309,6 +309,18 @@ def _warn_if_changed_since_ranked(zoo_store, teachers: list[str], ranking: pd.Da
                   file=sys.stderr)
 
 
+def _warn_if_target_changed_since_ranked(run: dict, name: str, target_uri: str, fingerprints: dict) -> None:
+    """One warning line when the target's images or labels are not those the run ranked the
+    teachers on (run.json's fingerprint of the split it scored): another folder under the same
+    name, or the folder changed since the scan. The top-k are then another task's."""
+    ranked = ((run.get("targets") or {}).get(name) or {}).get("fingerprint")
+    split = (run.get("settings") or {}).get("split") or "train"
+    if ranked and fingerprints.get(split) and fingerprints[split] != ranked:
+        print(f"sctd: warning: target {name!r} ({target_uri}): its {split} split's images or labels are "
+              "not those the run ranked the teachers on; the ranking may not hold (`sctd assess "
+              "--resume` with this target scores it again)", file=sys.stderr)
+
+
 def _scores(ranking: pd.DataFrame, teacher_id: str | None) -> dict:
     from ..assess.results import BASE_COLUMNS, TAIL_COLUMNS
 
@@ -379,6 +391,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     _check_in_zoo(zoo, teachers)
     _warn_if_changed_since_ranked(zoo, teachers, ranking)
     classes, fingerprints = _check_target(target_uri, s.s3_endpoint)
+    _warn_if_target_changed_since_ranked(run, name, target_uri, fingerprints)
     if planned["method"] == "kd":
         _check_kd(zoo, teachers, classes)
     plans = plan_trials(teachers, planned["method"], planned["samples"], planned["seed"])
