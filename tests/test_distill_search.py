@@ -410,6 +410,17 @@ def test_a_target_other_than_the_one_ranked_is_warned_about(run_dir, demo_zoo_di
         assert ("images or labels are not those the run ranked the teachers on" in err) == warned, err
 
 
+@pytest.mark.parametrize("text", ['[1]', '"x"', '{}', '{"target": "%s"}' % TARGET,
+                                  '{"target": "%s", "teachers": []}' % TARGET])
+def test_a_damaged_search_json_is_one_line(run_dir, tmp_path, capsys, text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "search.json").write_text(text)
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(out), "--resume", "--budget", "30", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "search.json is not the search.json `sctd distill` writes" in err[0], err
+
+
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):
     rc = main(["--run", str(tmp_path / "typo"), "--target", TARGET, "--out", str(tmp_path / "out"),
                "--budget", "30", "--quiet"])

@@ -185,6 +185,19 @@ def _read_json(store, key):
         raise SctdError(f"{store.join(key)} is not valid JSON: {e}") from None
 
 
+def _read_search(out) -> dict | None:
+    """OUT/search.json (None: no search there yet); one line when it is not what a search
+    writes (a damaged or foreign file was a traceback on --resume)."""
+    previous = _read_json(out, SEARCH_FILE)
+    if previous is None:
+        return None
+    if not (isinstance(previous, dict) and isinstance(previous.get("target"), str)
+            and isinstance(previous.get("teachers"), list) and isinstance(previous.get("settings"), dict)):
+        raise SctdError(f"{out.join(SEARCH_FILE)} is not the search.json `sctd distill` writes (a JSON "
+                        "object with target, teachers and settings): choose another --out")
+    return previous
+
+
 def _resolve(s: DistillSettings):
     """(run store, run.json, zoo uri, target uri, target name, ranking rows of the target)."""
     from ..assess.results import RANKING_FILE, RUN_FILE, read_table
@@ -364,7 +377,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     out = open_store(out_uri, s3_endpoint=s.s3_endpoint)
     zoo = open_store(zoo_uri, s3_endpoint=s.s3_endpoint)
 
-    previous = _read_json(out, SEARCH_FILE)
+    previous = _read_search(out)
     if previous and not s.resume:
         raise SctdError(f"{out.uri} already holds a distillation search: pass --resume to continue "
                         "it, or choose another --out")
@@ -838,7 +851,8 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
     each = parse_budget(budget) / len(names)
     # a search already in RUN/distill (the run had one target then; --resume added others) stays
     # there: a new RUN/distill/<target> would redo it and hide the others from the report
-    root = (_read_json(run_store, "distill/" + SEARCH_FILE) or {}).get("target")
+    root = _read_json(run_store, "distill/" + SEARCH_FILE)
+    root = root.get("target") if isinstance(root, dict) else None
     out = {}
     for n in names:
         dest = run_store.join("distill") if len(names) == 1 or n == root else run_store.join(f"distill/{n}")
