@@ -508,3 +508,6 @@ def test_an_interrupted_searchs_summary_says_it_is_not_over():
     text = format_summary(summary)
     assert "no student exported yet: the search was interrupted (--resume continues it)" in text
     assert "teacher a (rank 1): 1 trials, no finished trial yet" in text and "no result" not in text
+    # a search whose budget ran out before Tune started has no trial at all: no empty "()"
+    text = format_summary({**summary, "complete": True, "trials": 0, "trials_by_status": {}, "teachers": []})
+    assert text.startswith("distill t: 0 trials in 12s of a 40s budget"), text

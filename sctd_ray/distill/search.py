@@ -245,6 +245,9 @@ def _choose_teachers(s: DistillSettings, ranking: pd.DataFrame) -> list[str]:
     from ..zoo.teacher import check_teacher_id
 
     if s.method == "ce":
+        if s.teachers:   # the baseline only: say so rather than drop the teachers without a word
+            print(f"sctd: note: --method ce trains the ce baseline only; --teacher {', '.join(s.teachers)} "
+                  "not used", file=sys.stderr)
         return []
     if s.teachers:
         return [check_teacher_id(t) for t in dict.fromkeys(s.teachers)]
@@ -724,8 +727,8 @@ def format_summary(summary: dict) -> str:
     """The printed summary: best teacher, student accuracy vs the ce baseline, budget used."""
     lines = []
     st = summary.get("trials_by_status", {})
-    lines.append(f"distill {summary['target']}: {summary['trials']} trials ("
-                 + ", ".join(f"{v} {k}" for k, v in sorted(st.items())) + f") in "
+    lines.append(f"distill {summary['target']}: {summary['trials']} trials"
+                 + (" (" + ", ".join(f"{v} {k}" for k, v in sorted(st.items())) + ")" if st else "") + " in "
                  f"{summary['used_s']:.0f}s of a {summary['budget_s']:.0f}s budget"
                  + ("" if summary["complete"] else " -- INTERRUPTED: rerun with --resume"))
     b, ce = summary.get("best"), summary.get("ce_baseline")
