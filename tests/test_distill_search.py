@@ -365,11 +365,11 @@ def test_a_plain_resume_keeps_the_searchs_own_plan_and_budget(run_dir, tmp_path,
                                                  "used_s": 22.0, "settings": settings}))
     monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     rc = main(["--run", run_dir, "--target", TARGET, "--out", str(out), "--resume", "--method", "kd",
-               "--epochs", "5", "--quiet"])
+               "--epochs", "5", "--teacher", "x", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 130 and "kd needs" not in err, err    # got as far as Ray: nothing refused
-    assert ("--resume continues the search with its own settings (method ot, recipe {'epochs': 3}); "
-            "method kd, recipe {'epochs': 5} not applied") in err
+    assert ("--resume continues the search with its own settings (method ot, recipe {'epochs': 3}, "
+            f"teachers {_ranked(run_dir)[:1]}); method kd, recipe {{'epochs': 5}}, teachers ['x'] not applied") in err
 
 
 @pytest.mark.parametrize("flags, line", [
@@ -419,6 +419,16 @@ def test_a_damaged_search_json_is_one_line(run_dir, tmp_path, capsys, text):
     rc = main(["--run", run_dir, "--target", TARGET, "--out", str(out), "--resume", "--budget", "30", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "search.json is not the search.json `sctd distill` writes" in err[0], err
+
+
+def test_ce_with_teachers_named_says_they_are_not_used(run_dir, tmp_path, capsys, monkeypatch):
+    from sctd_ray.assess import scan
+
+    monkeypatch.setattr(scan, "ensure_ray", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rc = main(["--run", run_dir, "--target", TARGET, "--out", str(tmp_path / "out"), "--method", "ce",
+               "--teacher", "fm-all-resnet", "--budget", "30", "--quiet"])
+    assert rc == 130    # got as far as Ray
+    assert "--method ce trains the ce baseline only; --teacher fm-all-resnet not used" in capsys.readouterr().err
 
 
 def test_a_run_folder_that_is_not_a_run_is_named(tmp_path, capsys):

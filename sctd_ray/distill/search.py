@@ -399,10 +399,12 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
                  "student": s.student, "budget": s.budget}
         if s.recipe:   # --recipe/--epochs: the settings named there
             given["recipe"] = {k: recipe.to_dict()[k] for k in s.recipe}
-        kept = {**planned, "budget": budget,
+        if s.teachers:
+            given["teachers"] = list(dict.fromkeys(s.teachers))
+        kept = {**planned, "budget": budget, "teachers": teachers,
                 "recipe": {k: planned["recipe"].get(k) for k in s.recipe}}
         _say_kept_settings(kept, {k: v for k, v in given.items()
-                                  if s.given is None or k in s.given or k == "recipe"}, finished)
+                                  if s.given is None or k in s.given or k in ("recipe", "teachers")}, finished)
         recipe = Recipe.from_dict(planned["recipe"])
     _check_in_zoo(zoo, teachers)
     _warn_if_changed_since_ranked(zoo, teachers, ranking)
