@@ -133,6 +133,15 @@ def test_search_exports_the_best_student_within_budget(run_dir, demo_zoo_dir, ra
     rc = main(["--run", run, "--target", TARGET, "--out", str(out), "--budget", "60", "--quiet"])
     assert rc == 2 and "--resume" in capsys.readouterr().err
 
+    # looking at the finished search again writes nothing into the zoo (a student deleted since
+    # stays gone; was written back by a plain --resume, also after --no-export); --export does
+    shutil.rmtree(folder)
+    assert main(["--run", run, "--target", TARGET, "--out", str(out), "--resume", "--quiet"]) == 0
+    assert not folder.exists() and json.loads((out / "summary.json").read_text())["export"] is None
+    assert main(["--run", run, "--target", TARGET, "--out", str(out), "--resume", "--export", "--quiet"]) == 0
+    assert (folder / "model.safetensors").exists()
+    assert json.loads((out / "summary.json").read_text())["export"]["teacher_id"] == sid
+
 
 def test_budget_stops_long_trials(run_dir, ray_local, tmp_path, capsys):
     run = _copy_run(run_dir, tmp_path / "run")
@@ -345,7 +354,7 @@ def test_a_plain_resume_keeps_the_searchs_own_plan_and_budget(run_dir, tmp_path,
     from sctd_ray.assess import scan
     from sctd_ray.cli import build_parser
     from sctd_ray.distill.recipe import Recipe
-    from sctd_ray.distill.search import _search_budget, parse_budget, settings_from_args
+    from sctd_ray.distill.search import _export_now, _search_budget, parse_budget, settings_from_args
 
     def budget(*argv, previous):
         s = settings_from_args(build_parser().parse_args(
@@ -354,6 +363,16 @@ def test_a_plain_resume_keeps_the_searchs_own_plan_and_budget(run_dir, tmp_path,
 
     cut = {"budget_s": 150.0, "complete": False}
     assert budget(previous=cut) == 150 and budget("--budget", "5m", previous=cut) == 300
+
+    def export(*argv, previous, finished=False):   # a --no-export search stays so on a plain --resume
+        s = settings_from_args(build_parser().parse_args(
+            ["distill", "--run", run_dir, "--target", TARGET, "--resume", *argv]))
+        return _export_now(s, previous, finished)
+
+    kept_out = {**cut, "settings": {"export": False}}
+    assert not export(previous=kept_out) and export("--export", previous=kept_out)
+    assert export(previous={**cut, "settings": {}}) and not export("--no-export", previous=None)
+    assert not export(previous=kept_out, finished=True) and export("--export", previous=kept_out, finished=True)
     assert budget("--budget", "5m", previous={**cut, "complete": True}) == 150
     assert budget("--budget", "5m", previous=None) == 300
 

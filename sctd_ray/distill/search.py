@@ -287,6 +287,31 @@ def _search_budget(s: DistillSettings, previous: dict | None, budget: float) -> 
     return budget
 
 
+def _export_now(s: DistillSettings, previous: dict | None, finished: bool) -> bool:
+    """Whether this session writes the best student to the zoo: a new search as asked; a resumed
+    one as it was planned (``--export``/``--no-export`` given with the --resume change that); a
+    finished one only with an explicit ``--export`` (looking at its results writes nothing: not
+    into a zoo its ``--no-export`` kept clean, nor a student deleted since)."""
+    explicit = s.given is not None and "export" in s.given
+    if finished:
+        return s.export and explicit
+    if previous and not explicit and s.given is not None:
+        return bool(previous["settings"].get("export", True))
+    return s.export
+
+
+def _exported_before(zoo, out) -> dict | None:
+    """A finished search's export, as its summary.json recorded it, while the student is still in
+    the zoo (None otherwise: the summary does not name a student that is gone)."""
+    done = _read_json(out, SUMMARY_FILE)
+    export = done.get("export") if isinstance(done, dict) else None
+    if not isinstance(export, dict) or not export.get("teacher_id"):
+        return None
+    from ..zoo.teacher import weights_key
+
+    return export if zoo.exists(weights_key(export["teacher_id"])) else None
+
+
 def _say_kept_settings(kept: dict, given: dict, finished: bool = False) -> None:
     """A resumed search keeps its own settings (its trials were planned with them; a finished
     one also its budget): say so when the command gave others, instead of ignoring them."""
@@ -392,7 +417,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     teachers = previous["teachers"] if previous else _choose_teachers(s, ranking)
     # what the search is planned with: a resumed one keeps its own (a note names those not applied)
     planned = {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
-               "student": s.student, "recipe": recipe.to_dict()}
+               "student": s.student, "recipe": recipe.to_dict(), "export": s.export}
     if previous:
         planned.update(previous["settings"])
         given = {"method": s.method, "samples": s.samples, "top_k": s.top_k, "seed": s.seed,
@@ -406,6 +431,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
         _say_kept_settings(kept, {k: v for k, v in given.items()
                                   if s.given is None or k in s.given or k in ("recipe", "teachers")}, finished)
         recipe = Recipe.from_dict(planned["recipe"])
+    export_now = _export_now(s, previous, finished)
+    planned["export"] = export_now if not finished else planned.get("export", True)
     _check_in_zoo(zoo, teachers)
     _warn_if_changed_since_ranked(zoo, teachers, ranking)
     classes, fingerprints = _check_target(target_uri, s.s3_endpoint)
@@ -424,7 +451,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     search = {"target": name, "target_uri": target_uri, "run": run_store.uri if run_store else None,
               "zoo": zoo.uri, "teachers": teachers, "budget_s": budget, "used_s": used_before,
               "sessions": (previous or {}).get("sessions", 0) + 1,
-              "settings": previous["settings"] if previous else {**planned, "resources": resources}}
+              "settings": ({**previous["settings"], "export": planned["export"]} if previous
+                           else {**planned, "resources": resources})}
 
     def used() -> float:   # a finished search spends nothing more: looking at it is free
         return used_before + (0.0 if finished else time.time() - t_start)
@@ -497,8 +525,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
 
     write_table(out, RESULTS_FILE, results)
     best, ce = _pick(results), _pick(results[results["method"] == "ce"])
-    export = None
-    if best is not None and s.export and not interrupted:
+    export = _exported_before(zoo, out) if finished and not export_now else None
+    if best is not None and export_now and not interrupted:
         export = _export(zoo, out, trials, best, ce, name, target_uri, fingerprints, ranking,
                          budget, used, search["settings"])
     search["complete"] = not interrupted
@@ -779,9 +807,11 @@ def add_distill_args(p) -> None:
     add_recipe_args(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the draws and the trials (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (finished trials are kept)")
-    p.add_argument("--export", dest="export", action="store_true", default=True,
-                   help="write the best student to the zoo (default)")
-    p.add_argument("--no-export", dest="export", action="store_false", help="do not write to the zoo")
+    p.add_argument("--export", dest="export", action="store_true", default=None,
+                   help="write the best student to the zoo (default; a --resume keeps the search's "
+                        "choice, and a finished search's student is written again only with --export)")
+    p.add_argument("--no-export", dest="export", action="store_false", default=None,
+                   help="do not write to the zoo")
     p.add_argument("--cpus-per-trial", type=float, default=1.0,
                    help="CPU share of one trial on CPU-only clusters (default 1)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
@@ -817,12 +847,12 @@ def settings_from_args(args) -> DistillSettings:
     """The options typed on the command line; the others take DistillSettings' defaults (so a
     resume can tell the two apart)."""
     recipe = recipe_from_args(args)
-    given = {k: getattr(args, k) for k in ("top_k", "method", "budget", "samples", "student", "seed")
+    given = {k: getattr(args, k) for k in ("top_k", "method", "budget", "samples", "student", "seed", "export")
              if getattr(args, k, None) is not None}
     if "budget" in given:
         given["budget"] = parse_budget(given["budget"])
     return DistillSettings(target=args.target, run=args.run, out=args.out, zoo=args.zoo, **given,
-                           given=tuple(given), teachers=args.teacher, resume=args.resume, export=args.export,
+                           given=tuple(given), teachers=args.teacher, resume=args.resume,
                            address=args.address, s3_endpoint=getattr(args, "s3_endpoint", None), recipe=recipe,
                            cpus_per_trial=args.cpus_per_trial, progress=not getattr(args, "quiet", False))
 
