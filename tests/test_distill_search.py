@@ -505,6 +505,21 @@ def test_search_with_its_output_on_s3_resumes_from_there(run_dir, ray_local, s3_
     pd.testing.assert_frame_equal(first, again)
 
 
+def test_a_standalone_distill_finds_its_targets_search_folder(tmp_path):
+    """Without --out, `sctd distill --target T` uses RUN/distill/T where a scan of several targets
+    put T's search, or where RUN/distill holds another target's (was RUN/distill: a --resume
+    started a new search there, or refused with "holds the search of target ...")."""
+    from sctd_ray.distill.search import _default_out
+
+    run = open_store(str(tmp_path / "run"))
+    assert _default_out(run, "a") == run.join("distill")                       # nothing there yet
+    run.write_bytes("distill/b/search.json", b'{"target": "b"}')
+    assert _default_out(run, "b") == run.join("distill/b")                     # the scan's folder
+    run.write_bytes("distill/search.json", b'{"target": "a"}')
+    assert _default_out(run, "a") == run.join("distill")
+    assert _default_out(run, "c") == run.join("distill/c")                     # another target's root
+
+
 def test_a_target_added_on_resume_keeps_the_first_targets_search_where_it_is(tmp_path, monkeypatch):
     """A one-target scan distills into RUN/distill; a `--resume` that adds a target must continue
     (not redo) that search there and give only the new target RUN/distill/<target>."""

@@ -278,6 +278,18 @@ def _check_in_zoo(zoo_store, teachers: list[str]) -> None:
         raise SctdError(f"teacher(s) not in the zoo {zoo_store.uri}: {missing}")
 
 
+def _default_out(run_store, name: str) -> str:
+    """The search folder of target ``name`` in a run, where ``sctd scan`` puts it and the report
+    looks: RUN/distill/<name> when it exists or RUN/distill holds another target's search (a run
+    of several targets), else RUN/distill."""
+    if run_store.exists(f"distill/{name}/{SEARCH_FILE}"):
+        return run_store.join(f"distill/{name}")
+    root = _read_json(run_store, f"distill/{SEARCH_FILE}")
+    if isinstance(root, dict) and root.get("target") not in (None, name):
+        return run_store.join(f"distill/{name}")
+    return run_store.join("distill")
+
+
 def _search_budget(s: DistillSettings, previous: dict | None, budget: float) -> float:
     """The budget of the search: a finished one keeps its own, and how it ended (summary.json,
     the report); a resumed unfinished one keeps its own unless --budget is given (a larger one
@@ -399,7 +411,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     recipe = Recipe.from_dict(s.recipe)
     check_student(s.student)
     run_store, run, zoo_uri, target_uri, name, ranking = _resolve(s)
-    out_uri = s.out or (run_store.join("distill") if run_store is not None else None)
+    out_uri = s.out or (_default_out(run_store, name) if run_store is not None else None)
     if not out_uri:
         raise SctdError("no output folder: pass --out (or --run, whose distill/ folder is the default)")
     out = open_store(out_uri, s3_endpoint=s.s3_endpoint)
@@ -792,7 +804,7 @@ def add_distill_args(p) -> None:
     """Options of ``sctd distill`` (SPEC 5)."""
     p.add_argument("--run", required=True, help="assessed run folder (local or s3://) with ranking.parquet")
     p.add_argument("--target", required=True, help="target name in the run (or the target's uri)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/distill)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/distill, or RUN/distill/TARGET in a run whose distill/ holds another target's search, as sctd scan writes them)")
     p.add_argument("--zoo", default=None, help="zoo (default: the zoo recorded in RUN/run.json)")
     p.add_argument("--top-k", type=int, default=None, help="distill from the k best-ranked teachers (default 3)")
     p.add_argument("--teacher", action="append", default=None,
