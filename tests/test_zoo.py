@@ -124,6 +124,39 @@ def test_missing_and_invalid_config(zoo):
         load_teacher(zoo, "t1")
 
 
+def _without_labels(raw):
+    raw.pop("label_names")
+    raw["pretrained_cfg"].pop("label_names")
+    raw["num_classes"] = raw["pretrained_cfg"]["num_classes"] = 0
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda raw: raw.update(pretrained_cfg=[1, 2]), "'pretrained_cfg' must be a JSON object"),
+    (lambda raw: raw["pretrained_cfg"].update(input_size=[1, "x", 28]), "three positive integers"),
+    (lambda raw: raw["pretrained_cfg"].update(input_size="abc"), "three positive integers"),
+    (lambda raw: raw["pretrained_cfg"].update(input_size=[1, -28, 28]), "three positive integers"),
+    (lambda raw: raw.update(model_args=[1]), "'model_args' must be a JSON object"),
+    (lambda raw: raw.update(source_task="digits"), "'source_task' must be a JSON object"),
+    (lambda raw: raw.update(num_features="abc"), "'num_features' must be a positive integer"),
+    (lambda raw: raw.update(label_names="abc"), "'label_names' must be a list"),
+    (_without_labels, "num_classes must be between 1 and"),
+])
+def test_a_config_field_of_the_wrong_type_is_that_teachers_error(zoo, edit, match):
+    """A value of the wrong type in one config.json is a TeacherError naming the teacher (an
+    error row of the manifest), not a TypeError or ValueError that stops `sctd zoo index`,
+    `list`, `verify` and `assess` for the whole zoo."""
+    from sctd_ray.zoo.manifest import describe_teacher
+
+    raw = json.loads(_config().to_json())
+    edit(raw)
+    with pytest.raises(TeacherError, match=match):
+        TeacherConfig.from_json("t1", json.dumps(raw))
+    zoo.write_bytes(config_key("t1"), json.dumps(raw).encode())
+    zoo.write_bytes(weights_key("t1"), save(_state()[1]))
+    row = describe_teacher(zoo, "t1")
+    assert row["status"] == "error" and "teacher 't1': config.json: " in row["error"]
+
+
 def test_missing_weights(zoo):
     zoo.write_bytes(config_key("t1"), _config().to_json().encode())
     with pytest.raises(TeacherError, match="model.safetensors"):

@@ -19,6 +19,7 @@ TEACHERS_PREFIX = "teachers"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_CLASSES = 1_000_000  # a config.json without label_names gets this many generated ones at most
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -61,13 +62,24 @@ class TeacherConfig:
             raise TeacherError(teacher_id, "config.json must hold a JSON object")
         try:
             arch = raw["architecture"]
-            pcfg = dict(raw.get("pretrained_cfg") or {})
+            pcfg = _object(raw, "pretrained_cfg")
             labels = raw.get("label_names") or pcfg.get("label_names")
+            if labels is not None and not isinstance(labels, list):
+                raise ValueError("'label_names' must be a list of class names")
             num_classes = int(raw.get("num_classes") or pcfg.get("num_classes") or len(labels or ()))
             if not isinstance(arch, str) or not arch:
                 raise ValueError("'architecture' must be a non-empty string")
-            if "input_size" not in pcfg or len(pcfg["input_size"]) != 3:
-                raise ValueError("pretrained_cfg.input_size must be [channels, height, width]")
+            size = pcfg.get("input_size")
+            if (not isinstance(size, list) or len(size) != 3
+                    or not all(_positive_int(v) for v in size)):
+                raise ValueError("pretrained_cfg.input_size must be [channels, height, width], "
+                                 f"three positive integers; got {size!r}")
+            if not 1 <= num_classes <= MAX_CLASSES:
+                raise ValueError(f"num_classes must be between 1 and {MAX_CLASSES}, got {num_classes}")
+            num_features = raw.get("num_features")
+            if num_features is not None and not _positive_int(num_features):
+                raise ValueError(f"'num_features' must be a positive integer, got {num_features!r}")
+            model_args, source_task = _object(raw, "model_args"), _object(raw, "source_task")
             if not labels:
                 labels = [f"class_{i}" for i in range(num_classes)]
             if len(labels) != num_classes:
@@ -76,8 +88,7 @@ class TeacherConfig:
             msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise TeacherError(teacher_id, f"config.json: {msg}") from None
         return cls(teacher_id, arch, num_classes, [str(x) for x in labels], pcfg,
-                   raw.get("num_features"), dict(raw.get("model_args") or {}),
-                   dict(raw.get("source_task") or {}))
+                   num_features, model_args, source_task)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -90,6 +101,22 @@ class TeacherConfig:
                                "label_names": self.label_names},
             "source_task": self.source_task,
         }, indent=2)
+
+
+def _object(raw: dict, name: str) -> dict:
+    """``raw[name]`` as a dict ({} when absent or null); a JSON object is required."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name!r} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _positive_int(value) -> bool:
+    """A JSON number that is a whole number above 0 (32 or 32.0; not true, "32" or 32.5)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            and value == int(value))
 
 
 def read_config_bytes(store, teacher_id: str) -> bytes:
