@@ -97,6 +97,21 @@ def test_verify_names_a_teacher_with_nan_or_inf_weights(demo_zoo, tmp_path, caps
     assert f"ERROR  {a}: teacher '{a}': 2 NaN or inf value(s) in weight {name!r}" in out and "1 bad" in out
 
 
+def test_verify_names_a_teacher_that_builds_but_cannot_run(demo_zoo, tmp_path, capsys):
+    """A model_args value timm takes at construction but the forward pass cannot use (here a
+    string drop_rate): that teacher's ERROR line, not a traceback that ends the verification."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    a = next(s.teacher_id for s in SMALL_TEACHERS if s.arch == "effnet")
+    cfg_path = zoo / "teachers" / a / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_args"]["drop_rate"] = "x"
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR  {a}: teacher '{a}': forward failed: TypeError" in out and "1 bad" in out
+
+
 def test_push_pull_round_trip_is_byte_identical(demo_zoo, s3_bucket, tmp_path, capsys):
     src = Path(demo_zoo)
     assert main(["zoo", "push", str(src), f"{s3_bucket}/zoo", "--quiet"]) == 0

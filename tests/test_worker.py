@@ -199,6 +199,26 @@ def test_a_teacher_that_never_fits_is_an_error_row(demo_zoo, tmp_path, monkeypat
     assert w.usage()["smaller_batches"] == 2          # 4 -> 2 -> 1, then it gives up
 
 
+def test_a_forward_that_raises_a_type_error_is_that_teachers_error_row(demo_zoo, tmp_path):
+    """A model_args value timm takes at construction but the forward cannot use (a string
+    drop_rate raises TypeError, not RuntimeError): the teacher's error row with the reason, not
+    an exception out of ``score`` (which the scan could only report as Ray's call header)."""
+    import json
+    import shutil
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo, ignore=shutil.ignore_patterns("manifest.parquet"))
+    tid = "fm-tops-effnet"
+    cfg_path = zoo / "teachers" / tid / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_args"]["drop_rate"] = "x"
+    cfg_path.write_text(json.dumps(cfg))
+    w = ShardWorker(open_store(str(zoo)), open_store(str(tmp_path / "o")), [_target(str(zoo))],
+                    ("leep",), batch_size=64, device="cpu")
+    row = w.score(tid)[0]
+    assert row["status"] == "error" and row["error"].startswith("forward failed: TypeError"), row
+
+
 def test_the_default_batch_follows_the_device(demo_zoo, tmp_path):
     w = ShardWorker(None, open_store(str(tmp_path / "o")), [_target(demo_zoo)], device="cpu")
     assert w.batch_size == 256 and w.usage()["batch_size"] == 256

@@ -338,7 +338,8 @@ class ShardWorker:
             return out, []
         except TeacherError as e:
             return [], [self._row(t, teacher_id, arch, "error", e.reason, {}, t0) for t in wanted]
-        except (RuntimeError, ValueError) as e:  # e.g. a forward that fails on this input
+        except Exception as e:  # e.g. a forward that fails on this input, or on a model_args
+            # value timm accepted at construction (a TypeError): this teacher's error row
             msg = f"forward failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
             return [], [self._row(t, teacher_id, arch, "error", msg, {}, t0) for t in wanted]
 

@@ -43,7 +43,13 @@ def verify_teacher(store, teacher_id: str, expected_sha256: str | None) -> dict:
         if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
             raise TeacherError(teacher_id, "model.safetensors does not match the manifest's sha256 "
                                "(changed or corrupted since `sctd zoo index`)")
-        check_runs(teacher_from_files(cfg, data))
+        try:
+            check_runs(teacher_from_files(cfg, data))
+        except SctdError:
+            raise
+        except Exception as e:  # built, but cannot run (a model_args value timm took at construction)
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise TeacherError(teacher_id, f"forward failed: {type(e).__name__}: {first}") from None
         return {"id": teacher_id, "status": "ok", "error": ""}
     except (StoreUnreachable, StoreAuthError):
         raise
