@@ -77,7 +77,8 @@ def cmd_zoo_verify(args) -> int:
 def cmd_zoo_copy(args) -> int:
     from .zoo.sync import sync
 
-    res = sync(args.src, args.dst, s3_endpoint=args.s3_endpoint, progress=not args.quiet)
+    res = sync(args.src, args.dst, s3_endpoint=args.s3_endpoint, progress=not args.quiet,
+               log=lambda line: print(line, file=sys.stderr))
     print(f"copied {res.copied} files ({res.bytes / 1e6:.1f} MB), skipped {res.skipped} unchanged")
     return 0
 

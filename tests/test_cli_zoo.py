@@ -135,6 +135,34 @@ def test_push_pull_round_trip_is_byte_identical(demo_zoo, s3_bucket, tmp_path, c
         assert said == [], copy
 
 
+def test_a_push_after_a_change_since_the_index_writes_a_current_manifest(demo_zoo, s3_bucket, tmp_path,
+                                                                        capsys):
+    """A teacher retrained in place after `sctd zoo index`: a scan of the source sees that by the
+    files' times. Its stale manifest, copied as it is after the files, would look current at the
+    destination: the old row listed, the new weights refused. The copy gets it up to date."""
+    import os
+
+    from sctd_ray.zoo.manifest import current_manifest
+    from sctd_ray.zoo.store import open_store, sha256_file
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    assert main(["zoo", "index", str(zoo)]) == 0
+    a, b = "fm-tops-effnet", "fm-rot-all-effnet"     # 5 and 10 classes, one architecture
+    later = (zoo / "manifest.parquet").stat().st_mtime + 10
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(zoo / "teachers" / b / name, zoo / "teachers" / a / name)
+        os.utime(zoo / "teachers" / a / name, (later, later))
+    capsys.readouterr()
+    for dst in (f"{s3_bucket}/zoo", str(tmp_path / "copy")):
+        assert main(["zoo", "push", str(zoo), dst, "--quiet"]) == 0
+        assert "is written up to date instead" in capsys.readouterr().err
+        said = []
+        row = current_manifest(open_store(dst), log=said.append).set_index("id").loc[a]
+        assert said == [] and row["num_classes"] == 10, dst
+        assert row["sha256"] == sha256_file(zoo / "teachers" / a / "model.safetensors")
+
+
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, s3):
     env = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret-123"}
     cases = [

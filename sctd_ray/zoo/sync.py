@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sctd_ray.errors import NotFound
-from sctd_ray.zoo.manifest import MANIFEST_FILE
+from sctd_ray.errors import NotFound, ZooError
+from sctd_ray.zoo.manifest import MANIFEST_FILE, current_manifest, write_manifest
 from sctd_ray.zoo.store import LocalStore, Store, md5_file, open_store, sha256_file
 
 SYNC_THREADS = 4
@@ -84,8 +84,21 @@ def _copy(src: Store, dst: Store, key: str, sha256: str | None, callback) -> Non
             Path(name).unlink(missing_ok=True)
 
 
+def _brought_up_to_date(src: Store):
+    """The source zoo's manifest as ``current_manifest`` reads it, when teacher files were
+    written after it or are gone since (else None: it is copied as it is). A copy of the stale
+    file would be written after the teacher files it does not describe, and so look current at
+    the destination: its old rows used, a retrained teacher's weights refused."""
+    stale = []
+    try:
+        manifest = current_manifest(src, log=stale.append)
+    except ZooError:     # unreadable, or no teachers left: copied as it is, as before
+        return None
+    return manifest if stale else None
+
+
 def sync(src_uri: str, dst_uri: str, s3_endpoint: str | None = None,
-         progress: bool = True, threads: int = SYNC_THREADS) -> SyncResult:
+         progress: bool = True, threads: int = SYNC_THREADS, log=print) -> SyncResult:
     """Copy all keys of `src_uri` to `dst_uri` (both local paths or s3:// urls)."""
     src, dst = open_store(src_uri, s3_endpoint), open_store(dst_uri, s3_endpoint)
     keys = src.list()
@@ -128,7 +141,15 @@ def sync(src_uri: str, dst_uri: str, s3_endpoint: str | None = None,
             for future in done:
                 future.result()  # re-raises the first failure
         for key in last:
-            one(key)
+            fresh = _brought_up_to_date(src)
+            if fresh is None:
+                one(key)
+                continue
+            write_manifest(dst, fresh)
+            counts["copied"] += 1
+            log(f"sync: {src.join(MANIFEST_FILE)} is older than the teacher files it describes: "
+                f"{dst.join(MANIFEST_FILE)} is written up to date instead (`sctd zoo index "
+                f"{src.uri}` updates the source's)")
     finally:
         bar.close()
     return SyncResult(**counts)
