@@ -199,6 +199,24 @@ def test_local_writes_keep_usual_permissions(tmp_path):
     assert (tmp_path / "a/k").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_local_listing_walks_linked_folders_but_not_a_link_back_up(tmp_path):
+    """A teacher folder linked into a zoo is listed like a copied one (a linked file always was;
+    a linked folder was left out without a word, by index, list, assess and push alike); a link
+    to a folder above it is not walked again and again."""
+    outside = tmp_path / "elsewhere" / "t2"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text("{}")
+    store = LocalStore(tmp_path / "zoo")
+    store.write_bytes("teachers/t1/config.json", b"{}")
+    os.symlink(outside, tmp_path / "zoo" / "teachers" / "t2")
+    os.symlink("..", tmp_path / "zoo" / "teachers" / "t1" / "up")        # back to teachers/
+    os.symlink(tmp_path / "zoo", tmp_path / "zoo" / "teachers" / "t1" / "root")
+    expected = ["teachers/t1/config.json", "teachers/t2/config.json"]
+    assert store.list("teachers/") == expected
+    assert store.list() == expected
+    assert sorted(store.modified("teachers/")) == expected
+
+
 def test_local_missing_file_names_path(tmp_path):
     with pytest.raises(NotFound, match=str(tmp_path / "nope" / "x")):
         open_store(tmp_path / "nope").read_bytes("x")

@@ -198,10 +198,22 @@ class LocalStore(Store):
 
     def _walk(self, prefix: str):
         """(key, path) of each file under ``prefix``: only the deepest folder the prefix names
-        is walked, then keys are filtered by string prefix."""
+        is walked, then keys are filtered by string prefix. A linked folder is walked like any
+        other (a zoo may link its teachers in, as it may link files), except a link back to a
+        folder above it, which would loop."""
         prefix = _check_prefix(prefix)
-        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        for folder, _dirs, files in os.walk(base):
+        base = str(self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root)
+        above = {base: {os.path.realpath(base)}}   # each folder's real path and its parents'
+        for folder, dirs, files in os.walk(base, followlinks=True):
+            chain = above.pop(folder)
+            keep = []
+            for name in dirs:
+                path = os.path.join(folder, name)
+                real = os.path.realpath(path)
+                if real not in chain:
+                    keep.append(name)
+                    above[path] = chain | {real}
+            dirs[:] = keep
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
                 key = name if rel == "." else f"{rel}/{name}"
