@@ -179,6 +179,22 @@ def test_weights_other_than_the_manifests_are_refused(zoo):
         load_teacher(zoo, "t1", sha256=sha)
 
 
+@pytest.mark.parametrize("cut", [True, False])
+def test_the_index_names_weights_cut_after_their_header(zoo, cut):
+    """A copy interrupted after the header (or bytes run on past the last tensor): the header
+    alone says how long the file must be, so `sctd zoo index` gives an error row, not "ok" for
+    a teacher that cannot load."""
+    from sctd_ray.zoo.manifest import describe_teacher
+
+    _, state = _state()
+    _write(zoo, _config(), state)
+    assert describe_teacher(zoo, "t1")["status"] == "ok"
+    data = save(state)
+    zoo.write_bytes(weights_key("t1"), data[:len(data) // 2] if cut else data + b"\0")
+    row = describe_teacher(zoo, "t1")
+    assert row["status"] == "error" and "model.safetensors is truncated or corrupt" in row["error"]
+
+
 def test_header_only_read_counts_params():
     model, state = _state()
     data = save(state)

@@ -67,8 +67,9 @@ def describe_teacher(store, teacher_id: str) -> dict:
         except NotFound:
             raise TeacherError(teacher_id, "model.safetensors is missing") from None
         header = parse_safetensors_header(teacher_id, lambda s, n: store.read_range(key, s, n))
-        if header["header_bytes"] > size:
-            raise TeacherError(teacher_id, "model.safetensors is truncated")
+        if header["file_bytes"] != size:   # cut short (an interrupted copy), or run on
+            raise TeacherError(teacher_id, f"model.safetensors is truncated or corrupt: {size} bytes, "
+                               f"its header describes {header['file_bytes']}")
         row.update(architecture=cfg.architecture, num_classes=cfg.num_classes,
                    num_features=cfg.num_features, label_names=list(cfg.label_names),
                    input_size=[int(v) for v in cfg.pretrained_cfg["input_size"]],

@@ -135,7 +135,8 @@ def read_config(store, teacher_id: str) -> TeacherConfig:
 def parse_safetensors_header(teacher_id: str, read_range) -> dict:
     """Read only the JSON header of a safetensors file via ``read_range(start, length)``.
 
-    Returns ``{"tensors": {name: {"dtype", "shape"}}, "params": int, "header_bytes": int}``.
+    Returns ``{"tensors": {name: {"dtype", "shape", "data_offsets"}}, "params": int,
+    "header_bytes": int, "file_bytes": int}``: ``file_bytes``, the size the header describes.
     """
     head = read_range(0, 8)
     if len(head) < 8:
@@ -148,13 +149,18 @@ def parse_safetensors_header(teacher_id: str, read_range) -> dict:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise TeacherError(teacher_id, "model.safetensors is corrupt (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise TeacherError(teacher_id, "model.safetensors is corrupt (header is not a JSON object)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    params = 0
+    params = data_bytes = 0
     for name, t in tensors.items():
-        if not isinstance(t, dict) or "shape" not in t:
-            raise TeacherError(teacher_id, f"model.safetensors is corrupt (entry {name!r})")
-        size = 1
-        for d in t["shape"]:
-            size *= int(d)
+        try:
+            size = 1
+            for d in t["shape"]:
+                size *= int(d)
+            data_bytes = max(data_bytes, int(t["data_offsets"][1]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise TeacherError(teacher_id, f"model.safetensors is corrupt (entry {name!r})") from None
         params += size
-    return {"tensors": tensors, "params": params, "header_bytes": 8 + n}
+    return {"tensors": tensors, "params": params, "header_bytes": 8 + n,
+            "file_bytes": 8 + n + data_bytes}
