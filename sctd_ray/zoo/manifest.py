@@ -148,7 +148,8 @@ def read_manifest(store, build_if_missing: bool = True) -> pd.DataFrame:
     try:
         df = pq.read_table(io.BytesIO(data)).to_pandas()
     except (pa.ArrowInvalid, OSError) as e:
-        raise ZooError(f"{store.join(MANIFEST_FILE)} is not a valid Parquet file: {e}") from None
+        raise ZooError(f"{store.join(MANIFEST_FILE)} is not a valid Parquet file: {e}; "
+                       f"`sctd zoo index {store.uri}` writes it again") from None
     missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ZooError(f"{store.join(MANIFEST_FILE)} lacks column(s) {missing}: it is not a manifest "

@@ -60,13 +60,14 @@ def verify_teacher(store, teacher_id: str, expected_sha256: str | None) -> dict:
 def verify_zoo(store, workers: int = 2, log=print) -> list[dict]:
     """Every teacher checked (``verify_teacher``) against the manifest's sha256. A zoo without
     a manifest is checked all the same, and said to be; an unreadable manifest is an error."""
+    listed = list_teacher_ids(store)   # first: a wrong path or bucket is one error line, alone
+    expected = {}
     if store.exists(MANIFEST_FILE):
         manifest = read_manifest(store, build_if_missing=False)
         expected = dict(zip(manifest["id"], manifest["sha256"]))
-    else:
+    elif listed:
         log(f"no {MANIFEST_FILE}: no sha256 to check the weights against (`sctd zoo index` writes one)")
-        expected = {}
-    ids = sorted(set(list_teacher_ids(store)) | set(expected))
+    ids = sorted(set(listed) | set(expected))
     if not ids:
         raise ZooError(f"{store.uri}: no teachers found (expected teachers/<id>/config.json)")
     with ThreadPoolExecutor(max_workers=workers) as pool:
