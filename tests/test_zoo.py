@@ -195,6 +195,23 @@ def test_the_index_names_weights_cut_after_their_header(zoo, cut):
     assert row["status"] == "error" and "model.safetensors is truncated or corrupt" in row["error"]
 
 
+def test_a_file_deleted_after_the_index_is_seen_by_the_listing(zoo):
+    """Deleting a teacher's weights leaves no newer modification time behind: the listing that
+    decides what changed since the index shows the file gone, and the teacher is read again
+    (an error row), not listed "ok" from the manifest."""
+    from sctd_ray.zoo.manifest import build_manifest, current_manifest, write_manifest
+
+    _, state = _state()
+    for tid in ("t1", "t2"):
+        _write(zoo, _config(tid), state)
+    write_manifest(zoo, build_manifest(zoo))
+    zoo.delete(weights_key("t1"))
+    said = []
+    rows = current_manifest(zoo, log=said.append).set_index("id")
+    assert rows.loc["t1", "status"] == "error" and "model.safetensors is missing" in rows.loc["t1", "error"]
+    assert rows.loc["t2", "status"] == "ok" and "read again (t1)" in said[0]
+
+
 def test_header_only_read_counts_params():
     model, state = _state()
     data = save(state)

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotFound, SctdError, StoreAuthError, StoreUnreachable, TeacherError, ZooError
-from .teacher import (TEACHERS_PREFIX, TeacherConfig, check_teacher_id, parse_safetensors_header,
-                      read_config_bytes, weights_key)
+from .teacher import (CONFIG_FILE, TEACHERS_PREFIX, WEIGHTS_FILE, TeacherConfig, check_teacher_id,
+                      parse_safetensors_header, read_config_bytes, weights_key)
 
 MANIFEST_FILE = "manifest.parquet"
 OPTIONAL_COLUMNS = ("config_sha256",)   # absent from manifests written before 0.1.1: None
@@ -28,11 +28,13 @@ def list_teacher_ids(store) -> list[str]:
     return sorted(_teacher_times(store))
 
 
-def _teacher_times(store) -> dict[str, float]:
+def _teacher_times(store, listing: dict[str, float] | None = None) -> dict[str, float]:
     """Every ``teachers/<id>/`` folder's id and the newest modification time of its files, from
-    one listing."""
+    one listing (``store.modified``'s, when given)."""
     times: dict[str, float] = {}
-    for key, when in store.modified(f"{TEACHERS_PREFIX}/").items():
+    if listing is None:
+        listing = store.modified(f"{TEACHERS_PREFIX}/")
+    for key, when in listing.items():
         parts = key.split("/")
         if len(parts) >= 3 and parts[1]:
             times[parts[1]] = max(when, times.get(parts[1], when))
@@ -105,9 +107,13 @@ def current_manifest(store, log=print, workers: int = 8) -> pd.DataFrame:
     manifest = read_manifest(store)
     if written is None:
         return manifest
-    times = _teacher_times(store)
+    listing = store.modified(f"{TEACHERS_PREFIX}/")
+    times = _teacher_times(store, listing)
     present, listed = set(times), set(manifest["id"])
-    changed = sorted({t for t, when in times.items() if when > written} | (present - listed))
+    # a deleted file leaves no newer time behind: an "ok" teacher that lacks one now is read again
+    lost = {t for t in set(manifest.loc[manifest["status"] == "ok", "id"]) & present
+            if any(f"{TEACHERS_PREFIX}/{t}/{name}" not in listing for name in (CONFIG_FILE, WEIGHTS_FILE))}
+    changed = sorted({t for t, when in times.items() if when > written} | (present - listed) | lost)
     gone = sorted(listed - present)
     if not changed and not gone:
         return manifest
