@@ -238,3 +238,27 @@ def test_nothing_lost_nothing_replaced(n_workers):
     teachers = [f"t{i}" for i in range(7)]
     errors, said = dispatch(fake, [teachers[i::n_workers] for i in range(n_workers)])
     assert errors == {} and scored(fake) == sorted(teachers) and len(fake.actors) == n_workers
+
+
+def test_a_call_that_raised_is_an_error_row_with_the_reason_not_rays_header():
+    """A teacher's ``score`` call that raised (a bug, or a failure the worker does not catch):
+    its error row says what was raised, not the first line of Ray's message, which is the
+    coloured ``ray::ShardActor.score() (pid=..., actor_id=...)`` header."""
+    class TaskError(Exception):
+        def __init__(self, cause):
+            super().__init__("\x1b[36mray::ShardActor.score()\x1b[39m (pid=1, ip=10.0.0.1, actor_id=ab, "
+                             "repr=<ShardActor object>)\n  File \"worker.py\", line 1\nTypeError: boom")
+            self.cause = cause
+
+    def fail_a(fake):
+        for actor in fake.actors:
+            for ref in actor.pending:
+                if ref.what.endswith(".score") and ref.tid == "a":
+                    actor.pending.remove(ref)
+                    ref.done, ref.exc = True, TaskError(TypeError("'>' not supported"))
+                    return
+
+    fake = FakeRay([fail_a], starts=lambda name: True)
+    fake.exceptions = types.SimpleNamespace(RayActorError=RayActorError, RayTaskError=TaskError)
+    errors, _ = dispatch(fake, [["a", "b"], ["c"]])
+    assert errors == {"a": "worker failed: TypeError: '>' not supported"}

@@ -570,7 +570,11 @@ def _dispatch(ray, s, zoo, results, targets, shards, todo, rows_by_id, resources
                 if isinstance(cause, (FatalScanError, StoreUnreachable, StoreAuthError)):
                     fatal = SctdError(str(getattr(e, "cause", cause) or cause).splitlines()[0])
                     break
-                _error_rows(results, tid, todo[tid], f"worker failed: {str(e).splitlines()[0][:300]}",
+                # the exception the worker raised, not Ray's "ray::ShardActor.score() (pid=...)" header
+                raised = getattr(e, "cause", None)
+                why_failed = (f"{type(raised).__name__}: {str(raised).splitlines()[0][:300]}"
+                              if raised is not None and str(raised) else death_reason(e))
+                _error_rows(results, tid, todo[tid], f"worker failed: {why_failed}",
                             fingerprints, sha(tid))
             except ray.exceptions.RayActorError as e:
                 if ran(i, gen) or getattr(e, "actor_init_failed", False):
