@@ -212,6 +212,24 @@ def test_a_file_deleted_after_the_index_is_seen_by_the_listing(zoo):
     assert rows.loc["t2", "status"] == "ok" and "read again (t1)" in said[0]
 
 
+def test_hidden_folders_are_no_teachers_and_a_copy_names_its_own_location(zoo, tmp_path):
+    """`teachers/.ipynb_checkpoints/` (Jupyter's) is left out, not an "invalid teacher id" error
+    row that made every assess exit 1; a manifest copied to another zoo (`sctd zoo push/pull`)
+    gives the teachers' locations in that zoo, not in the one indexed."""
+    import shutil
+
+    from sctd_ray.zoo.manifest import build_manifest, list_teacher_ids, read_manifest, write_manifest
+
+    _, state = _state()
+    _write(zoo, _config("t1"), state)
+    zoo.write_bytes("teachers/.ipynb_checkpoints/config-checkpoint.json", b"{}")
+    assert list_teacher_ids(zoo) == ["t1"]
+    write_manifest(zoo, build_manifest(zoo))
+    shutil.copytree(tmp_path / "zoo", tmp_path / "copy")
+    copy = open_store(str(tmp_path / "copy"))
+    assert list(read_manifest(copy)["uri"]) == [copy.join("teachers/t1")]
+
+
 def test_header_only_read_counts_params():
     model, state = _state()
     data = save(state)

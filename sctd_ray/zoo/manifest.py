@@ -30,13 +30,14 @@ def list_teacher_ids(store) -> list[str]:
 
 def _teacher_times(store, listing: dict[str, float] | None = None) -> dict[str, float]:
     """Every ``teachers/<id>/`` folder's id and the newest modification time of its files, from
-    one listing (``store.modified``'s, when given)."""
+    one listing (``store.modified``'s, when given). Hidden folders are left out."""
     times: dict[str, float] = {}
     if listing is None:
         listing = store.modified(f"{TEACHERS_PREFIX}/")
     for key, when in listing.items():
         parts = key.split("/")
-        if len(parts) >= 3 and parts[1]:
+        # a hidden folder (.ipynb_checkpoints, .DS_Store's kin) is no teacher, as in targets
+        if len(parts) >= 3 and parts[1] and not parts[1].startswith("."):
             times[parts[1]] = max(when, times.get(parts[1], when))
     return times
 
@@ -163,4 +164,6 @@ def read_manifest(store, build_if_missing: bool = True) -> pd.DataFrame:
     for c in OPTIONAL_COLUMNS:
         if c not in df.columns:
             df[c] = None
+    # where each teacher is in the zoo read, not in the one indexed (a pushed or pulled copy)
+    df["uri"] = [store.join(f"{TEACHERS_PREFIX}/{t}") for t in df["id"]]
     return df
