@@ -563,3 +563,50 @@ def test_the_bridge_decodes_the_target_as_the_scan_did(world, run, tmp_path, mon
     monkeypatch.setattr(targets, "iter_split", lambda *a, **k: seen.append(k.get("max_side")) or real(*a, **k))
     data = collect_report_data(str(copy), device="cpu")
     assert seen == [600] and data.targets[0].bridge is not None
+
+
+def test_class_and_target_names_with_dollar_signs_are_drawn_as_they_are(world, tmp_path):
+    """matplotlib reads text between two '$' as mathematical text: a class named `$\\frac$`
+    failed the whole report with a traceback, one named `$5-$10` was drawn garbled."""
+    from sctd_ray.report import figures
+
+    names = ["$5-$10", "$\\frac$", "50$"]
+    task = world["task"]
+    labels = [names[i] for i in task.splits["train"].labels]
+    uri = str(tmp_path / "price $x$ tiny")
+    write_target(open_store(uri), {"train": task.splits["train"].images}, {"train": labels})
+    store = open_store(str(tmp_path / "run"))
+    rows = [{"target": "price $x$ tiny", "teacher_id": "fm-real", "architecture": "test_resnet",
+             "status": "ok", "error": None, "samples": 12, "seconds": 1.0, "worker": "w0",
+             **world["scores"]}]
+    write_table(store, "ranking.parquet", ranking_table(rows, "sctd", NAMES))
+    store.write_bytes("run.json", json.dumps({
+        "zoo": world["zoo"], "settings": {"rank_by": "sctd", "metrics": list(NAMES)},
+        "targets": {"price $x$ tiny": {"uri": uri, "classes": sorted(names), "samples": 12}}}).encode())
+    data = collect_report_data(str(tmp_path / "run"), device="cpu")
+    fig, _, _ = figures.bridge_heatmaps(data.targets[0].bridge)
+    figures.png_base64(fig)   # draws every label
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert [t._preprocess_math(t.get_text()) for t in fig.axes[0].get_xticklabels()] == \
+        [(n, False) for n in sorted(names)], ticks
+    assert fig._suptitle._preprocess_math(fig._suptitle.get_text()) == \
+        ("label-space bridge: fm-real \u2192 price $x$ tiny", False)
+    text = Path(write_report(str(tmp_path / "run"), device="cpu")).read_text(encoding="utf-8")
+    assert not parse(text).problems and len(parse(text).images) == 2
+
+
+def test_long_names_that_share_a_prefix_keep_distinct_labels():
+    """Names cut to 24 characters from the start all read `a-very-long-shared-pref...` in the
+    heatmap, and a 200-character class name stretched the figure to its 16-inch limit."""
+    from sctd_ray.report import figures
+
+    prefix = "a-very-long-shared-prefix-" * 8
+    cols = [prefix + s for s in ("bag", "coat", "sneaker")] + ["L" * 200]
+    b = Bridge("t", "x", "train", ["k0", "k1"], cols, np.ones((2, 4)), np.full((2, 4), 0.125), 8)
+    fig, _, _ = figures.bridge_heatmaps(b)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(set(ticks)) == 4 and all(len(t) <= figures.LABEL_CHARS for t in ticks), ticks
+    assert ticks[0].endswith("prefix-bag") and ticks[2].endswith("sneaker")
+    assert fig.get_figheight() < 6
+    assert figures._labels(["ab" * 20 + "x", "ab" * 20 + "y"], 8) == ["aba\u2026babx", "aba\u2026baby"]
+    assert len(set(figures._labels(["p" + "m" * 40 + "s", "p" + "n" * 40 + "s"], 8))) == 2

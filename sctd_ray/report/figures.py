@@ -35,9 +35,31 @@ def png_base64(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _plain(text) -> str:
+    """``text`` drawn as it is: matplotlib reads a pair of '$' as mathematical text (a class
+    named ``$5-$10`` would be drawn garbled, one named ``$\\frac$`` fails the whole report)."""
+    return str(text).replace("$", r"\$")
+
+
 def _short(label, n: int = LABEL_CHARS) -> str:
+    """At most ``n`` characters, the middle cut out (names that share a long prefix keep
+    their distinct ends)."""
     s = str(label)
-    return s if len(s) <= n else s[: n - 1] + "\u2026"
+    if len(s) > n:
+        head = (n - 1) // 2
+        s = s[:head] + "\u2026" + s[len(s) - (n - 1 - head):]
+    return _plain(s)
+
+
+def _labels(names, n: int = LABEL_CHARS) -> list[str]:
+    """``_short`` of each name, longer where that is what tells two different names apart."""
+    names = [str(x) for x in names]
+    longest = max((len(x) for x in names), default=0)
+    while True:
+        out = [_short(x, n) for x in names]
+        if len(set(out)) == len(set(names)) or n >= longest:
+            return out
+        n += 8
 
 
 def score_bars(table: pd.DataFrame, metric: str, top: int = TOP_BARS) -> Figure | None:
@@ -50,7 +72,7 @@ def score_bars(table: pd.DataFrame, metric: str, top: int = TOP_BARS) -> Figure 
     ok, values = ok[values.notna()].head(top), values[values.notna()].head(top)
     if not len(ok):
         return None
-    labels = [_short(t, 32) for t in ok["teacher_id"]][::-1]
+    labels = _labels(ok["teacher_id"], 32)[::-1]
     vals = values.to_numpy(dtype=float)[::-1]
     fig = Figure(figsize=(7.5, 0.9 + 0.32 * len(vals)), layout="constrained")
     ax = fig.add_subplot()
@@ -69,8 +91,8 @@ def score_bars(table: pd.DataFrame, metric: str, top: int = TOP_BARS) -> Figure 
 def _heat(ax, fig, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, cmap: str,
           fmt: str, vmin: float, vmax: float) -> None:
     im = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks(np.arange(len(cols)), [_short(c) for c in cols], rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(np.arange(len(rows)), [_short(r) for r in rows], fontsize=7)
+    ax.set_xticks(np.arange(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize=7)
     ax.set_xlabel("target class")
     ax.set_title(title, fontsize=9)
     if matrix.size <= ANNOTATE_CELLS:  # both colour maps are dark at the top of their range
@@ -87,8 +109,8 @@ def bridge_heatmaps(bridge: Bridge, max_rows: int = HEATMAP_ROWS,
     classes), on the same rows and columns (``Bridge.shown_rows/shown_cols``).
     Returns the figure and the numbers of rows and columns shown."""
     r, c = bridge.shown_rows(max_rows), bridge.shown_cols(max_cols)
-    rows = [bridge.teacher_classes[i] for i in r]
-    cols = [bridge.target_classes[j] for j in c]
+    rows = _labels(bridge.teacher_classes[i] for i in r)   # tick labels
+    cols = _labels(bridge.target_classes[j] for j in c)
     cost, plan = bridge.cost[np.ix_(r, c)], bridge.plan[np.ix_(r, c)]
     width = min(22.0, 2.0 + 2 * max(3.0, 0.32 * len(cols) + 1.2))
     height = min(16.0, 1.6 + 0.24 * len(rows) + 0.07 * max(len(s) for s in cols + ["x"]))
@@ -96,10 +118,10 @@ def bridge_heatmaps(bridge: Bridge, max_rows: int = HEATMAP_ROWS,
     ax1, ax2 = fig.subplots(1, 2)
     _heat(ax1, fig, cost, rows, cols, "ground cost M[k, c] = 1 - cos(w_k, mu_c)", "viridis_r",
           ".2f", vmin=0.0, vmax=max(1.0, float(np.nanmax(cost)) if cost.size else 1.0))
-    ax1.set_ylabel(f"teacher class ({bridge.teacher_id})")
+    ax1.set_ylabel(_plain(f"teacher class ({bridge.teacher_id})"))
     _heat(ax2, fig, plan, rows, cols, "mean transport plan J[k, c]", "magma_r", ".3f",
           vmin=0.0, vmax=float(np.nanmax(plan)) if plan.size and np.nanmax(plan) > 0 else 1.0)
-    fig.suptitle(f"label-space bridge: {bridge.teacher_id} \u2192 {bridge.target}", fontsize=10)
+    fig.suptitle(_plain(f"label-space bridge: {bridge.teacher_id} \u2192 {bridge.target}"), fontsize=10)
     return fig, len(rows), len(cols)
 
 
@@ -126,9 +148,9 @@ def learning_curves(trials: pd.DataFrame, best_trial=None) -> Figure | None:
         is_best = best_trial is not None and str(row.get("trial_id")) == str(best_trial)
         label = None
         if is_best:
-            label = f"best: {row.get('trial_id')} ({method})"
+            label = _plain(f"best: {row.get('trial_id')} ({method})")
         elif method not in seen:
-            label, _ = (method or "trial"), seen.add(method)
+            label, _ = _plain(method or "trial"), seen.add(method)
         ax.plot(np.arange(1, len(curve) + 1), curve, color=METHOD_COLORS.get(method, OTHER_COLOR),
                 linewidth=3.0 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
                 marker="o" if len(curve) == 1 else None, label=label, zorder=3 if is_best else 2)
