@@ -301,3 +301,15 @@ def test_a_budget_too_small_for_an_epoch_says_what_to_change():
                "ce_baseline": None, "teachers": []}
     text = format_summary(summary)
     assert "none finished an epoch" in text and "student_max_side" in text and "--budget" in text
+
+
+@pytest.mark.parametrize("target", ["digits..v2", "fm...mix5", "html <b>t & 'q' \"d\"", "猫", "a" * 200])
+def test_a_students_id_is_valid_whatever_the_targets_folder_name(target):
+    """A target folder named `digits..v2` distilled for the whole budget, then failed the
+    export: 'invalid teacher id student-digits..v2-from-ce-...' (exit 2, no summary, no report)."""
+    from sctd_ray.distill.export import student_id
+    from sctd_ray.zoo.teacher import check_teacher_id
+
+    sid = student_id(target, "X.odd_id-1.0", "s3://bucket/run/distill")
+    assert check_teacher_id(sid) == sid and sid.startswith("student-")
+    assert student_id(target, "ce", "a") != student_id(target, "ce", "b")

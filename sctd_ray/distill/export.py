@@ -26,7 +26,8 @@ def student_id(target: str, source: str, salt: str) -> str:
     """A valid, stable teacher id for the student of ``target`` distilled from ``source``
     (a teacher id or "ce"); ``salt`` (e.g. the search's output uri) keeps two searches apart
     while a resumed search overwrites its own export."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"student-{target}-from-{source}").strip("-.")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"student-{target}-from-{source}")
+    slug = re.sub(r"\.{2,}", ".", slug).strip("-.")   # a target folder "digits..v2": no '..' in an id
     tag = hashlib.sha256(salt.encode()).hexdigest()[:8]
     return check_teacher_id(f"{slug[:110]}-{tag}")
 
