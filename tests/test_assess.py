@@ -579,6 +579,23 @@ def test_ray_data_decodes_a_target_as_load_target_does(ray_local, tmp_path):
     assert mat.fingerprint == task.fingerprints["train"]   # the same images and labels, one hash
 
 
+
+@pytest.mark.parametrize("folder", ["what?", "q?x=1", "tab\tname"])
+def test_a_parquet_target_in_a_folder_with_an_odd_name_is_read(ray_local, tmp_path, folder):
+    """Ray Data's read_parquet takes a '?' in a path for a URL query ("no files found", then
+    a KeyError traceback from the scan) and drops a tab from it (FileNotFoundError)."""
+    from sctd_ray.data.ray_data import materialize_target, target_blocks
+    from sctd_ray.data.targets import write_target
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 12, 12, 1), dtype=np.uint8)
+    uri = str(tmp_path / folder)
+    write_target(open_store(uri), {"train": images}, {"train": ["a", "b", "c"] * 2})
+    mat = materialize_target(uri)
+    _, labels = target_blocks(mat)
+    assert mat.name == folder and mat.class_names == ["a", "b", "c"] and mat.num_rows == 6
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+
 def test_the_decode_size_grows_with_the_largest_teacher_input():
     from sctd_ray.assess.scan import decode_max_side
     from sctd_ray.data.images import DECODE_MAX_SIDE

@@ -121,11 +121,15 @@ def _first_image(store, split: str, pf=None, files=None) -> bytes:
 
 def _records_dataset(probe: "TargetProbe", s3_endpoint: str | None):
     """Undecoded Ray Dataset with columns image (bytes) and label (class name)."""
+    import pyarrow.fs as pafs
     import ray.data
 
     fs, root = arrow_filesystem(probe.uri, s3_endpoint)
     if probe.layout == "parquet":
-        return ray.data.read_parquet(f"{root}/{probe.split}.parquet", filesystem=fs).select_columns(["image", "label"])
+        # the target folder as the filesystem's root: read_parquet takes a '?' in a path for a
+        # URL query and drops a tab (a target folder "what?" was "no files found", a traceback)
+        fs = pafs.SubTreeFileSystem(root, fs)
+        return ray.data.read_parquet(f"{probe.split}.parquet", filesystem=fs).select_columns(["image", "label"])
     ds = ray.data.read_binary_files([f"{root}/{k}" for k, _ in probe.files], filesystem=fs, include_paths=True)
     prefix = probe.uri.rstrip("/")
     return ds.map(lambda r: {"image": r["bytes"], "label": r["path"].rsplit("/", 2)[-2],
