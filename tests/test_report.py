@@ -610,3 +610,20 @@ def test_long_names_that_share_a_prefix_keep_distinct_labels():
     assert fig.get_figheight() < 6
     assert figures._labels(["ab" * 20 + "x", "ab" * 20 + "y"], 8) == ["aba\u2026babx", "aba\u2026baby"]
     assert len(set(figures._labels(["p" + "m" * 40 + "s", "p" + "n" * 40 + "s"], 8))) == 2
+
+
+def test_a_name_the_font_cannot_draw_gives_no_warning_per_glyph():
+    """Class names in CJK or with emoji: the figure draws boxes (DejaVu Sans lacks them) without
+    a 'Glyph ... missing from font' line on stderr for each character; the tables show them."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from sctd_ray.report.figures import png_base64
+
+    fig = Figure()
+    fig.add_subplot().set_title("猫 犬 🐱")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert png_base64(fig)
+    assert not [w for w in seen if "missing from font" in str(w.message)]
