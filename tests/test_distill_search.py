@@ -157,6 +157,25 @@ def test_budget_stops_long_trials(run_dir, ray_local, tmp_path, capsys):
     assert not (Path(out) / "card.json").exists() and summary["export"] is None
 
 
+def test_an_export_that_fails_keeps_the_time_spent(run_dir, ray_local, tmp_path, capsys, monkeypatch):
+    """The zoo refusing the student (a full disk, a bucket the keys may not write): one line, and
+    search.json keeps the time the trials took (it said 0 s used, so --resume had the whole
+    budget again) and that the search is not complete (a --resume exports then)."""
+    from sctd_ray.distill import search
+    from sctd_ray.errors import SctdError
+
+    def refused(*a, **k):
+        raise SctdError("zoo refused the student")
+
+    monkeypatch.setattr(search, "_export", refused)
+    run, out = _copy_run(run_dir, tmp_path / "run"), tmp_path / "out"
+    rc = main(["--run", run, "--target", TARGET, "--out", str(out), "--top-k", "1", "--samples", "1",
+               "--budget", "60", "--quiet", "--recipe", json.dumps({**FAST, "epochs": 1})])
+    assert rc == 2 and "zoo refused the student" in capsys.readouterr().err
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["used_s"] > 1 and not saved["complete"]
+
+
 def _finished(out: Path) -> int:
     n = 0
     for f in (out / "tune").glob("*/result.json"):

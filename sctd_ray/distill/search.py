@@ -462,7 +462,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
               "threads": threads}
     search = {"target": name, "target_uri": target_uri, "run": run_store.uri if run_store else None,
               "zoo": zoo.uri, "teachers": teachers, "budget_s": budget, "used_s": used_before,
-              "sessions": (previous or {}).get("sessions", 0) + 1,
+              "sessions": (previous or {}).get("sessions", 0) + 1, "complete": finished,
               "settings": ({**previous["settings"], "export": planned["export"]} if previous
                            else {**planned, "resources": resources})}
 
@@ -536,6 +536,7 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     from ..assess.results import write_table
 
     write_table(out, RESULTS_FILE, results)
+    save()   # the time spent, before the export (one that fails left a resume '0s used before')
     best, ce = _pick(results), _pick(results[results["method"] == "ce"])
     export = _exported_before(zoo, out) if finished and not export_now else None
     if best is not None and export_now and not interrupted:
