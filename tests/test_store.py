@@ -217,6 +217,21 @@ def test_local_listing_walks_linked_folders_but_not_a_link_back_up(tmp_path):
     assert sorted(store.modified("teachers/")) == expected
 
 
+def test_a_link_to_the_zoos_root_or_above_it_is_not_walked(tmp_path):
+    """A link to a folder the walk started below (the zoo's root, a folder above it, /) loops
+    too: it listed the zoo's manifest and targets as files of the teacher, again under each
+    link (a link to / walked the whole disk)."""
+    store = LocalStore(tmp_path / "zoo")
+    for key in ("teachers/t1/config.json", "manifest.parquet", "targets/a/train.parquet"):
+        store.write_bytes(key, b"{}")
+    os.symlink(tmp_path / "zoo", tmp_path / "zoo" / "teachers" / "t1" / "root")
+    os.symlink(tmp_path, tmp_path / "zoo" / "teachers" / "t1" / "above")
+    os.symlink("../../..", tmp_path / "zoo" / "teachers" / "t1" / "up")
+    assert store.list("teachers/") == ["teachers/t1/config.json"]
+    assert sorted(store.modified("teachers/")) == ["teachers/t1/config.json"]
+    assert store.list() == ["manifest.parquet", "targets/a/train.parquet", "teachers/t1/config.json"]
+
+
 def test_local_missing_file_names_path(tmp_path):
     with pytest.raises(NotFound, match=str(tmp_path / "nope" / "x")):
         open_store(tmp_path / "nope").read_bytes("x")

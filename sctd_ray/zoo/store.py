@@ -148,6 +148,12 @@ class Store(ABC):
 # -- local folder --------------------------------------------------------------------
 
 
+def _real_and_above(path: str) -> set[str]:
+    """The real path of ``path`` and of every folder above it."""
+    real = Path(os.path.realpath(path))
+    return {str(real), *map(str, real.parents)}
+
+
 class LocalStore(Store):
     """A folder on the local file system (or a shared mount)."""
 
@@ -203,7 +209,9 @@ class LocalStore(Store):
         folder above it, which would loop."""
         prefix = _check_prefix(prefix)
         base = str(self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root)
-        above = {base: {os.path.realpath(base)}}   # each folder's real path and its parents'
+        # each folder walked: the real paths of the folders it is in, on disk (a link to the
+        # zoo's root or to / is one too, not only a link to a folder walked) and through links
+        above = {base: _real_and_above(base)}
         for folder, dirs, files in os.walk(base, followlinks=True):
             chain = above.pop(folder)
             keep = []
@@ -212,7 +220,7 @@ class LocalStore(Store):
                 real = os.path.realpath(path)
                 if real not in chain:
                     keep.append(name)
-                    above[path] = chain | {real}
+                    above[path] = chain | _real_and_above(real)
             dirs[:] = keep
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
