@@ -220,7 +220,8 @@ class LocalStore(Store):
                 real = os.path.realpath(path)
                 if real not in chain:
                     keep.append(name)
-                    above[path] = chain | _real_and_above(real)
+                    above[path] = chain | ({real} if os.path.dirname(real) in chain
+                                           else _real_and_above(real))
             dirs[:] = keep
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
