@@ -312,3 +312,20 @@ def test_a_model_that_cannot_take_the_weights_is_built_afresh():
     previous = teacher_from_files(cfg, save(state)).model
     loaded = teacher_from_files(cfg, half, reuse=lambda key: previous)
     assert loaded.model is not previous
+
+
+def test_a_teacher_saved_by_timms_save_for_hf_loads(tmp_path):
+    """timm's save_for_hf writes num_classes into model_args as well: building such a teacher
+    was 'create_model() got multiple values for keyword argument num_classes', an error row
+    for every teacher exported by timm itself."""
+    from timm.models import save_for_hf
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    save_for_hf(model, tmp_path / "teachers" / "t1", safe_serialization=True)
+    raw = json.loads((tmp_path / "teachers" / "t1" / "config.json").read_text())
+    assert raw["model_args"].get("num_classes") == 5   # the layout this is about
+    loaded = load_teacher(open_store(tmp_path), "t1")
+    assert loaded.config.num_classes == 5 and loaded.model.num_classes == 5
+    x = torch.rand(2, *loaded.preprocessing.input_size)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model.eval()(x))

@@ -48,8 +48,10 @@ def build_model(config: TeacherConfig, device: str | torch.device = "cpu") -> to
         raise TeacherError(config.teacher_id, f"unknown timm architecture {config.architecture!r}")
     try:
         with torch.device(device):
+            # timm's save_for_hf records num_classes in model_args too; the config's own wins,
+            # as in timm's create_model (a model_args key never overrides an explicit argument)
             return timm.create_model(config.architecture, pretrained=False,
-                                     num_classes=config.num_classes, **config.model_args)
+                                     **{**config.model_args, "num_classes": config.num_classes})
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise TeacherError(config.teacher_id, f"cannot build {config.architecture!r} with "
                            f"model_args {config.model_args}: {e}") from None
