@@ -139,7 +139,8 @@ def _without_labels(raw):
     (lambda raw: raw.update(source_task="digits"), "'source_task' must be a JSON object"),
     (lambda raw: raw.update(num_features="abc"), "'num_features' must be a positive integer"),
     (lambda raw: raw.update(label_names="abc"), "'label_names' must be a list"),
-    (_without_labels, "num_classes must be between 1 and"),
+    (_without_labels, "num_classes is 0: a headless model"),
+    (lambda raw: raw.update(num_classes=-3), "num_classes must be between 1 and"),
 ])
 def test_a_config_field_of_the_wrong_type_is_that_teachers_error(zoo, edit, match):
     """A value of the wrong type in one config.json is a TeacherError naming the teacher (an
@@ -329,3 +330,12 @@ def test_a_teacher_saved_by_timms_save_for_hf_loads(tmp_path):
     x = torch.rand(2, *loaded.preprocessing.input_size)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model.eval()(x))
+
+
+def test_a_headless_timm_model_is_named_as_such():
+    """timm saves a model created with num_classes=0 (features only) with num_classes 0 and no
+    label names: its error row says why it cannot be a teacher, not only a range."""
+    raw = {"architecture": "test_resnet", "num_classes": 0, "num_features": 64,
+           "model_args": {"num_classes": 0}, "pretrained_cfg": {"input_size": [3, 32, 32], "num_classes": 0}}
+    with pytest.raises(TeacherError, match="num_classes is 0: a headless model"):
+        TeacherConfig.from_json("t1", json.dumps(raw))

@@ -74,6 +74,9 @@ class TeacherConfig:
                     or not all(_positive_int(v) for v in size)):
                 raise ValueError("pretrained_cfg.input_size must be [channels, height, width], "
                                  f"three positive integers; got {size!r}")
+            if num_classes == 0:   # timm's convention for a model saved without its head
+                raise ValueError("num_classes is 0: a headless model (no classifier); a teacher "
+                                 "is scored through its linear classifier")
             if not 1 <= num_classes <= MAX_CLASSES:
                 raise ValueError(f"num_classes must be between 1 and {MAX_CLASSES}, got {num_classes}")
             num_features = raw.get("num_features")
