@@ -117,6 +117,22 @@ def test_views_mix_part_of_the_batch_and_keep_labels():
 
 # --------------------------------------------------------------------------- methods
 
+def test_kd_refused_names_the_teachers_that_would_do(monkeypatch):
+    """kd over a top-k where only some teachers share the target's label names: the line says
+    how many differ and which --teacher flags would run."""
+    from types import SimpleNamespace
+
+    from sctd_ray.distill.search import _check_kd
+
+    labels = {"same": ["b", "a"], "x1": ["x", "y"], "x2": ["p", "q"]}
+    monkeypatch.setattr("sctd_ray.zoo.loading.read_config",
+                        lambda zoo, t: SimpleNamespace(label_names=labels[t]))
+    with pytest.raises(SctdError, match=r"teacher 'x1' has .*\(2 of 3 teachers differ\); use --method ot; "
+                                        r"of these, --teacher same would do"):
+        _check_kd(None, ["x1", "same", "x2"], ["a", "b"])
+    _check_kd(None, ["same"], ["a", "b"])
+
+
 def test_kd_is_refused_for_other_label_names_and_mapped_by_name():
     target = make_target(("a", "b", "c"))
     with pytest.raises(SctdError, match="kd needs the teacher's label names"):

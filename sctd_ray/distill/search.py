@@ -588,11 +588,16 @@ def _check_kd(zoo, teachers, classes: list[str]) -> None:
     """kd needs equal label names: refuse before any trial starts (SPEC 4)."""
     from ..zoo.loading import read_config
 
-    for t in teachers:
-        names = read_config(zoo, t).label_names
-        if sorted(names) != sorted(classes):
-            raise SctdError(f"kd needs the teacher's label names to equal the target's class names: "
-                            f"teacher {t!r} has {names}, the target has {classes}; use --method ot")
+    names = {t: read_config(zoo, t).label_names for t in teachers}
+    other = [t for t in teachers if sorted(names[t]) != sorted(classes)]
+    if other:
+        t = other[0]
+        same = [t for t in teachers if t not in other]
+        hint = (f"; of these, {' '.join('--teacher ' + x for x in same)} would do" if same else "")
+        raise SctdError(f"kd needs the teacher's label names to equal the target's class names: "
+                        f"teacher {t!r} has {names[t]}, the target has {classes}"
+                        + (f" ({len(other)} of {len(teachers)} teachers differ)" if len(other) > 1 else "")
+                        + f"; use --method ot{hint}")
 
 
 def _collect(exp_path, storage_fs):
