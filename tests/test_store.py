@@ -601,6 +601,20 @@ def test_sync_uses_etag_for_objects_without_sha256(s3, s3_bucket, tmp_path):
     assert (tmp_path / "out/foreign.bin").read_bytes() == b"written by another tool"
 
 
+def test_a_link_to_nothing_is_left_out_of_a_sync_with_a_line(tmp_path):
+    """A broken link in a local zoo (its target on an unmounted disk) stopped the whole push with
+    "not found"; the other files are copied and one line names it."""
+    src = tmp_path / "zoo"
+    (src / "teachers" / "t1").mkdir(parents=True)
+    (src / "teachers" / "t1" / "config.json").write_text("{}")
+    os.symlink(tmp_path / "gone", src / "teachers" / "t1" / "extra.bin")
+    said = []
+    res = sync(str(src), str(tmp_path / "dst"), progress=False, log=said.append)
+    assert res.copied == 1 and (tmp_path / "dst/teachers/t1/config.json").read_text() == "{}"
+    assert said == ["sync: 1 file(s) left out, links to nothing or removed while listed: "
+                    "teachers/t1/extra.bin"]
+
+
 def test_sync_of_empty_source_is_notfound(tmp_path):
     with pytest.raises(NotFound, match="nothing to sync"):
         sync(str(tmp_path / "empty"), str(tmp_path / "dst"), progress=False)

@@ -102,10 +102,22 @@ def sync(src_uri: str, dst_uri: str, s3_endpoint: str | None = None,
     """Copy all keys of `src_uri` to `dst_uri` (both local paths or s3:// urls)."""
     src, dst = open_store(src_uri, s3_endpoint), open_store(dst_uri, s3_endpoint)
     keys = src.list()
+    # a local source is sized up front (cheap stats); an S3 one would need a HEAD per key
+    total = None
+    if isinstance(src, LocalStore):
+        sizes = {}
+        for k in keys:
+            try:
+                sizes[k] = src.size(k)
+            except NotFound:   # a link to nothing (an unmounted disk), or removed while listed
+                pass
+        broken = [k for k in keys if k not in sizes]
+        if broken:
+            log(f"sync: {len(broken)} file(s) left out, links to nothing or removed while listed: "
+                f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}")
+        keys, total = list(sizes), sum(sizes.values())
     if not keys:
         raise NotFound(f"nothing to sync: no files under {src.uri}")
-    # a local source is sized up front (cheap stats); an S3 one would need a HEAD per key
-    total = sum(src.size(k) for k in keys) if isinstance(src, LocalStore) else None
 
     lock = threading.Lock()
     counts = {"copied": 0, "skipped": 0, "bytes": 0}
