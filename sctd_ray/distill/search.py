@@ -284,10 +284,15 @@ def _default_out(run_store, name: str) -> str:
     of several targets), else RUN/distill."""
     if run_store.exists(f"distill/{name}/{SEARCH_FILE}"):
         return run_store.join(f"distill/{name}")
-    root = _read_json(run_store, f"distill/{SEARCH_FILE}")
-    if isinstance(root, dict) and root.get("target") not in (None, name):
+    if _root_search_target(run_store) not in (None, name):
         return run_store.join(f"distill/{name}")
     return run_store.join("distill")
+
+
+def _root_search_target(run_store) -> str | None:
+    """The target of the search in RUN/distill itself (None: none there)."""
+    root = _read_json(run_store, f"distill/{SEARCH_FILE}")
+    return root.get("target") if isinstance(root, dict) else None
 
 
 def _search_budget(s: DistillSettings, previous: dict | None, budget: float) -> float:
@@ -904,8 +909,7 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
     each = parse_budget(budget) / len(names)
     # a search already in RUN/distill (the run had one target then; --resume added others) stays
     # there: a new RUN/distill/<target> would redo it and hide the others from the report
-    root = _read_json(run_store, "distill/" + SEARCH_FILE)
-    root = root.get("target") if isinstance(root, dict) else None
+    root = _root_search_target(run_store)
     out = {}
     for n in names:
         dest = run_store.join("distill") if len(names) == 1 or n == root else run_store.join(f"distill/{n}")

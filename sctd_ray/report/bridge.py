@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.images import DECODE_MAX_SIDE
 from ..errors import TargetError
 
 BATCH_SIZE = 256
@@ -105,7 +106,7 @@ def bridge_from_batches(teacher, batches, target: str, target_classes: list[str]
 
 def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: str = "train",
                 s3_endpoint: str | None = None, device: str | None = None,
-                teacher_cache: dict | None = None, max_side: int | None = None,
+                teacher_cache: dict | None = None, max_side: int = DECODE_MAX_SIDE,
                 class_names: list[str] | None = None) -> Bridge:
     """Load a teacher from the ``zoo`` store, then ``bridge_from_batches`` over one split of the
     target at ``target_uri``, read a batch at a time (``targets.iter_split``) and decoded as
@@ -122,5 +123,5 @@ def load_bridge(zoo, teacher_id: str, target_name: str, target_uri: str, split: 
         if teacher_cache is not None:
             teacher_cache[teacher_id] = teacher
     class_names, batches = iter_split(target_uri, split, s3_endpoint=s3_endpoint, batch_size=BATCH_SIZE,
-                                      class_names=class_names, **({"max_side": max_side} if max_side else {}))
+                                      class_names=class_names, max_side=max_side)
     return bridge_from_batches(teacher, batches, target_name, class_names, split=split, device=device)
