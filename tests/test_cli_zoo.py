@@ -80,6 +80,18 @@ def test_verify_names_corrupt_and_mismatched_teachers(demo_zoo, tmp_path, capsys
     assert "2 bad" in out
 
 
+def test_verify_names_a_teacher_deleted_after_index(demo_zoo, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(demo_zoo, zoo)
+    gone = SMALL_TEACHERS[0].teacher_id
+    shutil.rmtree(zoo / "teachers" / gone)
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    out = capsys.readouterr().out
+    assert (f"ERROR  {gone}: teacher '{gone}': in manifest.parquet but no longer in the zoo "
+            f"(teachers/{gone}/config.json is gone); `sctd zoo index` rewrites the manifest") in out
+    assert "1 bad" in out
+
+
 def test_verify_names_a_teacher_with_nan_or_inf_weights(demo_zoo, tmp_path, capsys):
     """Loadable and runnable, but a NaN in its weights makes all its scores NaN: not ok."""
     from safetensors.torch import load_file, save_file

@@ -70,5 +70,14 @@ def verify_zoo(store, workers: int = 2, log=print) -> list[dict]:
     ids = sorted(set(listed) | set(expected))
     if not ids:
         raise ZooError(f"{store.uri}: no teachers found (expected teachers/<id>/config.json)")
+    present = set(listed)
+
+    def check(t: str) -> dict:
+        if t not in present:    # indexed, then deleted or moved
+            return {"id": t, "status": "error",
+                    "error": f"teacher {t!r}: in {MANIFEST_FILE} but no longer in the zoo "
+                             f"(teachers/{t}/config.json is gone); `sctd zoo index` rewrites the manifest"}
+        return verify_teacher(store, t, expected.get(t))
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda t: verify_teacher(store, t, expected.get(t)), ids))
+        return list(pool.map(check, ids))
