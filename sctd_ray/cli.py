@@ -204,7 +204,7 @@ def add_assess_args(a) -> None:
                    help="target task folder (local or s3://); repeat for several targets")
     a.add_argument("--out", required=True, help="run folder (local or s3://) for results")
     a.add_argument("--workers", type=int, default=None,
-                   help="shard workers (default: one per GPU, else one per CPU)")
+                   help="shard workers (default: one per GPU, else one per CPU; fewer CPU workers than CPUs run several threads each)")
     a.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default: 256 on a CPU, 1024 on a GPU; a batch "
                         "that does not fit the GPU is halved for that teacher)")

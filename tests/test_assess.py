@@ -353,6 +353,17 @@ def test_resume_with_another_target_keeps_the_earlier_ones(demo_zoo, ray_local, 
     assert run["targets"]["fm-mix5"]["uri"] == t1 and run["targets"]["dg-high5"]["uri"] == t2
 
 
+def test_fewer_cpu_workers_than_cpus_run_more_threads_each(demo_zoo, ray_local, tmp_path):
+    """One CPU worker on a machine of c CPUs holds all c of them, and its torch runs c threads
+    (Ray's OMP_NUM_THREADS), instead of one thread and c - 1 idle cores."""
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    run_scan(ScanSettings(zoo=demo_zoo, targets=[_targets(demo_zoo)[0]], out=str(tmp_path / "run"),
+                          teachers=["fm-all-resnet"], workers=1, progress=False))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["resources"] == {"num_cpus": cpus}
+    assert [w["threads"] for w in run["workers"]] == [cpus]
+
+
 def test_two_targets_equal_two_scans(demo_zoo, reference, ray_local, tmp_path):
     t1, t2 = _targets(demo_zoo)
     both = run_scan(ScanSettings(zoo=demo_zoo, targets=[t1, t2], out=str(tmp_path / "both"), progress=False))

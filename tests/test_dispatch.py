@@ -262,3 +262,17 @@ def test_a_call_that_raised_is_an_error_row_with_the_reason_not_rays_header():
     fake.exceptions = types.SimpleNamespace(RayActorError=RayActorError, RayTaskError=TaskError)
     errors, _ = dispatch(fake, [["a", "b"], ["c"]])
     assert errors == {"a": "worker failed: TypeError: '>' not supported"}
+
+
+@pytest.mark.parametrize("node_cpus, workers, each", [
+    ([16], 8, 2),          # 8 teachers on 16 cores: two threads each
+    ([2], 1, 2),           # --workers 1 takes the whole machine
+    ([2], 2, 1), ([2], 5, 1), ([0], 1, 1),   # as many workers as CPUs or more; no CPU yet
+    ([8, 8, 4], 3, 4),     # 20 // 3 = 6 would leave the third worker without a node
+    ([8, 8], 1, 8),        # one worker holds at most one node
+])
+def test_cpu_workers_share_the_cpus_of_the_nodes_alive(node_cpus, workers, each):
+    nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in node_cpus]
+    nodes.append({"Alive": False, "Resources": {"CPU": 64}})   # a dead node holds nothing
+    fake = types.SimpleNamespace(nodes=lambda: nodes)
+    assert scan._cpus_per_worker(fake, workers) == each

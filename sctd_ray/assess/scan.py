@@ -186,6 +186,19 @@ def _default_workers(ray) -> tuple[int, dict]:
     return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
 
 
+def _cpus_per_worker(ray, n_workers: int) -> int:
+    """CPU slots for each of ``n_workers`` CPU workers: the most that all of them can hold at
+    once on the nodes alive now (a node of c CPUs holds c // k workers of k), at least 1. Ray
+    gives an actor ``OMP_NUM_THREADS`` = its CPUs, so torch runs that many threads: fewer
+    workers than CPUs (8 teachers on 16 cores, or ``--workers 1``) use every core instead of
+    one each."""
+    cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    k = max(1, sum(cpus) // n_workers)
+    while k > 1 and sum(c // k for c in cpus) < n_workers:
+        k -= 1
+    return k
+
+
 def _check_settings(s: ScanSettings) -> None:
     """User errors in the settings, before anything starts."""
     unknown = sorted(set(s.metrics) - set(NAMES))
@@ -311,6 +324,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
                                    rows_by_id[tid]["bytes"], samples) for tid in todo}
     n_default, resources = _default_workers(ray)
     n_workers = max(1, min(s.workers or n_default, len(todo) or 1))
+    if "num_gpus" not in resources:
+        resources = {"num_cpus": _cpus_per_worker(ray, n_workers)}
     shards = plan_shards(costs, n_workers)
     log(f"scan: {len(manifest)} teachers x {len(targets)} target(s) ({samples} samples); "
         f"{len(todo)} teachers to score on {n_workers} worker(s)"

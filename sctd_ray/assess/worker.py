@@ -411,7 +411,8 @@ class ShardWorker:
         with self._phase_lock:
             phases = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         return {"worker": self.name, "peak_rss_mb": round(peak_kb / 1024, 1), "teachers": self.scored,
-                "device": str(self.device), "batch_size": self.batch_size,
+                "device": str(self.device), "threads": torch.get_num_threads(),
+                "batch_size": self.batch_size,
                 "smaller_batches": self.smaller_batches, "resized_targets": self.resized_builds,
                 "models_reused": self.models_reused,
                 "phase_seconds": phases}
