@@ -137,23 +137,31 @@ def cmd_scan(args) -> int:
     """assess + distill (top-k teachers, within --budget) + report: the whole pipeline."""
     from .assess.scan import print_ranking, run_scan
     from .data.targets import check_split_labels, load_target
-    from .distill.search import check_search_args, recipe_from_args, run_distill_for_scan
+    from .distill.search import (SCAN_SEARCH_OPTIONS, check_search_args, recipe_from_args,
+                                 run_distill_for_scan, scan_plan, write_scan_plan)
     from .report import write_report
 
-    check_search_args(args.budget, args.top_k, args.samples, args.student, args.seed)  # before the assess step
+    # the scan's distillation plan: a --resume continues with the one the scan started with
+    # (RUN/scan.json); only the options typed now change it (the parser's defaults are None)
+    given = {k: getattr(args, k) for k in SCAN_SEARCH_OPTIONS if getattr(args, k) is not None}
     recipe = recipe_from_args(args)
+    if recipe:
+        given["recipe"] = recipe
+    plan = scan_plan(args.out, given, args.resume, s3_endpoint=args.s3_endpoint)
+    check_search_args(plan["budget"], plan["top_k"], plan["samples"], plan["student"], plan["seed"])  # before the assess step
     for target in args.target:   # the distillation's splits, labels and images, before Ray starts
         check_split_labels(target, s3_endpoint=args.s3_endpoint)
         # a bad val/test image: now, not after the other targets' searches (the scan's own pass
         # decodes the train split)
         load_target(target, splits=("val", "test"), s3_endpoint=args.s3_endpoint)
-    result = run_scan(_scan_settings(args))
+    result = run_scan(_scan_settings(args),
+                      on_start=lambda out: write_scan_plan(out, plan))  # once the inputs are checked
     print_ranking(result)
-    summaries = run_distill_for_scan(args.out, budget=args.budget, top_k=args.top_k, samples=args.samples,
-                                     student=args.student, seed=args.seed, resume=args.resume,
-                                     export=args.export,
+    summaries = run_distill_for_scan(args.out, budget=plan["budget"], top_k=plan["top_k"],
+                                     samples=plan["samples"], student=plan["student"], seed=plan["seed"],
+                                     resume=args.resume, export=plan["export"], given=tuple(given),
                                      address=args.address, s3_endpoint=args.s3_endpoint,
-                                     progress=not args.quiet, recipe=recipe)
+                                     progress=not args.quiet, recipe=plan["recipe"])
     report = write_report(args.out, s3_endpoint=args.s3_endpoint)
     print(f"ranking: {args.out.rstrip('/')}/ranking.parquet")
     for name, summ in summaries.items():
@@ -249,13 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = s3(sub.add_parser("scan", help="assess + distill + report: the whole pipeline"))
     add_assess_args(sc)
-    sc.add_argument("--top-k", type=int, default=3, help="distill from the k best-ranked teachers (default 3)")
-    sc.add_argument("--budget", default="600", help="distillation budget: seconds, or 10m, 1h (default 600; "
+    # defaults None: a --resume tells what was typed from what the scan started with (RUN/scan.json)
+    sc.add_argument("--top-k", type=int, default=None, help="distill from the k best-ranked teachers (default 3)")
+    sc.add_argument("--budget", default=None, help="distillation budget: seconds, or 10m, 1h (default 600; "
                     "with several targets split equally between them)")
-    sc.add_argument("--samples", type=int, default=3, help="hyper-parameter samples per teacher (default 3)")
-    sc.add_argument("--student", default="test_resnet", help="timm architecture of the student (default test_resnet)")
-    sc.add_argument("--seed", type=int, default=0, help="seed of the draws and the trials (default 0)")
-    sc.add_argument("--no-export", dest="export", action="store_false",
+    sc.add_argument("--samples", type=int, default=None, help="hyper-parameter samples per teacher (default 3)")
+    sc.add_argument("--student", default=None, help="timm architecture of the student (default test_resnet)")
+    sc.add_argument("--seed", type=int, default=None, help="seed of the draws and the trials (default 0)")
+    sc.add_argument("--export", dest="export", action="store_true", default=None,
+                    help="write the best student to the zoo (default; a --resume keeps the scan's choice, "
+                         "and a finished search's student is written again only with --export)")
+    sc.add_argument("--no-export", dest="export", action="store_false", default=None,
                     help="do not write the best student to the zoo (default: it is written)")
     add_recipe_args(sc)
     sc.set_defaults(func=cmd_scan)

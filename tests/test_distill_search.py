@@ -574,3 +574,47 @@ def test_an_interrupted_searchs_summary_says_it_is_not_over():
     # a search whose budget ran out before Tune started has no trial at all: no empty "()"
     text = format_summary({**summary, "complete": True, "trials": 0, "trials_by_status": {}, "teachers": []})
     assert text.startswith("distill t: 0 trials in 12s of a 40s budget"), text
+
+
+def test_a_plain_scan_resume_keeps_the_scans_own_plan(demo_zoo, tmp_path, monkeypatch):
+    """`sctd scan ... --no-export --budget 120 --top-k 1` interrupted, then `sctd scan --resume`
+    with only --zoo/--target/--out: the distillation continues with the scan's own plan (was the
+    parser's defaults: 600 s split between the targets, top-k 3, and the students exported into
+    a zoo the scan was told to leave alone); options typed with the --resume change it."""
+    from types import SimpleNamespace
+
+    from sctd_ray import cli
+    from sctd_ray.assess import scan
+    from sctd_ray.distill import search
+
+    calls = []
+
+    def fake_scan(settings, log=print, on_start=None):
+        if on_start is not None:   # (the plan is written once the inputs are checked)
+            on_start(open_store(settings.out))
+        return SimpleNamespace(errors=0)
+
+    def fake_distill(run, **kw):
+        calls.append(kw)
+        return {"t": {"complete": True, "best": {"trial_id": "000-ce"}}}
+
+    monkeypatch.setattr(scan, "run_scan", fake_scan)
+    monkeypatch.setattr(scan, "print_ranking", lambda result: None)
+    monkeypatch.setattr(search, "run_distill_for_scan", fake_distill)
+    monkeypatch.setattr("sctd_ray.report.write_report", lambda *a, **k: "report.html")
+    target = str(Path(demo_zoo) / "targets" / TARGET)
+    argv = ["scan", "--zoo", demo_zoo, "--target", target, "--out", str(tmp_path / "run"), "--quiet"]
+    assert cli.main([*argv, "--no-export", "--budget", "120", "--top-k", "1", "--epochs", "2"]) == 0
+    assert cli.main([*argv, "--resume"]) == 0
+    first, plain = calls
+    for kw in (first, plain):
+        assert (kw["export"], search.parse_budget(kw["budget"]), kw["top_k"], kw["samples"]) == (False, 120.0, 1, 3)
+        assert kw["recipe"] == {"epochs": 2}
+    assert set(first["given"]) == {"export", "budget", "top_k", "recipe"} and plain["given"] == ()
+    # typed now: applied (and remembered for the next --resume)
+    assert cli.main([*argv, "--resume", "--export", "--budget", "300"]) == 0
+    assert cli.main([*argv, "--resume"]) == 0
+    typed, after = calls[2:]
+    assert (typed["export"], typed["budget"], typed["top_k"]) == (True, 300.0, 1)
+    assert set(typed["given"]) == {"export", "budget"}
+    assert (after["export"], after["budget"], after["given"]) == (True, 300.0, ())

@@ -243,8 +243,9 @@ def _left_out_lines(students: dict[str, list[str]], mine: set[str], targets: lis
     return lines
 
 
-def run_scan(s: ScanSettings, log=print) -> ScanResult:
-    """Run (or resume) a scan; see the module docstring. Returns the ranking."""
+def run_scan(s: ScanSettings, log=print, on_start=None) -> ScanResult:
+    """Run (or resume) a scan; see the module docstring. Returns the ranking. ``on_start(out)``
+    runs once the inputs are checked, before Ray starts (``sctd scan`` records its plan there)."""
     from ..zoo.manifest import current_manifest
     from ..zoo.store import open_store
 
@@ -273,6 +274,8 @@ def run_scan(s: ScanSettings, log=print) -> ScanResult:
     probes = [probe_target(u, s.split, s3_endpoint=s.s3_endpoint, max_side=max_side)  # before Ray
               for u in s.targets]
     check_writable(out)   # the last check before Ray: the inputs' errors leave no folder behind
+    if on_start is not None:
+        on_start(out)
     ray = ensure_ray(s.address)
 
     t_data = time.time()

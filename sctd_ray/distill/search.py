@@ -890,14 +890,48 @@ def cmd_distill(args) -> int:
     return 0 if res.summary.get("best") else 1
 
 
+SCAN_PLAN_FILE = "scan.json"
+SCAN_SEARCH_OPTIONS = ("top_k", "budget", "samples", "student", "seed", "export")
+SCAN_DEFAULTS = {"top_k": 3, "budget": 600.0, "samples": 3, "student": DEFAULT_STUDENT, "seed": 0,
+                 "export": True, "recipe": {}}
+
+
+def scan_plan(run: str, given: dict, resume: bool, s3_endpoint: str | None = None) -> dict:
+    """The distillation plan of ``sctd scan`` (top_k, budget in seconds, samples, student, seed,
+    export, recipe overrides): a new scan's is the options given over the defaults; a --resume's
+    is the plan the scan started with (RUN/scan.json) with only the options given now over it, so
+    a plain --resume neither takes the default 600 s budget nor exports from a --no-export scan."""
+    from ..zoo.store import open_store
+
+    saved = {}
+    if resume:
+        store = open_store(run, s3_endpoint=s3_endpoint)
+        saved = _read_json(store, SCAN_PLAN_FILE) or {}
+        if not isinstance(saved, dict):
+            raise SctdError(f"{store.join(SCAN_PLAN_FILE)} is not the scan.json `sctd scan` writes "
+                            "(a JSON object): choose another --out")
+        saved = {k: saved[k] for k in SCAN_DEFAULTS if k in saved}
+    plan = {**SCAN_DEFAULTS, **saved, **given}
+    plan["recipe"] = {**(saved.get("recipe") or {}), **(given.get("recipe") or {})}
+    plan["budget"] = parse_budget(plan["budget"])
+    return plan
+
+
+def write_scan_plan(run_store, plan: dict) -> None:
+    run_store.write_bytes(SCAN_PLAN_FILE, json.dumps(plan, indent=2).encode())
+
+
 def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: float | str = 600,
                          top_k: int = 3, samples: int = 3, student: str = DEFAULT_STUDENT,
                          seed: int = 0, resume: bool = False, export: bool = True, zoo: str | None = None,
                          address: str | None = None, s3_endpoint: str | None = None,
-                         progress: bool = True, recipe: dict | None = None, log=print) -> dict[str, dict]:
+                         progress: bool = True, recipe: dict | None = None, log=print,
+                         given: tuple | None = None) -> dict[str, dict]:
     """The distillation step of ``sctd scan``: every target of the assessed run (or those
     named), ``budget`` split equally between them. One target writes to RUN/distill, several
-    to RUN/distill/<target>. Returns {target name: summary}."""
+    to RUN/distill/<target>. ``given``: the options typed on the command line (a resumed search
+    keeps its own budget and export unless they are among them; None: all). Returns {target
+    name: summary}."""
     from ..assess.results import RUN_FILE
     from ..zoo.store import open_store
 
@@ -917,7 +951,7 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
                                           samples=samples, budget=each, student=student, seed=seed,
                                           resume=resume, export=export, address=address,
                                           s3_endpoint=s3_endpoint, progress=progress,
-                                          recipe=dict(recipe or {})), log=log)
+                                          recipe=dict(recipe or {}), given=given), log=log)
         log(format_summary(res.summary))
         out[n] = res.summary
         if not res.complete:   # interrupted (Ctrl-C, SIGTERM): the other targets wait for --resume
