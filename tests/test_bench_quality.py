@@ -68,6 +68,20 @@ def test_evaluate_leaves_flat_targets_out_of_the_means():
     assert "no signal" in table and "b" in table
 
 
+def test_the_table_orders_metrics_by_mean_with_zero_among_the_numbers():
+    """A score constant over the zoo (H-score saturates at C - 1 on a 10-shot target) has tau 0.0:
+    it sorts between the positive and negative means (was below every negative one: 0.0 was
+    taken as missing)."""
+    teachers = [f"t{i}" for i in range(5)]
+    truth = dict(zip(teachers, [0.9, 0.8, 0.7, 0.6, 0.5]))
+    scores = {"up": dict(zip(teachers, [5, 4, 3, 2, 1])), "flat": dict.fromkeys(teachers, 4.0),
+              "down": dict(zip(teachers, [1, 2, 3, 4, 6]))}
+    res = q.evaluate({m: {"a": s} for m, s in scores.items()}, {"probe": {"a": truth}}, n_random=50)
+    assert res["metrics"]["flat"]["tau_w_probe_mean"] == 0.0
+    rows = [ln.split()[0] for ln in q.format_table(res, 5).splitlines()[-4:]]
+    assert rows.index("up") < rows.index("flat") < rows.index("down"), rows
+
+
 # --------------------------------------------------------------------------- tiny zoo
 
 CLASSES = ["cat", "dog", "emu"]

@@ -207,6 +207,10 @@ def leave_one_target_out(result: dict, col: str = "tau_w_probe") -> dict[str, di
     return out
 
 
+def _or(v, default):
+    return default if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
 def _fmt(v, nd=2, w=6):
     return f"{'-':>{w}}" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:>{w}.{nd}f}"
 
@@ -237,7 +241,8 @@ def format_table(result: dict, teachers: int, distill_pairs: dict | None = None,
         head = f"{'metric':18s}" + "".join(f"{tg[:10]:>11s}" for tg in used) + \
             f"{'mean':>8s} {'95% CI':>15s} {'regret':>7s}"
         lines.append(head)
-        order = sorted(result["metrics"], key=lambda m: -(result["metrics"][m][f"{col}_mean"] or -9))
+        # best mean first; a mean of exactly 0.0 (a score constant over the zoo) is a number, not missing
+        order = sorted(result["metrics"], key=lambda m: -_or(result["metrics"][m][f"{col}_mean"], -9))
         for m in order:
             e = result["metrics"][m]
             ci = e[f"{col}_ci"]
