@@ -881,7 +881,7 @@ def test_a_name_list_option_is_stripped_and_an_empty_one_refused(flag, tmp_path,
     from sctd_ray import cli
 
     assert cli._id_list(flag, " a, b,,a ") == ("a", "b")
-    monkeypatch.setattr("sctd_ray.assess.scan.run_scan", lambda s: pytest.fail("scan started"))
+    monkeypatch.setattr("sctd_ray.assess.scan.run_scan", lambda s, **kw: pytest.fail("scan started"))
     assert main(["assess", "--zoo", str(tmp_path), "--target", str(tmp_path), "--out",
                  str(tmp_path / "r"), flag, " , "]) == 2
     assert f"{flag} names nothing" in capsys.readouterr().err

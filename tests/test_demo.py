@@ -58,7 +58,7 @@ def test_scan_no_export_reaches_the_distillation(demo_zoo, tmp_path, monkeypatch
     import sctd_ray.report as report
 
     seen = {}
-    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: SimpleNamespace(errors=0))
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings, **kw: SimpleNamespace(errors=0))
     monkeypatch.setattr(scan_mod, "print_ranking", lambda result: None)
     monkeypatch.setattr(search, "run_distill_for_scan",
                         lambda run, **kw: seen.update(kw) or {"t": {"complete": True, "best": {}}})
@@ -79,7 +79,7 @@ def test_scan_with_broken_teachers_says_so_and_exits_as_its_distillation(demo_zo
     from sctd_ray.distill import search
     import sctd_ray.report as report
 
-    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: SimpleNamespace(errors=3))
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings, **kw: SimpleNamespace(errors=3))
     monkeypatch.setattr(scan_mod, "print_ranking", lambda result: None)
     monkeypatch.setattr(search, "run_distill_for_scan",
                         lambda run, **kw: {"t": {"complete": True, "best": {"student_uri": "zoo/s"}}})
@@ -100,7 +100,7 @@ def test_scan_finds_a_bad_test_image_of_a_later_target_before_any_work(demo_zoo,
     df = pd.read_parquet(bad / "test.parquet")
     df.loc[7, "image"] = b"not an image"
     df.to_parquet(bad / "test.parquet")
-    monkeypatch.setattr(scan_mod, "run_scan", lambda settings: pytest.fail("the scan started"))
+    monkeypatch.setattr(scan_mod, "run_scan", lambda settings, **kw: pytest.fail("the scan started"))
     code = main(["scan", "--zoo", demo_zoo, "--target", str(Path(demo_zoo) / "targets" / "fm-mix5"),
                  "--target", str(bad), "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
