@@ -230,6 +230,18 @@ def test_runtime_env_yaml_is_valid_and_ships_the_package(tmp_path):
                    for n in names)
 
 
+def test_runtime_envs_give_a_stopped_job_time_to_stop():
+    """`ray job stop` SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (Ray's
+    default: 3 s), and Ray reads that from the job's runtime env: too short for a scan in its
+    Tune stage to stop its trials, write its summary and report and say STOPPED."""
+    envs = {name: yaml.safe_load((JOBS / name).read_text())
+            for name in ("runtime_env.yaml", "runtime_env_preinstalled.yaml")}
+    rayjob = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    envs["rayjob.yaml"] = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    for name, env in envs.items():
+        assert int(env["env_vars"].get("RAY_JOB_STOP_WAIT_TIME_S", 3)) >= 30, name
+
+
 # ------------------------------------------------------------------ a real Ray head
 def _free_port(avoid=()) -> int:
     """A free loopback port not in ``avoid`` (Ray refuses a component port inside the worker
@@ -569,3 +581,35 @@ def test_stopped_job_says_so_in_its_last_line(ray_head, zoo_on_s3):
     assert str(status) == "STOPPED"
     last = logs.strip().splitlines()[-1]
     assert "STOPPED" in last and "resubmit to resume" in last, logs[-3000:]
+
+
+@pytest.mark.integration
+def test_job_stopped_in_the_distillation_stage_says_so_and_resumes(ray_head, zoo_on_s3, s3):
+    """`ray job stop` while the Tune trials run: the job gets the time it needs to stop them (the
+    runtime env's RAY_JOB_STOP_WAIT_TIME_S; Ray's 3 s SIGKILLed it with no last line and no
+    report), ends STOPPED with a last line saying so, and a resubmitted job finishes the run."""
+    bucket, env = zoo_on_s3
+    args = ["--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}",
+            "--out", f"{bucket}/runs/stop-distill", "--top-k", "1", "--samples", "1", "--budget", "60",
+            "--no-export"]
+    job_id = submit(ray_head, env, "scan.py", *args)
+    client = ray_head.client()
+    deadline = time.monotonic() + 300
+    while "running, " not in client.get_job_logs(job_id):   # a `distill [..] trials: ..` line
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        assert str(client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED")
+        time.sleep(1)
+    p = subprocess.run(["ray", "job", "stop", "--address", ray_head.address, job_id],
+                       env=ray_head.env(), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    status = wait_job(client, job_id, timeout=180)
+    time.sleep(1)  # the driver's last lines reach the log file as it exits
+    logs = client.get_job_logs(job_id)
+    assert str(status) == "STOPPED"
+    last = logs.strip().splitlines()[-1]
+    assert "STOPPED" in last and "status 130" in last and "resubmit to resume" in last, logs[-3000:]
+    assert "runs/stop-distill/report.html" in _s3_keys(s3, bucket, "runs/stop-distill/")
+
+    status, code, logs = finish(ray_head, submit(ray_head, env, "scan.py", *args), timeout=600)
+    assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
+    assert "resuming the search" in logs, logs[-3000:]
