@@ -186,3 +186,23 @@ def test_images_use_the_installed_ray_version(aws):
     for image in images:
         assert image.startswith(f"rayproject/ray:{ray.__version__}-"), image
     assert aws["docker"]["worker_image"].endswith("-gpu") and base.endswith("-gpu")
+
+
+def test_job_submissions_to_these_clusters_use_the_preinstalled_runtime_env():
+    """Every `ray job submit` shown for cluster/'s clusters (where sctd-ray is installed) ships
+    the checkout with jobs/runtime_env_preinstalled.yaml, as docs/cluster.md does: a bare
+    `--working-dir .` uploads a local zoo/ or runs/ too and drops the runtime env's
+    RAY_JOB_STOP_WAIT_TIME_S; jobs/runtime_env.yaml pip-installs sctd-ray again on every node."""
+    sources = [CLUSTER / "aws.yaml", KUBERAY / "raycluster.yaml", REPO / "docs" / "cluster.md"]
+    seen = 0
+    for path in sources:
+        text = re.sub(r"\\\n\s*(#\s*)?", " ", path.read_text())   # join continued lines
+        for line in text.splitlines():
+            if "ray job submit" not in line or "`ray job submit`" in line:
+                continue
+            seen += 1
+            argv = shlex.split(line.split("ray job submit", 1)[1].split(" -- ")[0])
+            assert "--runtime-env" in argv, f"{path.name}: {line.strip()}"
+            assert argv[argv.index("--runtime-env") + 1] == "jobs/runtime_env_preinstalled.yaml", \
+                f"{path.name}: {line.strip()}"
+    assert seen >= 4
