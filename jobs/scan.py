@@ -4,7 +4,7 @@
         -- python jobs/scan.py --config job.yaml      # or the options of `sctd scan --help`
 
 Takes exactly the options of `sctd scan`, or `--config FILE` (YAML, keys = option names);
-`--out` may be a local path on the head node or s3://. Resubmitting with the same `--out`
+`--out` is s3://, or a local path that every node sees (checked). Resubmitting with the same `--out`
 resumes. Progress and the final status line are in `ray job logs`; see jobs/sctd_job.py.
 """
 

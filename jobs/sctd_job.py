@@ -16,7 +16,8 @@ A job takes exactly the options of `sctd <command>` (the argv is handed to
 
 Jobs always pass `--resume` where the command has it, so resubmitting a job with the same
 `--out` continues it; choose a new `--out` for a new run. A local `--out` must be absolute
-(a relative one would be written into Ray's temporary copy of the working_dir).
+(a relative one would be written into Ray's temporary copy of the working_dir) and, on a
+cluster of several nodes, seen by all of them (check_out_is_shared).
 """
 
 from __future__ import annotations
@@ -385,7 +386,67 @@ def check_out_is_kept(argv: list[str]) -> None:
         if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
             raise JobConfigError(f"--out {value!r} is relative: in a job it would be written into "
                                  "Ray's temporary copy of the working_dir and lost; give s3://... or "
-                                 "an absolute path on the head node")
+                                 "an absolute path that every node of the cluster sees")
+
+
+def _local_run_folders(argv: list[str]) -> list[str]:
+    """The local (not s3://) folders the command writes its run to: --out, and a distill's --run
+    (its default --out is under it)."""
+    found = []
+    for i, tok in enumerate(argv):
+        for opt in ("--out", "--run"):
+            value = argv[i + 1] if tok == opt and i + 1 < len(argv) else \
+                tok.split("=", 1)[1] if tok.startswith(opt + "=") else None
+            if value and "://" not in value:
+                found.append(os.path.expanduser(value))
+    return found
+
+
+def check_out_is_shared(argv: list[str], address: str | None) -> None:
+    """A local --out is a folder of the node the driver runs on (the head): the scan's workers and
+    the Tune trials on the other nodes write into the same path on their own disks (result files
+    a resubmitted job never sees; trials that fail on Ray's storage check). So on a cluster of
+    several nodes, every node must see the folder (a shared filesystem such as NFS/EFS), or the
+    job stops in one line before any work. Checked on the nodes present now (after
+    --request-gpus, the GPU workers too)."""
+    folders = _local_run_folders(argv)
+    if not folders or not (address or os.environ.get("RAY_ADDRESS")):
+        return   # s3://, or an embedded local Ray: one node
+    import uuid
+
+    from sctd_ray.assess.scan import ensure_ray
+    from sctd_ray.errors import SctdError
+
+    try:
+        ray = ensure_ray(address)
+    except SctdError:
+        return   # the command says why, in its own line
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, f".sctd-shared-check-{uuid.uuid4().hex[:12]}")
+        open(marker, "wb").close()
+        try:
+            refs = [(n, sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                n["NodeID"], soft=False)).remote(marker)) for n in nodes]
+            blind = [n for n, ref in refs if not ray.get(ref, timeout=300)]
+        finally:
+            os.remove(marker)
+        if blind:
+            names = ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n in blind[:3])
+            raise JobConfigError(
+                f"{folder} is a local folder of {socket.gethostname()}, and {len(blind)} of the "
+                f"cluster's {len(nodes)} nodes do not see it ({names}): the scan's workers and the "
+                "distillation trials there would write into their own disks; give s3://... or a "
+                "folder that every node mounts (NFS/EFS)")
 
 
 def run(command: str, argv: list[str] | None = None) -> int:
@@ -413,6 +474,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
         gpus = job.get("request-gpus", 0)
         if gpus:
             request_gpus(gpus, job.get("request-gpus-timeout", 900.0), _address(full))
+        check_out_is_shared(full, _address(full))
         log(f"running: sctd {shlex.join(full)}")
         from sctd_ray.cli import main
 

@@ -242,6 +242,61 @@ def test_runtime_envs_give_a_stopped_job_time_to_stop():
         assert int(env["env_vars"].get("RAY_JOB_STOP_WAIT_TIME_S", 3)) >= 30, name
 
 
+class _TwoNodes:
+    """A stand-in for `ray` on a cluster of two nodes, of which only `seeing` share the driver's
+    filesystem (tasks pinned to the other one find no file)."""
+
+    def __init__(self, seeing=("a",)):
+        self.seeing = seeing
+        self.pinned = []
+
+    def nodes(self):
+        return [{"Alive": True, "NodeID": c * 56, "NodeManagerAddress": f"10.0.0.{i}"}
+                for i, c in enumerate("ab", 1)]
+
+    def remote(self, **_):
+        fake = self
+
+        class Remote:
+            def __init__(self, fn):
+                self.fn, self.node = fn, None
+
+            def options(self, scheduling_strategy):
+                r = Remote(self.fn)
+                r.node = scheduling_strategy.node_id
+                return r
+
+            def remote(self, path):
+                fake.pinned.append(self.node[0])
+                return self.fn(path) if self.node[0] in fake.seeing else False
+        return Remote
+
+    def get(self, value, timeout=None):
+        return value
+
+
+def test_a_local_out_that_other_nodes_do_not_see_is_refused(tmp_path, monkeypatch):
+    """On a cluster of several nodes, a local --out on the head is written by the workers and
+    trials of the other nodes into their own disks (result files a resubmitted job never finds,
+    trials failing Ray's storage check): one line before any work, unless every node sees it."""
+    import sctd_ray.assess.scan as scan
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    fake = _TwoNodes(seeing=("a",))
+    monkeypatch.setattr(scan, "ensure_ray", lambda address=None: fake)
+    out = tmp_path / "run"
+    with pytest.raises(sctd_job.JobConfigError, match=r"1 of the cluster's 2 nodes do not see it \(10\.0\.0\.2"):
+        sctd_job.check_out_is_shared(["scan", "--out", str(out), "--resume"], None)
+    assert sorted(fake.pinned) == ["a", "b"] and os.listdir(out) == []   # the marker is gone
+
+    fake = _TwoNodes(seeing=("a", "b"))   # a shared filesystem (NFS): fine
+    monkeypatch.setattr(scan, "ensure_ray", lambda address=None: fake)
+    sctd_job.check_out_is_shared(["distill", "--run", str(out), "--target", "t"], None)
+    assert sorted(fake.pinned) == ["a", "b"]
+    monkeypatch.setattr(scan, "ensure_ray", lambda address=None: pytest.fail("s3:// needs no check"))
+    sctd_job.check_out_is_shared(["scan", "--out", "s3://b/run"], None)
+
+
 # ------------------------------------------------------------------ a real Ray head
 def _free_port(avoid=()) -> int:
     """A free loopback port not in ``avoid`` (Ray refuses a component port inside the worker
