@@ -402,6 +402,18 @@ def _local_run_folders(argv: list[str]) -> list[str]:
     return found
 
 
+def _missing_parents(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return made
+
+
 def check_out_is_shared(argv: list[str], address: str | None) -> None:
     """A local --out is a folder of the node the driver runs on (the head): the scan's workers and
     the Tune trials on the other nodes write into the same path on their own disks (result files
@@ -431,15 +443,19 @@ def check_out_is_shared(argv: list[str], address: str | None) -> None:
         return os.path.exists(path)
 
     for folder in folders:
+        made = _missing_parents(folder)   # removed again: a refused job leaves no folder behind
         os.makedirs(folder, exist_ok=True)
         marker = os.path.join(folder, f".sctd-shared-check-{uuid.uuid4().hex[:12]}")
-        open(marker, "wb").close()
         try:
+            open(marker, "wb").close()
             refs = [(n, sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 n["NodeID"], soft=False)).remote(marker)) for n in nodes]
             blind = [n for n, ref in refs if not ray.get(ref, timeout=300)]
         finally:
-            os.remove(marker)
+            if os.path.exists(marker):
+                os.remove(marker)
+            for path in made:   # deepest first; the command makes its own folders
+                os.rmdir(path)
         if blind:
             names = ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n in blind[:3])
             raise JobConfigError(

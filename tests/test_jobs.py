@@ -287,12 +287,13 @@ def test_a_local_out_that_other_nodes_do_not_see_is_refused(tmp_path, monkeypatc
     out = tmp_path / "run"
     with pytest.raises(sctd_job.JobConfigError, match=r"1 of the cluster's 2 nodes do not see it \(10\.0\.0\.2"):
         sctd_job.check_out_is_shared(["scan", "--out", str(out), "--resume"], None)
-    assert sorted(fake.pinned) == ["a", "b"] and os.listdir(out) == []   # the marker is gone
+    assert sorted(fake.pinned) == ["a", "b"] and not out.exists()   # no marker, no folder left behind
 
     fake = _TwoNodes(seeing=("a", "b"))   # a shared filesystem (NFS): fine
     monkeypatch.setattr(scan, "ensure_ray", lambda address=None: fake)
+    out.mkdir()
     sctd_job.check_out_is_shared(["distill", "--run", str(out), "--target", "t"], None)
-    assert sorted(fake.pinned) == ["a", "b"]
+    assert sorted(fake.pinned) == ["a", "b"] and os.listdir(out) == []   # the marker is gone
     monkeypatch.setattr(scan, "ensure_ray", lambda address=None: pytest.fail("s3:// needs no check"))
     sctd_job.check_out_is_shared(["scan", "--out", "s3://b/run"], None)
 
