@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults None: a --resume tells what was typed from what the scan started with (RUN/scan.json)
     sc.add_argument("--top-k", type=int, default=None, help="distill from the k best-ranked teachers (default 3)")
     sc.add_argument("--budget", default=None, help="distillation budget: seconds, or 10m, 1h (default 600; "
-                    "with several targets split equally between them)")
+                    "with several targets shared out in turn: what one search leaves goes to the next)")
     sc.add_argument("--samples", type=int, default=None, help="hyper-parameter samples per teacher (default 3)")
     sc.add_argument("--student", default=None, help="timm architecture of the student (default test_resnet)")
     sc.add_argument("--seed", type=int, default=None, help="seed of the draws and the trials (default 0)")

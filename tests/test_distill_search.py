@@ -618,3 +618,29 @@ def test_a_plain_scan_resume_keeps_the_scans_own_plan(demo_zoo, tmp_path, monkey
     assert (typed["export"], typed["budget"], typed["top_k"]) == (True, 300.0, 1)
     assert set(typed["given"]) == {"export", "budget"}
     assert (after["export"], after["budget"], after["given"]) == (True, 300.0, ())
+
+
+@pytest.mark.parametrize("used, budgets", [
+    ([10, 40, 40], [30, 40, 40]),      # the first ends early: the others share its 20 s
+    ([30, 30, 30], [30, 30, 30]),      # each spends its share: an equal split, as before
+    ([95, 1, 1], [30, 1, 1]),          # the budget is spent: the later searches end at once
+])
+def test_a_scans_targets_share_what_the_searches_before_them_left(tmp_path, monkeypatch, used, budgets):
+    from types import SimpleNamespace
+
+    from sctd_ray.distill import search
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"targets": {"a": {}, "b": {}, "c": {}}}))
+    seen = []
+
+    def fake_run_distill(settings, log=print):
+        seen.append(settings.budget)
+        summary = {"used_s": used[len(seen) - 1], "complete": True}
+        return SimpleNamespace(summary=summary, complete=True)
+
+    monkeypatch.setattr(search, "run_distill", fake_run_distill)
+    monkeypatch.setattr(search, "format_summary", lambda summary: "")
+    out = run_distill_for_scan(str(run), budget=90, log=lambda line: None)
+    assert list(out) == ["a", "b", "c"] and seen == pytest.approx(budgets)

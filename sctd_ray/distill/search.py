@@ -928,7 +928,8 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
                          progress: bool = True, recipe: dict | None = None, log=print,
                          given: tuple | None = None) -> dict[str, dict]:
     """The distillation step of ``sctd scan``: every target of the assessed run (or those
-    named), ``budget`` split equally between them. One target writes to RUN/distill, several
+    named), ``budget`` split between them in turn, each an equal share of what the searches
+    before it left. One target writes to RUN/distill, several
     to RUN/distill/<target>. ``given``: the options typed on the command line (a resumed search
     keeps its own budget and export unless they are among them; None: all). Returns {target
     name: summary}."""
@@ -940,12 +941,17 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
     names = list(targets or (info.get("targets") or {}))
     if not names:
         raise SctdError(f"{run_store.join(RUN_FILE)} names no targets; pass them explicitly")
-    each = parse_budget(budget) / len(names)
+    total, spent = parse_budget(budget), 0.0
     # a search already in RUN/distill (the run had one target then; --resume added others) stays
     # there: a new RUN/distill/<target> would redo it and hide the others from the report
     root = _root_search_target(run_store)
     out = {}
-    for n in names:
+    for i, n in enumerate(names):
+        # an equal share of what the searches before it left: one that ends early (every trial
+        # done) hands its unspent seconds on instead of leaving them unused
+        each = max(total - spent, 0.0) / (len(names) - i)
+        if each < 1.0:   # spent by the targets before it: the search ends with what it has
+            each = 1.0
         dest = run_store.join("distill") if len(names) == 1 or n == root else run_store.join(f"distill/{n}")
         res = run_distill(DistillSettings(target=n, run=run_store.uri, out=dest, zoo=zoo, top_k=top_k,
                                           samples=samples, budget=each, student=student, seed=seed,
@@ -954,6 +960,7 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
                                           recipe=dict(recipe or {}), given=given), log=log)
         log(format_summary(res.summary))
         out[n] = res.summary
+        spent += float(res.summary.get("used_s") or 0.0)
         if not res.complete:   # interrupted (Ctrl-C, SIGTERM): the other targets wait for --resume
             break
     return out
