@@ -615,6 +615,23 @@ def test_job_waiting_for_gpus_that_never_come_fails_clearly(ray_head, zoo_on_s3)
     assert "running: sctd" not in logs  # the command never started
 
 
+def _stop_once_logged(ray_head, job_id, marker: str, timeout: float):
+    """`ray job stop` once ``marker`` is in the job's log: (status, logs, the last log line)."""
+    client = ray_head.client()
+    deadline = time.monotonic() + timeout
+    while marker not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        assert str(client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED")
+        time.sleep(1)
+    p = subprocess.run(["ray", "job", "stop", "--address", ray_head.address, job_id],
+                       env=ray_head.env(), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    status = wait_job(client, job_id, timeout=180)
+    time.sleep(1)  # the driver's last lines reach the log file as it exits
+    logs = client.get_job_logs(job_id)
+    return status, logs, logs.strip().splitlines()[-1]
+
+
 @pytest.mark.integration
 def test_stopped_job_says_so_in_its_last_line(ray_head, zoo_on_s3):
     """`ray job stop` (SIGTERM) while the job waits: STOPPED, and a last line that says how to go on."""
@@ -622,20 +639,8 @@ def test_stopped_job_says_so_in_its_last_line(ray_head, zoo_on_s3):
     job_id = submit(ray_head, env, "assess.py", "--request-gpus", "1", "--request-gpus-timeout", "600",
                     "--zoo", f"{bucket}/zoo", "--target", f"{bucket}/zoo/targets/{TARGET}",
                     "--out", f"{bucket}/runs/stopped")
-    client = ray_head.client()
-    deadline = time.monotonic() + 120
-    while "requested 1 GPU" not in client.get_job_logs(job_id):
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        assert str(client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED")
-        time.sleep(1)
-    p = subprocess.run(["ray", "job", "stop", "--address", ray_head.address, job_id],
-                       env=ray_head.env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    status = wait_job(client, job_id, timeout=120)
-    time.sleep(1)  # the driver's last lines reach the log file as it exits
-    logs = client.get_job_logs(job_id)
+    status, logs, last = _stop_once_logged(ray_head, job_id, "requested 1 GPU", timeout=120)
     assert str(status) == "STOPPED"
-    last = logs.strip().splitlines()[-1]
     assert "STOPPED" in last and "resubmit to resume" in last, logs[-3000:]
 
 
@@ -649,20 +654,9 @@ def test_job_stopped_in_the_distillation_stage_says_so_and_resumes(ray_head, zoo
             "--out", f"{bucket}/runs/stop-distill", "--top-k", "1", "--samples", "1", "--budget", "60",
             "--no-export"]
     job_id = submit(ray_head, env, "scan.py", *args)
-    client = ray_head.client()
-    deadline = time.monotonic() + 300
-    while "running, " not in client.get_job_logs(job_id):   # a `distill [..] trials: ..` line
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        assert str(client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED")
-        time.sleep(1)
-    p = subprocess.run(["ray", "job", "stop", "--address", ray_head.address, job_id],
-                       env=ray_head.env(), capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stdout + p.stderr
-    status = wait_job(client, job_id, timeout=180)
-    time.sleep(1)  # the driver's last lines reach the log file as it exits
-    logs = client.get_job_logs(job_id)
+    # "running, ": a `distill [..] trials: ..` line
+    status, logs, last = _stop_once_logged(ray_head, job_id, "running, ", timeout=300)
     assert str(status) == "STOPPED"
-    last = logs.strip().splitlines()[-1]
     assert "STOPPED" in last and "status 130" in last and "resubmit to resume" in last, logs[-3000:]
     assert "runs/stop-distill/report.html" in _s3_keys(s3, bucket, "runs/stop-distill/")
 
