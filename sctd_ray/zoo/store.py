@@ -212,16 +212,20 @@ class LocalStore(Store):
         # each folder walked: the real paths of the folders it is in, on disk (a link to the
         # zoo's root or to / is one too, not only a link to a folder walked) and through links
         above = {base: _real_and_above(base)}
+        real_of = {base: os.path.realpath(base)}
         for folder, dirs, files in os.walk(base, followlinks=True):
-            chain = above.pop(folder)
+            chain, here = above.pop(folder), real_of.pop(folder)
             keep = []
             for name in dirs:
                 path = os.path.join(folder, name)
-                real = os.path.realpath(path)
+                # a plain folder's real path is its parent's plus its name (no realpath's lstat
+                # per path component): only a link can lead back above itself
+                real = os.path.realpath(path) if os.path.islink(path) else os.path.join(here, name)
                 if real not in chain:
                     keep.append(name)
                     above[path] = chain | ({real} if os.path.dirname(real) in chain
                                            else _real_and_above(real))
+                    real_of[path] = real
             dirs[:] = keep
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
