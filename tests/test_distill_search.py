@@ -155,6 +155,10 @@ def test_budget_stops_long_trials(run_dir, ray_local, tmp_path, capsys):
     res = pd.read_parquet(out / "results.parquet")
     assert len(res) == 2 and set(res["status"]) <= {"stopped", "not_run"}
     assert not (Path(out) / "card.json").exists() and summary["export"] is None
+    # each checkpoint holds its epoch as reported (read back when Tune never recorded the report)
+    for ck in (out / "tune").glob("*/checkpoint_*"):
+        saved = json.loads((ck / "metrics.json").read_text())
+        assert saved["last"]["epoch"] == int(ck.name.split("_")[1]) + 1 == len(saved["curve"])
 
 
 def test_an_export_that_fails_keeps_the_time_spent(run_dir, ray_local, tmp_path, capsys, monkeypatch):
@@ -644,3 +648,45 @@ def test_a_scans_targets_share_what_the_searches_before_them_left(tmp_path, monk
     monkeypatch.setattr(search, "format_summary", lambda summary: "")
     out = run_distill_for_scan(str(run), budget=90, log=lambda line: None)
     assert list(out) == ["a", "b", "c"] and seen == pytest.approx(budgets)
+
+
+def test_an_epoch_checkpointed_but_never_recorded_by_tune_is_read_back(tmp_path, monkeypatch):
+    """A trial checkpoints an epoch before its report reaches the driver; a search its budget
+    stops in between recorded no result for it (its result.json empty): the trial counted as
+    `not_run` and a short search ended with no student although every trial had trained an
+    epoch. The epoch is read back from the checkpoint's metrics.json."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from sctd_ray.distill import search
+    from sctd_ray.distill.train import METRICS_FILE
+
+    def trial(name, last_result):
+        folder = tmp_path / "tune" / name
+        for epoch in (1, 2):
+            ck = folder / f"checkpoint_{epoch - 1:06d}"
+            ck.mkdir(parents=True)
+            last = {"epoch": epoch, "val_acc": 0.5 + epoch / 10, "test_acc": 0.4, "finished": False}
+            (ck / METRICS_FILE).write_text(json.dumps({"last": last, "curve": [0.6, 0.7][:epoch]}))
+        plan = {"trial_id": name, "teacher_id": "t", "method": "ot", "sample": 0,
+                "hp": {"lam": 100.0, "tau": 1.0, "eps": 0.1, "lr": 0.003}}
+        return SimpleNamespace(trial_id=name, config={"trial": plan}, status="TERMINATED",
+                               last_result=last_result, checkpoint=None, path=str(folder),
+                               storage=SimpleNamespace(storage_filesystem=pafs.LocalFileSystem()))
+
+    class Analysis:
+        def __init__(self, *args, **kwargs):
+            self.trials = [trial("000-lost", {"trial_id": "x"}),
+                           trial("001-done", {"epoch": 2, "val_acc": 0.9, "finished": True})]
+            self.trial_dataframes = {}
+
+    monkeypatch.setattr("ray.tune.ExperimentAnalysis", Analysis)
+    trials, interrupted = search._collect(str(tmp_path / "tune"), None)
+    lost, done = trials
+    assert not interrupted and lost["curve"] == [0.6, 0.7]
+    assert lost["checkpoint"].path.endswith("000-lost/checkpoint_000001")
+    assert done["result"]["val_acc"] == 0.9 and done["checkpoint"] is None   # Tune's own record
+    rows = search._results_table(trials, pd.DataFrame(columns=["teacher_id", "rank"]))
+    assert list(rows["status"]) == ["stopped", "ok"] and list(rows["epochs"]) == [2, 2]
+    assert rows["val_acc"].tolist() == pytest.approx([0.7, 0.9])

@@ -626,10 +626,45 @@ def _collect(exp_path, storage_fs):
         curve = [float(v) for v in df["epoch_val_acc"].dropna()] if df is not None and "epoch_val_acc" in df else []
         if t.status not in ("TERMINATED", "ERROR"):
             interrupted = True
-        trials.append({"plan": p, "status": t.status, "result": dict(t.last_result or {}),
-                       "error": _error_line(t), "curve": curve, "checkpoint": t.checkpoint})
+        result, checkpoint = dict(t.last_result or {}), t.checkpoint
+        if t.status == "TERMINATED" and not result.get("finished"):
+            later = _checkpointed_epoch(t)
+            if later is not None and later[0].get("epoch", 0) > (result.get("epoch") or 0):
+                result, curve, checkpoint = later
+        trials.append({"plan": p, "status": t.status, "result": result,
+                       "error": _error_line(t), "curve": curve, "checkpoint": checkpoint})
     trials.sort(key=lambda x: x["plan"]["trial_id"])
     return trials, interrupted
+
+
+def _checkpointed_epoch(trial):
+    """(metrics, curve, checkpoint) of the last epoch a stopped trial checkpointed, or None. A
+    trial checkpoints an epoch before its report reaches the driver, and a search stopped by its
+    budget in between never records that report: the epoch is read back from the checkpoint
+    (``train.METRICS_FILE``) instead of counting the trial as not run."""
+    import pyarrow.fs as pafs
+    from ray.tune import Checkpoint
+
+    from .train import METRICS_FILE
+
+    storage = getattr(trial, "storage", None)
+    if storage is None:
+        return None
+    fs = storage.storage_filesystem
+    try:
+        found = fs.get_file_info(pafs.FileSelector(trial.path, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted(i.path for i in found if i.type == pafs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        try:
+            with fs.open_input_stream(f"{folder}/{METRICS_FILE}") as f:
+                saved = json.loads(f.read())
+            return dict(saved["last"]), [float(v) for v in saved["curve"]], Checkpoint(folder, filesystem=fs)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _error_line(trial) -> str | None:

@@ -40,6 +40,9 @@ from .views import BatchSampler, lr_at, make_views, to_device
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
 STUDENT_FILE = "student.json"
+# the epoch a checkpoint holds, as reported: Tune may stop a search between a trial's checkpoint
+# and its report reaching the driver, and the search then reads the result from here
+METRICS_FILE = "metrics.json"
 EVAL_BATCH = 256
 
 Report = Callable[[int, dict], None]
@@ -174,6 +177,13 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _save_weights(model, path: str) -> None:
     from safetensors.torch import save_file
 
@@ -296,6 +306,9 @@ def train_student(target, teacher, method: str, hp: dict | None = None, recipe: 
                           "torch_rng": torch.get_rng_state(), "queue": sampler.state(),
                           "best": json.dumps(best), "curve": curve, "history": json.dumps(history),
                           "seconds": seconds}, state_path)
+        if checkpoint_dir:
+            _atomic_write_text(os.path.join(checkpoint_dir, METRICS_FILE),
+                               json.dumps({"last": metrics, "curve": [float(v) for v in curve]}))
         if report is not None:
             report(epoch + 1, dict(metrics))
 
