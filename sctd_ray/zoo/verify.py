@@ -15,21 +15,19 @@ from .teacher import weights_key
 
 def check_runs(teacher) -> None:
     """Finite weights, then one forward pass on a blank input: pre-logits and a linear
-    classifier must work (a NaN or inf weight would make every score of the teacher NaN)."""
+    classifier (or one a scan folds into one, ``engine.linear_head``) must work (a NaN or inf weight would make every score of the teacher NaN)."""
     for name, tensor in teacher.model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise TeacherError(teacher.teacher_id, f"{bad} NaN or inf value(s) in weight {name!r}")
+    from ..assess.engine import check_pre_logits, linear_head
+
     c, h, w = teacher.preprocessing.input_size
-    head = teacher.model.get_classifier()
-    if not isinstance(head, torch.nn.Linear):
-        raise TeacherError(teacher.teacher_id, f"classifier is {type(head).__name__}, not a linear layer")
+    head = linear_head(teacher)   # the classifier as scans use it (a foldable head folded)
     with torch.inference_mode():
         feats = teacher.model.forward_head(teacher.model.forward_features(torch.zeros(2, c, h, w)),
                                            pre_logits=True)
-    if feats.ndim != 2 or feats.shape[1] != head.in_features:
-        raise TeacherError(teacher.teacher_id, f"pre-logits have shape {tuple(feats.shape)}, "
-                           f"classifier expects {head.in_features} features")
+    check_pre_logits(teacher.teacher_id, feats, head.in_features)
 
 
 def verify_teacher(store, teacher_id: str, expected_sha256: str | None) -> dict:
