@@ -347,3 +347,39 @@ def test_iter_split_decodes_a_split_as_the_scans_reader(tmp_path):
     assert got[0][0].shape[1:] == probe_target(uri, "val").shape == (40, 40, 3)
     classes, batches = iter_split(uri, "val", class_names=["a", "b", "c"])
     assert classes == ["a", "b", "c"] and [y.tolist() for _, y in batches] == [[0, 0, 1]]   # a/0, a/2, b/1
+
+
+def test_an_undecodable_image_in_a_folder_is_named_by_its_file(tmp_path):
+    """In an ImageFolder split an error names the file, not a row number the user cannot map
+    to one: the scan's probe (its first image), the distillation's reader and the report's."""
+    from sctd_ray.data.ray_data import probe_target
+    from sctd_ray.data.targets import iter_split
+
+    root = tmp_path / "mine"
+    pic = Image.fromarray(np.zeros((8, 8), np.uint8))
+    for split in ("train", "val", "test"):
+        for c in ("a", "b"):
+            _save(root / split / c / "x.png", pic)
+    (root / "val" / "b" / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(TargetError, match=r"undecodable image .*mine/val/b/y.png: "):
+        load_target(str(root))
+    with pytest.raises(TargetError, match=r"undecodable image .*mine/val/b/y.png: "):
+        list(iter_split(str(root), "val")[1])
+    (root / "train" / "a" / "x.png").write_bytes(b"")
+    for read in (lambda: load_target(str(root)), lambda: probe_target(str(root))):
+        with pytest.raises(TargetError, match=r"undecodable image .*mine/train/a/x.png: not an image"):
+            read()
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_target_error(monkeypatch):
+    """Pillow refuses an image of over 179 megapixels (a decompression bomb) with an error that
+    is not an OSError: one line naming the image, not a Ray task's traceback (exit 1)."""
+    from sctd_ray.data.images import decode_image
+    from sctd_ray.data.ray_data import DecodeBatch
+
+    png = encode_png(np.zeros((64, 64, 1), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 64x64 = 4096 > 2x the limit
+    with pytest.raises(TargetError, match=r"undecodable image here: .*exceeds limit.*downscale it"):
+        decode_image(png, where="here")
+    out = DecodeBatch("t split 'train'", (8, 8), 1)({"image": [png], "label": ["a"]})
+    assert "exceeds limit" in out["error"][0]

@@ -56,6 +56,9 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = 
         img.load()
         if img.getexif().get(EXIF_ORIENTATION, 1) != 1:   # a phone photo taken sideways
             img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:   # not an OSError: would escape as a traceback
+        raise TargetError(f"undecodable image {where}: {e} (Pillow's limit on pixels per "
+                          "image; downscale it)") from None
     except UnidentifiedImageError:
         raise TargetError(f"undecodable image {where}: not an image format Pillow reads "
                           f"({len(data) if isinstance(data, (bytes, bytearray)) else 'no'} bytes)") from None

@@ -173,7 +173,8 @@ def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
     files = image_folder_files(store, split) if layout == "imagefolder" else None
     if files is not None and split == "train":   # the folder listing names the classes
         check_enough_classes(_where(uri, split), {label for _, label in files})
-    first = decode_image(_first_image(store, split, pf, files), where=f"{_where(uri, split)} row 0")
+    first = decode_image(_first_image(store, split, pf, files),
+                         where=store.join(files[0][0]) if files is not None else f"{_where(uri, split)} row 0")
     return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]),
                        files)
 

@@ -231,8 +231,9 @@ def check_known_labels(uri: str, split: str, labels, class_names) -> None:
     raise TargetError(f"{uri}: split {split!r} has labels the train split lacks: {unknown[:5]}{hint}")
 
 
-def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], list[str]]:
-    """Raw (image bytes, class name) records of one split, undecoded."""
+def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], list[str], list[str] | None]:
+    """Raw (image bytes, class name) records of one split, undecoded, and of an ImageFolder
+    split each image's file (what an error about it names; a Parquet split's rows: None)."""
     if layout == "parquet":
         key = f"{split}.parquet"
         table = parquet_split(store, split).read(columns=["image", "label"])
@@ -242,19 +243,25 @@ def read_split_records(store, split: str, layout: str) -> tuple[list[bytes], lis
         for i, (img, lab) in enumerate(zip(images, labels)):
             if not isinstance(img, (bytes, bytearray)):
                 raise TargetError(f"{store.join(key)} row {i}: 'image' must be image bytes")
-        return images, labels
+        return images, labels, None
     files = image_folder_files(store, split)
-    return [store.read_bytes(k) for k, _ in files], [label for _, label in files]
+    return [store.read_bytes(k) for k, _ in files], [label for _, label in files], [store.join(k) for k, _ in files]
 
 
-def decode_split(uri: str, split: str, images: list[bytes], labels: list[str],
+def _row_where(uri: str, split: str, i: int, files: list[str] | None) -> str:
+    """What an error about row ``i`` of a split names: its file (ImageFolder), else its row."""
+    return files[i] if files is not None else f"{uri} split {split!r} row {i}"
+
+
+def decode_split(uri: str, split: str, images: list[bytes], labels: list[str], files: list[str] | None,
                  class_names: list[str], size: tuple[int, int] | None) -> tuple[list[np.ndarray], np.ndarray]:
-    """One split's images decoded to ``size`` (each in its own channel count) and its class ids."""
+    """One split's images decoded to ``size`` (each in its own channel count) and its class ids;
+    ``files``: an ImageFolder split's, which an undecodable image's error names."""
     if not labels:
         raise TargetError(f"{uri}: split {split!r} is empty")
     index = {c: i for i, c in enumerate(class_names)}
     check_known_labels(uri, split, labels, class_names)
-    arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {i}") for i, b in enumerate(images)]
+    arrays = [decode_image(b, size, where=_row_where(uri, split, i, files)) for i, b in enumerate(images)]
     return arrays, np.array([index[c] for c in labels], dtype=np.int64)
 
 
@@ -271,13 +278,13 @@ def load_target(uri: str, splits=SPLITS, s3_endpoint: str | None = None,
     train_labels = raw["train"][1]
     class_names = sorted(set(train_labels))
     check_enough_classes(f"{uri} split 'train'", class_names)
-    first = decode_image(raw["train"][0][0], where=f"{uri} split 'train' row 0")
+    first = decode_image(raw["train"][0][0], where=_row_where(uri, "train", 0, raw["train"][2]))
     size = decode_size(first.shape[:2], max_side)
     decoded = {s: decode_split(uri, s, *raw[s], class_names, size) for s in splits}
     everything = unify_channels([im for arrays, _ in decoded.values() for im in arrays])
     task, at = TargetTask(target_name(uri), uri, class_names), 0
     task.fingerprints = {s: target_fingerprint(map(image_digest, images), labels)
-                         for s, (images, labels) in raw.items()}
+                         for s, (images, labels, _) in raw.items()}
     for s, (arrays, labels) in decoded.items():
         task.splits[s] = TargetSplit(np.stack(everything[at:at + len(arrays)]), labels)
         at += len(arrays)
@@ -317,7 +324,8 @@ def iter_split(uri: str, split: str = "train", s3_endpoint: str | None = None, b
     def batches():
         at = 0
         for images in chunks():
-            arrays = [decode_image(b, size, where=f"{uri} split {split!r} row {at + i}")
+            arrays = [decode_image(b, size, where=store.join(files[at + i][0]) if files is not None
+                                   else f"{uri} split {split!r} row {at + i}")
                       for i, b in enumerate(images)]
             yield np.stack(unify_channels(arrays)), ids[at:at + len(arrays)]
             at += len(arrays)
