@@ -383,3 +383,31 @@ def test_an_image_over_pillows_pixel_limit_is_a_target_error(monkeypatch):
         decode_image(png, where="here")
     out = DecodeBatch("t split 'train'", (8, 8), 1)({"image": [png], "label": ["a"]})
     assert "exceeds limit" in out["error"][0]
+
+
+def test_a_parquet_of_view_types_as_polars_writes_it_is_read(tmp_path):
+    """Polars (1.38+) writes strings and binaries as Arrow's view types, which pyarrow reads back
+    as string_view / binary_view: a target like that is read as the plain one, and a row without
+    a label is still named."""
+    from sctd_ray.data.ray_data import probe_target
+    from sctd_ray.data.targets import iter_split
+
+    _write_parquet_target(tmp_path / "plain")
+    for split in ("train", "val", "test"):
+        t = pq.read_table(tmp_path / "plain" / f"{split}.parquet")
+        (tmp_path / "view").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"image": t["image"].cast(pa.binary_view()),
+                                 "label": t["label"].cast(pa.string_view())}),
+                       tmp_path / "view" / f"{split}.parquet")
+    assert pq.read_schema(tmp_path / "view" / "train.parquet").field("label").type == pa.string_view()
+    plain, view = load_target(str(tmp_path / "plain")), load_target(str(tmp_path / "view"))
+    assert view.class_names == plain.class_names and view.fingerprints == plain.fingerprints
+    assert np.array_equal(view.splits["train"].images, plain.splits["train"].images)
+    assert probe_target(str(tmp_path / "view")).shape == (12, 12, 1)
+    assert [y.tolist() for _, y in iter_split(str(tmp_path / "view"))[1]] == [[0, 1] * 3]
+    pq.write_table(pa.table({"image": t["image"].cast(pa.binary_view()),
+                             "label": pa.array(["cat", None, "dog"], pa.string_view())}),
+                   tmp_path / "view" / "train.parquet")
+    for read in (lambda: load_target(str(tmp_path / "view")), lambda: probe_target(str(tmp_path / "view"))):
+        with pytest.raises(TargetError, match=r"1 row\(s\) without a label; the first is row 1"):
+            read()

@@ -143,9 +143,10 @@ def parquet_split(store, split: str, whole: bool = True) -> pq.ParquetFile:
     label, image = schema.field("label").type, schema.field("image").type
     if pa.types.is_dictionary(label):
         label = label.value_type
-    if not (pa.types.is_string(label) or pa.types.is_large_string(label) or pa.types.is_integer(label)):
+    if not (pa.types.is_string(label) or pa.types.is_large_string(label) or pa.types.is_string_view(label)
+            or pa.types.is_integer(label)):
         raise TargetError(f"{store.join(key)}: 'label' must hold class names (strings), not {label}")
-    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)):
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image) or pa.types.is_binary_view(image)):
         raise TargetError(f"{store.join(key)}: 'image' must hold image bytes (PNG/JPEG...), not {image}")
     return pf
 
