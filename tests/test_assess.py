@@ -591,6 +591,25 @@ def test_ray_data_decodes_a_target_as_load_target_does(ray_local, tmp_path):
 
 
 
+def test_a_thumbnail_sorted_first_that_shrinks_a_split_is_named(ray_local, tmp_path):
+    """The first image fixes the size a split is decoded to: a thumbnail sorted before a folder
+    of larger images shrinks them all, which the scan says (naming it), not silently."""
+    from PIL import Image
+
+    from sctd_ray.data.ray_data import materialize_target, probe_target
+
+    root = tmp_path / "t"
+    for i in range(6):
+        path = root / "train" / "ab"[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (40, 48), 20 * i).save(path)
+    assert materialize_target(str(root)).note == ""
+    Image.new("L", (8, 8)).save(root / "train" / "a" / "0-thumb.png")
+    note = materialize_target(str(root)).note
+    assert "decoded at 8x8 px" in note and "train/a/0-thumb.png" in note and "6 of 7 images" in note
+    assert materialize_target(str(root), probe=probe_target(str(root), max_side=8)).note == ""   # the cap's
+
+
 @pytest.mark.parametrize("folder", ["what?", "q?x=1", "tab\tname"])
 def test_a_parquet_target_in_a_folder_with_an_odd_name_is_read(ray_local, tmp_path, folder):
     """Ray Data's read_parquet takes a '?' in a path for a URL query ("no files found", then

@@ -281,6 +281,9 @@ def run_scan(s: ScanSettings, log=print, on_start=None) -> ScanResult:
     t_data = time.time()
     targets = [materialize_target(p.uri, s.split, s3_endpoint=s.s3_endpoint, probe=p) for p in probes]
     data_seconds = time.time() - t_data
+    for t in targets:
+        if t.note:
+            log(t.note)
 
     # a pair is done when its row was scored from this target and these weights: a target
     # remade under the same name, or a teacher retrained in place, is scored again

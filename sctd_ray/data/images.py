@@ -75,6 +75,14 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = 
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def stored_side(data: bytes) -> int:
+    """The shorter side of an image as stored, from its header (0 when it has none)."""
+    try:
+        return min(Image.open(io.BytesIO(data)).size)
+    except Exception:   # undecodable: decode_image says why
+        return 0
+
+
 def unify_channels(images: list[np.ndarray]) -> list[np.ndarray]:
     """Grey images as RGB (each value in all three channels, as PIL's convert("RGB")) when any
     image is in colour, so a target's images share one channel count whatever their order."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import TargetError
-from .images import DECODE_MAX_SIDE, decode_image, decode_size, unify_channels
+from .images import DECODE_MAX_SIDE, decode_image, decode_size, stored_side, unify_channels
 from .targets import (check_enough_classes, check_known_labels, check_labels_present, detect_layout,
                       image_digest, image_folder_files, parquet_split, target_fingerprint, target_name)
 
@@ -59,9 +59,10 @@ class DecodeBatch:
                 errors.append(str(e))
         colour = np.array([im.shape[2] == 3 for im in images], dtype=bool)
         digest = [image_digest(d) for d in batch["image"]]
+        side = np.array([stored_side(d) if not e else 0 for d, e in zip(batch["image"], errors)], np.int64)
         return {"image": np.stack(unify_channels(images)), "label": np.asarray(labels, dtype=object),
                 "error": np.asarray(errors, dtype=object), "colour": colour,
-                "digest": np.asarray(digest, dtype=object)}
+                "digest": np.asarray(digest, dtype=object), "side": side}
 
 
 def grey_to_rgb(batch: dict) -> dict:
@@ -83,6 +84,7 @@ class MaterializedTarget:
     num_rows: int
     block_refs: list  # ObjectRefs of {"image": uint8 (n,H,W,C), "label": class names (n,)}
     fingerprint: str = ""   # ``target_fingerprint``: which images and labels these are
+    note: str = ""          # a line for the user (``size_note``): most images lose detail
 
     @property
     def num_classes(self) -> int:
@@ -147,6 +149,7 @@ class TargetProbe:
     shape: tuple[int, int, int]      # (H, W) every image is decoded to (``images.decode_size``),
                                      # and C of its first image (3 in the end if any is in colour)
     files: list | None = None        # an ImageFolder split's (key, class name): listed once
+    max_side: int = DECODE_MAX_SIDE  # the cap on the decoded side (``images.decode_size``)
 
     @property
     def where(self) -> str:
@@ -176,7 +179,7 @@ def probe_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
     first = decode_image(_first_image(store, split, pf, files),
                          where=store.join(files[0][0]) if files is not None else f"{_where(uri, split)} row 0")
     return TargetProbe(uri, split, store, layout, (*decode_size(first.shape[:2], max_side), first.shape[2]),
-                       files)
+                       files, max_side)
 
 
 def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None = None,
@@ -193,7 +196,7 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     ds = _records_dataset(probe, s3_endpoint)
     decoded = ds.map_batches(DecodeBatch(where, probe.shape[:2], probe.shape[2]),
                              batch_size=256, batch_format="numpy").materialize()
-    meta = ray.get(decoded.select_columns(["label", "error", "colour", "digest"]).to_numpy_refs())
+    meta = ray.get(decoded.select_columns(["label", "error", "colour", "digest", "side"]).to_numpy_refs())
     errors = [e for b in meta for e in b["error"] if e]
     if errors:
         first = _first_undecodable(store, split) if layout == "parquet" else errors[0]
@@ -217,7 +220,22 @@ def materialize_target(uri: str, split: str = "train", s3_endpoint: str | None =
     check_known_labels(uri, split, found, class_names)
     digests = np.concatenate([b["digest"] for b in meta])
     return MaterializedTarget(target_name(uri), store.uri, list(class_names), int(len(labels)), refs,
-                              target_fingerprint(digests, labels))
+                              target_fingerprint(digests, labels),
+                              size_note(probe, np.concatenate([b["side"] for b in meta])))
+
+
+def size_note(probe: TargetProbe, sides: np.ndarray) -> str:
+    """A line when most of a split's images are at least twice the size it is decoded to, which
+    its first image fixed (a thumbnail sorted first: a folder of photos scored at 8 px), not the
+    cap ``max_side`` (photos decoded at 512 px as meant)."""
+    side = probe.shape[0]
+    larger = int((np.minimum(sides, probe.max_side) >= 2 * side).sum())   # none beyond the cap
+    if larger * 2 <= len(sides):
+        return ""
+    first = probe.store.join(probe.files[0][0]) if probe.files is not None else "its row 0"
+    return (f"{probe.where}: decoded at {side}x{side} px, the size of its first image ({first}); "
+            f"{larger} of {len(sides)} images are at least twice as large (up to {int(sides.max())} px) "
+            "and are scored with that detail lost: make the first image (in name order) a typical one")
 
 
 def _first_undecodable(store, split: str) -> str | None:
