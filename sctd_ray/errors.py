@@ -25,6 +25,10 @@ class NotFound(StoreError):
     """A key or file that should exist is missing."""
 
 
+class BucketNotFound(NotFound):
+    """The S3 bucket itself is missing (a typo in s3://BUCKET/...), not only the key."""
+
+
 class ZooError(SctdError):
     """A zoo as a whole is unusable (no teachers, bad manifest, bad id)."""
 

@@ -347,6 +347,15 @@ def test_a_zoo_in_a_bucket_that_does_not_exist_is_named_so(run_dir, s3_env, tmp_
     assert "not in the zoo" not in err[0] and "bucket" in err[0]
 
 
+def test_a_run_or_out_in_a_bucket_that_does_not_exist_is_named_so(run_dir, s3_env, tmp_path, capsys):
+    """Was "s3://.../run.json not found: --run must be the output of `sctd assess`"."""
+    for args in (["--run", "s3://no-such-bucket-sctd/run"],
+                 ["--run", run_dir, "--out", "s3://no-such-bucket-sctd/out"]):
+        rc = main([*args, "--target", TARGET, "--top-k", "1", "--budget", "30", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "bucket not found: s3://no-such-bucket-sctd" in err[0], err
+
+
 def test_a_teacher_changed_since_it_was_ranked_is_warned_about(run_dir, demo_zoo_dir, tmp_path, capsys,
                                                                monkeypatch):
     import hashlib

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..errors import NotFound, SctdError
+from ..errors import BucketNotFound, NotFound, SctdError
 from .recipe import DEFAULT_HP, DEFAULT_STUDENT, METHODS, Recipe, check_student
 
 # what Ray Tune copies from the driver's environment into every trial actor's runtime env
@@ -179,6 +179,8 @@ def check_seed(seed: int) -> None:
 def _read_json(store, key):
     try:
         return json.loads(store.read_bytes(key))
+    except BucketNotFound:   # not "run.json not found": the bucket is (a typo in --run, --out)
+        raise
     except NotFound:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

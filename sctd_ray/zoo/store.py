@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sctd_ray.errors import NotFound, StoreAuthError, StoreError, StoreUnreachable
+from sctd_ray.errors import BucketNotFound, NotFound, StoreAuthError, StoreError, StoreUnreachable
 
 Callback = Callable[[int], Any]  # called with a number of bytes just transferred
 
@@ -523,7 +523,7 @@ class S3Store(Store):
                     " check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or"
                     " AWS_PROFILE) and their permissions")
             if code == "NoSuchBucket":
-                return NotFound(f"bucket not found: s3://{self.bucket} at {endpoint}")
+                return BucketNotFound(f"bucket not found: s3://{self.bucket} at {endpoint}")
             if code in _NOT_FOUND_CODES or status == 404:
                 return NotFound(f"not found: {where}")
             return StoreError(f"S3 error on {where}: {code or status}: "
