@@ -135,6 +135,11 @@ def test_search_exports_the_best_student_within_budget(run_dir, demo_zoo_dir, ra
 
     # looking at the finished search again writes nothing into the zoo (a student deleted since
     # stays gone; was written back by a plain --resume, also after --no-export); --export does
+    capsys.readouterr()
+    assert main(["--run", run, "--target", TARGET, "--out", str(out), "--resume", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"student exported earlier: {summary['export']['uri']} (not written again" in printed
+    assert "  exported student:" not in printed   # (said so although nothing was written)
     shutil.rmtree(folder)
     assert main(["--run", run, "--target", TARGET, "--out", str(out), "--resume", "--quiet"]) == 0
     assert not folder.exists() and json.loads((out / "summary.json").read_text())["export"] is None

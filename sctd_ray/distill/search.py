@@ -553,6 +553,8 @@ def run_distill(s: DistillSettings, log=print) -> DistillResult:
     save()
     summary = _summary(name, target_uri, out.uri, run_store, zoo, teachers, ranking, results, best, ce, budget,
                        used(), interrupted, live["budget_hit"], export, search["settings"], restored)
+    # a finished search looked at again names the student it exported before, written by then
+    summary["export_written"] = bool(export) and export_now
     if export and summary["best"]:
         summary["best"]["student_uri"] = export["uri"]
     out.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=_jsonable).encode())
@@ -843,8 +845,11 @@ def format_summary(summary: dict) -> str:
                else "no result" if summary.get("complete", True) else "no finished trial yet")
         rank = f"rank {t['rank']}" if t.get("rank") is not None else "unranked"
         lines.append(f"  teacher {t['teacher_id']} ({rank}): {t['trials']} trials, {acc}")
-    if summary.get("export"):
+    if summary.get("export") and summary.get("export_written", True):
         lines.append(f"  exported student: {summary['export']['uri']}")
+    elif summary.get("export"):
+        lines.append(f"  student exported earlier: {summary['export']['uri']} (not written again; "
+                     "--export writes it again)")
     return "\n".join(lines)
 
 
