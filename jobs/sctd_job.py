@@ -444,18 +444,32 @@ def check_out_is_shared(argv: list[str], address: str | None) -> None:
 
     for folder in folders:
         made = _missing_parents(folder)   # removed again: a refused job leaves no folder behind
-        os.makedirs(folder, exist_ok=True)
         marker = os.path.join(folder, f".sctd-shared-check-{uuid.uuid4().hex[:12]}")
+        blind, unasked = [], []
         try:
-            open(marker, "wb").close()
+            try:
+                os.makedirs(folder, exist_ok=True)
+                open(marker, "wb").close()
+            except OSError:
+                continue   # not writable here: the command says why, in its own line
             refs = [(n, sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 n["NodeID"], soft=False)).remote(marker)) for n in nodes]
-            blind = [n for n, ref in refs if not ray.get(ref, timeout=300)]
+            for n, ref in refs:
+                try:
+                    if not ray.get(ref, timeout=300):
+                        blind.append(n)
+                except Exception as e:  # noqa: BLE001 - a node gone, a runtime env still installing
+                    unasked.append((n, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
         finally:
             if os.path.exists(marker):
                 os.remove(marker)
             for path in made:   # deepest first; the command makes its own folders
-                os.rmdir(path)
+                if os.path.isdir(path):
+                    os.rmdir(path)
+        if unasked:
+            names = ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n, _ in unasked[:3])
+            log(f"could not check whether {len(unasked)} node(s) see {folder} ({names}): "
+                f"{unasked[0][1]}; going on")
         if blind:
             names = ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n in blind[:3])
             raise JobConfigError(

@@ -663,3 +663,30 @@ def test_job_stopped_in_the_distillation_stage_says_so_and_resumes(ray_head, zoo
     status, code, logs = finish(ray_head, submit(ray_head, env, "scan.py", *args), timeout=600)
     assert (status, code) == ("SUCCEEDED", 0), logs[-3000:]
     assert "resuming the search" in logs, logs[-3000:]
+
+
+def test_the_shared_folder_check_never_ends_a_job_in_a_traceback(tmp_path, monkeypatch, capsys):
+    """A --out the head cannot write is left to the command's own one-line error; a node the
+    check cannot ask (its runtime env still installing past the timeout, a node gone since the
+    listing) is named in a line, and the job goes on: neither is an 'unexpected' traceback."""
+    import sctd_ray.assess.scan as scan
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(scan, "ensure_ray", lambda address=None: _TwoNodes(seeing=("a", "b")))
+    sctd_job.check_out_is_shared(["scan", "--out", str(blocker / "run")], None)   # not a folder: no check
+
+    class Unanswered(_TwoNodes):
+        def get(self, value, timeout=None):
+            if value is False:   # node b's task
+                raise TimeoutError("Get timed out: some object(s) not ready.")
+            return value
+
+    fake = Unanswered(seeing=("a",))
+    monkeypatch.setattr(scan, "ensure_ray", lambda address=None: fake)
+    out = tmp_path / "run"
+    sctd_job.check_out_is_shared(["scan", "--out", str(out)], None)
+    said = capsys.readouterr().out
+    assert "could not check" in said and "10.0.0.2" in said and "TimeoutError" in said, said
+    assert not out.exists()
