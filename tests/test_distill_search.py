@@ -674,7 +674,7 @@ def test_an_epoch_checkpointed_but_never_recorded_by_tune_is_read_back(tmp_path,
     import pyarrow.fs as pafs
 
     from sctd_ray.distill import search
-    from sctd_ray.distill.train import METRICS_FILE
+    from sctd_ray.distill.train import BEST_FILE, METRICS_FILE, STUDENT_FILE
 
     def trial(name, last_result):
         folder = tmp_path / "tune" / name
@@ -683,6 +683,12 @@ def test_an_epoch_checkpointed_but_never_recorded_by_tune_is_read_back(tmp_path,
             ck.mkdir(parents=True)
             last = {"epoch": epoch, "val_acc": 0.5 + epoch / 10, "test_acc": 0.4, "finished": False}
             (ck / METRICS_FILE).write_text(json.dumps({"last": last, "curve": [0.6, 0.7][:epoch]}))
+            (ck / STUDENT_FILE).write_text("{}")
+            (ck / BEST_FILE).write_bytes(b"")
+        # the next epoch's checkpoint, cut off by the stop while copied: no student files yet
+        ck = folder / "checkpoint_000002"
+        ck.mkdir()
+        (ck / METRICS_FILE).write_text(json.dumps({"last": {**last, "epoch": 3}, "curve": [0.6, 0.7, 0.8]}))
         plan = {"trial_id": name, "teacher_id": "t", "method": "ot", "sample": 0,
                 "hp": {"lam": 100.0, "tau": 1.0, "eps": 0.1, "lr": 0.003}}
         return SimpleNamespace(trial_id=name, config={"trial": plan}, status="TERMINATED",

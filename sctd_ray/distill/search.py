@@ -649,7 +649,7 @@ def _checkpointed_epoch(trial):
     import pyarrow.fs as pafs
     from ray.tune import Checkpoint
 
-    from .train import METRICS_FILE
+    from .train import BEST_FILE, METRICS_FILE, STUDENT_FILE
 
     storage = getattr(trial, "storage", None)
     if storage is None:
@@ -662,7 +662,12 @@ def _checkpointed_epoch(trial):
     folders = sorted(i.path for i in found if i.type == pafs.FileType.Directory
                      and i.base_name.startswith("checkpoint_"))
     for folder in reversed(folders):
+        # a checkpoint still being copied when the trial was stopped may hold its small
+        # metrics.json but not yet the student files an export reads: the one before it then
         try:
+            if any(i.type != pafs.FileType.File for i in fs.get_file_info(
+                    [f"{folder}/{STUDENT_FILE}", f"{folder}/{BEST_FILE}"])):
+                continue
             with fs.open_input_stream(f"{folder}/{METRICS_FILE}") as f:
                 saved = json.loads(f.read())
             return dict(saved["last"]), [float(v) for v in saved["curve"]], Checkpoint(folder, filesystem=fs)
