@@ -17,7 +17,7 @@ Threads on the CPU: a CPU scan runs one actor per CPU slot and Ray gives a ``num
 ``--workers K`` runs K such workers side by side in their own processes, each timing every
 teacher, in step (a barrier before each teacher): the load of a CPU scan on K cores.
 ``--threads 0`` gives torch all the cores in one process (this bench's setting before session 20,
-which no scan worker runs).
+which a scan runs when it has fewer workers than CPUs, e.g. ``--workers 1``).
 
     python bench/engine_bench.py --zoo DEMO_ZOO --workers 2          # a 2-core scan's load
     python bench/engine_bench.py --zoo DEMO_ZOO --threads 0          # one process, all cores
