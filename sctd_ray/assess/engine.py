@@ -103,7 +103,7 @@ def _folded_head(teacher, head) -> torch.nn.Linear:
     x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     try:
         fmap = model.forward_features(x)
-        feats = model.forward_head(fmap, pre_logits=True)
+        feats = model.forward_head(fmap.clone(), pre_logits=True)   # a head may work in place
         logits = model.forward_head(fmap)
     except Exception as e:  # noqa: BLE001 (reported as this teacher's error)
         raise TeacherError(tid, f"forward failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
