@@ -49,8 +49,15 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = 
     reduced scale), so one target's images stack into one array. Undecodable bytes raise
     TargetError naming ``where``.
     """
+    return decode_with_side(data, size, where, channels)[0]
+
+
+def decode_with_side(data: bytes, size: tuple[int, int] | None = None, where: str = "",
+                     channels: int | None = None) -> tuple[np.ndarray, int]:
+    """``decode_image``, and the shorter side of the image as stored (read from the same open)."""
     try:
         img = Image.open(io.BytesIO(data))
+        side = min(img.size)
         if size is not None and img.format == "JPEG" and min(img.size) >= 2 * min(size):
             img.draft(None, (size[1], size[0]))   # libjpeg's DCT scaling: 2-8x less to decode
         img.load()
@@ -72,15 +79,7 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, where: str = 
     if size is not None and (img.height, img.width) != tuple(size):
         img = ImageOps.fit(img, (size[1], size[0]), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def stored_side(data: bytes) -> int:
-    """The shorter side of an image as stored, from its header (0 when it has none)."""
-    try:
-        return min(Image.open(io.BytesIO(data)).size)
-    except Exception:   # undecodable: decode_image says why
-        return 0
+    return (arr[:, :, None] if arr.ndim == 2 else arr), side
 
 
 def unify_channels(images: list[np.ndarray]) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import TargetError
-from .images import DECODE_MAX_SIDE, decode_image, decode_size, stored_side, unify_channels
+from .images import DECODE_MAX_SIDE, decode_image, decode_size, decode_with_side, unify_channels
 from .targets import (check_enough_classes, check_known_labels, check_labels_present, detect_layout,
                       image_digest, image_folder_files, parquet_split, target_fingerprint, target_name)
 
@@ -48,18 +48,21 @@ class DecodeBatch:
                   for v in batch["label"]]
         sources = batch.get("source")
         forced = 3 if self.channels == 3 else None
-        images, errors = [], []
+        images, errors, sides = [], [], []
         for i, (data, label) in enumerate(zip(batch["image"], labels)):
             where = sources[i] if sources is not None else f"{self.where} (label {label!r})"
             try:
-                images.append(decode_image(data, self.size, where=where, channels=forced))
+                image, side = decode_with_side(data, self.size, where=where, channels=forced)
+                images.append(image)
+                sides.append(side)
                 errors.append("")
             except TargetError as e:
                 images.append(np.zeros((*self.size, self.channels), np.uint8))
+                sides.append(0)
                 errors.append(str(e))
         colour = np.array([im.shape[2] == 3 for im in images], dtype=bool)
         digest = [image_digest(d) for d in batch["image"]]
-        side = np.array([stored_side(d) if not e else 0 for d, e in zip(batch["image"], errors)], np.int64)
+        side = np.array(sides, np.int64)
         return {"image": np.stack(unify_channels(images)), "label": np.asarray(labels, dtype=object),
                 "error": np.asarray(errors, dtype=object), "colour": colour,
                 "digest": np.asarray(digest, dtype=object), "side": side}
