@@ -178,12 +178,16 @@ def ensure_ray(address: str | None = None):
     return ray
 
 
-def _default_workers(ray) -> tuple[int, dict]:
+def _workers(ray, requested: int | None, teachers: int) -> tuple[int, dict]:
+    """How many shard workers (``requested``, else one per GPU, else one per CPU slot; never
+    more than the teachers to score) and what each asks Ray for: a GPU worker 1 GPU and 1 CPU,
+    a CPU worker its share of the CPUs (``_cpus_per_worker``)."""
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
+    n = max(1, min(requested or gpus or int(res.get("CPU", 1)), teachers or 1))
     if gpus:
-        return gpus, {"num_gpus": 1, "num_cpus": 1}
-    return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
+        return n, {"num_gpus": 1, "num_cpus": 1}
+    return n, {"num_cpus": _cpus_per_worker(ray, n)}
 
 
 def _cpus_per_worker(ray, n_workers: int) -> int:
@@ -328,10 +332,7 @@ def run_scan(s: ScanSettings, log=print, on_start=None) -> ScanResult:
     samples = sum(t.num_rows for t in targets)
     costs = {tid: estimate_seconds(rows_by_id[tid]["params"], rows_by_id[tid]["input_size"],
                                    rows_by_id[tid]["bytes"], samples) for tid in todo}
-    n_default, resources = _default_workers(ray)
-    n_workers = max(1, min(s.workers or n_default, len(todo) or 1))
-    if "num_gpus" not in resources:
-        resources = {"num_cpus": _cpus_per_worker(ray, n_workers)}
+    n_workers, resources = _workers(ray, s.workers, len(todo))
     shards = plan_shards(costs, n_workers)
     log(f"scan: {len(manifest)} teachers x {len(targets)} target(s) ({samples} samples); "
         f"{len(todo)} teachers to score on {n_workers} worker(s)"
