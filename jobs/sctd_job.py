@@ -402,16 +402,13 @@ def _local_run_folders(argv: list[str]) -> list[str]:
     return found
 
 
-def _missing_parents(folder: str) -> list[str]:
-    """The folders ``os.makedirs(folder)`` would create, deepest first."""
-    made, path = [], os.path.abspath(folder)
+def _nearest_folder(path: str) -> str | None:
+    """``path`` or the nearest folder above it that exists: a node that sees it sees a folder
+    made under it (None: a file is in the way, the command says so)."""
+    path = os.path.abspath(path)
     while not os.path.exists(path):
-        made.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return made
+        path = os.path.dirname(path)
+    return path if os.path.isdir(path) else None
 
 
 def check_out_is_shared(argv: list[str], address: str | None) -> None:
@@ -443,12 +440,14 @@ def check_out_is_shared(argv: list[str], address: str | None) -> None:
         return os.path.exists(path)
 
     for folder in folders:
-        made = _missing_parents(folder)   # removed again: a refused job leaves no folder behind
-        marker = os.path.join(folder, f".sctd-shared-check-{uuid.uuid4().hex[:12]}")
+        # a marker in the folder, or the nearest one above it: nothing made, so none left behind
+        there = _nearest_folder(folder)
+        if there is None:
+            continue
+        marker = os.path.join(there, f".sctd-shared-check-{uuid.uuid4().hex[:12]}")
         blind, unasked = [], []
         try:
             try:
-                os.makedirs(folder, exist_ok=True)
                 open(marker, "wb").close()
             except OSError:
                 continue   # not writable here: the command says why, in its own line
@@ -463,9 +462,6 @@ def check_out_is_shared(argv: list[str], address: str | None) -> None:
         finally:
             if os.path.exists(marker):
                 os.remove(marker)
-            for path in made:   # deepest first; the command makes its own folders
-                if os.path.isdir(path):
-                    os.rmdir(path)
         if unasked:
             names = ", ".join(f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n, _ in unasked[:3])
             log(f"could not check whether {len(unasked)} node(s) see {folder} ({names}): "
