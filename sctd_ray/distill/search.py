@@ -938,9 +938,9 @@ def cmd_distill(args) -> int:
 
 
 SCAN_PLAN_FILE = "scan.json"
-SCAN_SEARCH_OPTIONS = ("top_k", "budget", "samples", "student", "seed", "export")
 SCAN_DEFAULTS = {"top_k": 3, "budget": 600.0, "samples": 3, "student": DEFAULT_STUDENT, "seed": 0,
                  "export": True, "recipe": {}}
+SCAN_SEARCH_OPTIONS = tuple(k for k in SCAN_DEFAULTS if k != "recipe")   # the command-line ones
 
 
 def scan_plan(run: str, given: dict, resume: bool, s3_endpoint: str | None = None) -> dict:
@@ -996,9 +996,8 @@ def run_distill_for_scan(run: str, targets: list[str] | None = None, budget: flo
     for i, n in enumerate(names):
         # an equal share of what the searches before it left: one that ends early (every trial
         # done) hands its unspent seconds on instead of leaving them unused
-        each = max(total - spent, 0.0) / (len(names) - i)
-        if each < 1.0:   # spent by the targets before it: the search ends with what it has
-            each = 1.0
+        # (at least 1 s: when the targets before it spent it all, the search ends with what it has)
+        each = max((total - spent) / (len(names) - i), 1.0)
         dest = run_store.join("distill") if len(names) == 1 or n == root else run_store.join(f"distill/{n}")
         res = run_distill(DistillSettings(target=n, run=run_store.uri, out=dest, zoo=zoo, top_k=top_k,
                                           samples=samples, budget=each, student=student, seed=seed,
