@@ -322,11 +322,12 @@ def iter_split(uri: str, split: str = "train", s3_endpoint: str | None = None, b
             for at in range(0, len(files), batch_size):
                 yield [store.read_bytes(k) for k, _ in files[at:at + batch_size]]
 
+    paths = [store.join(k) for k, _ in files] if files is not None else None
+
     def batches():
         at = 0
         for images in chunks():
-            arrays = [decode_image(b, size, where=store.join(files[at + i][0]) if files is not None
-                                   else f"{uri} split {split!r} row {at + i}")
+            arrays = [decode_image(b, size, where=_row_where(uri, split, at + i, paths))
                       for i, b in enumerate(images)]
             yield np.stack(unify_channels(arrays)), ids[at:at + len(arrays)]
             at += len(arrays)
